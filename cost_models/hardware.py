@@ -1,0 +1,79 @@
+"""Hardware presets are data (``hardware/*.json``); a measured profile is the same schema."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from fxopt.errors import HardwareError
+
+PRESET_DIR = Path(__file__).parent / "hardware"
+
+# torch dtype name -> the key of the peak table it runs at
+DTYPE_KEYS = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
+              "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Peaks, efficiencies and launch cost of one device. All rates in FLOP/s and bytes/s."""
+
+    name: str
+    description: str
+    memory_bandwidth: float
+    tensor_flops: dict
+    vector_flops: dict
+    efficiency: dict = field(default_factory=lambda: {"matrix": 1.0, "memory": 1.0})
+    launch_overhead_s: float = 4e-6
+    sm_count: int = 0
+    l2_bytes: int = 0
+    memory_bytes: int = 0
+    source: str = ""
+
+    def matrix_peak(self, dtype_key: str) -> float:
+        """Tensor-core peak for a GEMM/conv/attention in ``dtype_key`` (fp32 without TF32 uses
+        the vector units)."""
+        if dtype_key == "fp32":
+            return self.vector_flops["fp32"]
+        if dtype_key not in self.tensor_flops:
+            raise HardwareError(f"{self.name} has no tensor-core peak for {dtype_key}; "
+                                f"known: {sorted(self.tensor_flops)}")
+        return self.tensor_flops[dtype_key]
+
+    def vector_peak(self, dtype_key: str) -> float:
+        return self.vector_flops.get(dtype_key, self.vector_flops["fp32"])
+
+    @property
+    def bf16_peak(self) -> float:
+        """The reference peak for MFU (dense bf16 tensor-core FLOP/s), as the industry quotes it."""
+        return self.tensor_flops["bf16"]
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_hardware(spec: "str | Path | Hardware | None" = "h100") -> Hardware:
+    """A preset name (``h100``, ``h200``, ``a100``), a path to a profile JSON, or a Hardware."""
+    if isinstance(spec, Hardware):
+        return spec
+    spec = "h100" if spec is None else spec
+    path = Path(spec)
+    if not path.suffix:
+        path = PRESET_DIR / f"{str(spec).lower()}.json"
+        if not path.exists():
+            raise HardwareError(f"unknown hardware preset {spec!r}; known presets: {presets()}, "
+                                f"or pass the path of a profile JSON")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HardwareError(f"cannot read hardware profile {path}: {exc}") from exc
+    known = {f.name for f in fields(Hardware)}
+    missing = {"name", "memory_bandwidth", "tensor_flops", "vector_flops"} - set(data)
+    if missing:
+        raise HardwareError(f"hardware profile {path} lacks {sorted(missing)}; see "
+                            f"{PRESET_DIR / 'h100.json'} for the schema")
+    return Hardware(**{"description": "", **{k: v for k, v in data.items() if k in known}})

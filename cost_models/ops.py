@@ -1,0 +1,223 @@
+"""What one ATen call costs: its op class, FLOPs, bytes moved and kernel launches.
+
+Matrix FLOPs come from torch's own registry (``torch.utils.flop_counter``), so they equal
+``FlopCounterMode`` by construction; everything else is a rule table keyed by op name.
+Bytes are the minimum traffic of the kernel: each distinct input element read once, each
+output element written once; views, metadata and allocations move nothing.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch.utils import flop_counter
+from torch.utils._pytree import tree_flatten
+
+MATRIX_CLASSES = ("matmul", "conv", "attention")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to cost one op: its class, FLOPs per element of ``basis``, and whether it is a kernel."""
+
+    op_class: str
+    flops_per_elem: int = 0
+    basis: str = "out"   # elements of: "out" the main output, "in" the main input, "all" every output
+    kernel: bool = True  # launches a kernel (views, metadata and empty allocations do not)
+    known: bool = True
+
+
+META = Rule("meta", kernel=False)
+VIEW = Rule("view", kernel=False)
+ALLOC = Rule("alloc", kernel=False)
+UNKNOWN = Rule("unknown", known=False)
+
+
+def _rules(op_class: str, names: str, flops: int = 0, basis: str = "out", kernel: bool = True):
+    return {n: Rule(op_class, flops, basis, kernel) for n in names.split()}
+
+
+# Per-element FLOP counts are the usual convention (one per arithmetic step of the textbook
+# formula); they only feed "other" FLOPs and never the matrix totals compared with torch.
+RULES: dict[str, Rule] = {
+    **_rules("meta", "prim.device sym_size sym_stride sym_numel sym_storage_offset is_contiguous "
+             "_local_scalar_dense _record_function_enter _record_function_enter_new _record_function_exit",
+             kernel=False),
+    **_rules("view", "_unsafe_view view_as_real view_as_complex lift_fresh _reshape_alias", kernel=False),
+    **_rules("alloc", "empty empty_like empty_strided new_empty new_empty_strided empty_permuted",
+             kernel=False),
+    **_rules("memory", "zeros ones full zeros_like ones_like full_like new_zeros new_ones new_full "
+             "fill_ zero_ scalar_tensor arange linspace clone _to_copy copy_ cat stack index "
+             "index_select gather scatter scatter_add index_put index_put_ index_add _unsafe_index "
+             "_unsafe_index_put embedding embedding_dense_backward constant_pad_nd roll flip repeat "
+             "select_backward slice_backward slice_scatter select_scatter as_strided_scatter tril triu "
+             "masked_scatter _index_put_impl_ diagonal_backward index_copy lift_fresh_copy split_with_sizes_copy "
+             "alias_copy"),
+    **_rules("random", "rand randn randint rand_like randn_like uniform_ normal_ bernoulli bernoulli_ "
+             "random_ exponential_", 1),
+    **_rules("random", "native_dropout", 2),
+    **_rules("pointwise", "native_dropout_backward", 2),
+    **_rules("softmax", "_softmax _log_softmax _safe_softmax", 5, "in"),
+    **_rules("softmax", "_softmax_backward_data _log_softmax_backward_data", 4, "in"),
+    **_rules("norm", "native_layer_norm native_batch_norm _native_batch_norm_legit "
+             "_native_batch_norm_legit_functional _native_batch_norm_legit_no_training "
+             "native_group_norm _fused_rms_norm _batch_norm_with_update _batch_norm_no_update", 8, "in"),
+    **_rules("norm", "native_layer_norm_backward native_batch_norm_backward native_group_norm_backward "
+             "_fused_rms_norm_backward batch_norm_backward", 10, "in"),
+    **_rules("reduction", "sum mean amax amin max min argmax argmin prod var std var_mean std_mean "
+             "norm linalg_vector_norm logsumexp any all cumsum cumprod nll_loss_forward "
+             "nll_loss2d_forward mse_loss binary_cross_entropy_with_logits _cdist_forward", 1, "in"),
+    **_rules("pointwise", "nll_loss_backward nll_loss2d_backward mse_loss_backward", 1),
+    **_rules("pooling", "max_pool2d_with_indices max_pool3d_with_indices avg_pool2d avg_pool3d "
+             "_adaptive_avg_pool2d _adaptive_avg_pool3d adaptive_max_pool2d", 1, "in"),
+    **_rules("pooling", "max_pool2d_with_indices_backward avg_pool2d_backward "
+             "_adaptive_avg_pool2d_backward adaptive_max_pool2d_backward", 1),
+    **_rules("pooling", "upsample_nearest1d upsample_nearest2d upsample_nearest3d "
+             "upsample_bilinear2d _upsample_nearest_exact2d upsample_bicubic2d", 1),
+    **_rules("pooling", "upsample_nearest1d_backward upsample_nearest2d_backward "
+             "upsample_nearest3d_backward upsample_bilinear2d_backward "
+             "_upsample_nearest_exact2d_backward", 1, "in"),
+}
+
+# CPU's fused attention has no entry in torch's registry; it computes what the CUDA kernels do,
+# so it is costed with torch's own SDPA formulas.
+_CPU_SDPA = {
+    "aten._scaled_dot_product_flash_attention_for_cpu":
+        lambda q, k, v, *a, **kw: flop_counter.sdpa_flop_count(q.shape, k.shape, v.shape),
+    "aten._scaled_dot_product_flash_attention_for_cpu_backward":
+        lambda go, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(go.shape, q.shape, k.shape,
+                                                                            v.shape),
+}
+MATRIX_FORMULAS = {str(k): v for k, v in flop_counter.flop_registry.items()}
+# CPU-only entries are keyed by the packet's own str(); wrap them to drop torch's out_val kwarg
+MATRIX_FORMULAS.update({k: (lambda f: lambda *a, out_val=None, **kw: f(*a, **kw))(f)
+                        for k, f in _CPU_SDPA.items()})
+
+# In-place ops that overwrite their destination without reading it.
+WRITE_ONLY = {"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "exponential_", "bernoulli_"}
+
+
+def matrix_class(name: str) -> str:
+    return next((c for key, c in (("conv", "conv"), ("attention", "attention")) if key in name), "matmul")
+
+
+def short_name(func) -> str:
+    """``aten.add.Tensor`` -> ``add``; ``prim.device.default`` -> ``prim.device``."""
+    packet = str(func.overloadpacket)
+    return packet if packet.startswith("prim.") else packet.split(".", 1)[-1]
+
+
+@functools.lru_cache(maxsize=None)
+def classify(func) -> Rule:
+    """The rule for an OpOverload. Cached: an op's rule never depends on its arguments."""
+    packet, name = str(func.overloadpacket), short_name(func)
+    if packet in MATRIX_FORMULAS:
+        return Rule(matrix_class(name), kernel=True)
+    if name in RULES:
+        return RULES[name]
+    schema = func._schema
+    if any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
+        return VIEW
+    if name.startswith("_foreach_"):
+        return Rule("optimizer", 1, "all")
+    if torch.Tag.pointwise in func.tags or (name.endswith("_") and _inplace_is_pointwise(name)):
+        return Rule("pointwise", 1)
+    return UNKNOWN
+
+
+def _inplace_is_pointwise(name: str) -> bool:
+    base = getattr(torch.ops.aten, name[:-1], None)
+    return base is not None and any(torch.Tag.pointwise in getattr(base, o).tags for o in base.overloads())
+
+
+def is_matrix(rule: Rule) -> bool:
+    return rule.op_class in MATRIX_CLASSES
+
+
+# ---- sizes -------------------------------------------------------------------------------
+
+def tensors(tree) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten(tree)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def distinct_elems(t: torch.Tensor):
+    """Elements a kernel must touch: broadcast (stride-0) dimensions are read once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if isinstance(stride, int) and stride == 0:
+            continue
+        n = n * size
+    return n
+
+
+def tensor_bytes(t: torch.Tensor):
+    return distinct_elems(t) * t.element_size()
+
+
+def _unique(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in ts:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def mutated_args(func, args, kwargs) -> list[torch.Tensor]:
+    """Tensors an in-place or out= op writes (schema ``Tensor(a!)`` arguments)."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            val = args[i] if i < len(args) else kwargs.get(arg.name)
+            written += tensors(val)
+    return written
+
+
+@dataclass
+class CallCost:
+    op: str
+    op_class: str
+    flops: object           # int or SymInt
+    bytes_read: object
+    bytes_written: object
+    kernels: int
+    dtype: str | None       # dtype of the first floating input (drives the peak)
+    known: bool
+
+
+def cost_call(func, args, kwargs, out) -> CallCost:
+    """FLOPs, minimum bytes and kernels of one ATen call."""
+    rule = classify(func)
+    name = short_name(func)
+    ins = tensors((args, kwargs))
+    dtype = next((str(t.dtype).replace("torch.", "") for t in ins if t.is_floating_point()), None)
+    if not rule.kernel:
+        return CallCost(name, rule.op_class, 0, 0, 0, 0, dtype, True)
+    written = mutated_args(func, args, kwargs)
+    if written:
+        read = [t for t in ins if name not in WRITE_ONLY or all(t is not w for w in written)]
+    else:
+        written, read = tensors(out), ins
+    read, written = _unique(read), _unique(written)
+    bytes_read = sum((tensor_bytes(t) for t in read), 0)
+    bytes_written = sum((tensor_bytes(t) for t in written), 0)
+    if is_matrix(rule):
+        flops = MATRIX_FORMULAS[str(func.overloadpacket)](*args, **kwargs, out_val=out)
+    elif rule.flops_per_elem:
+        basis = ins if rule.basis == "in" else written  # the first is the op's main tensor
+        basis = basis if rule.basis == "all" else basis[:1]
+        flops = rule.flops_per_elem * sum((t.numel() for t in basis), 0)
+    else:
+        flops = 0
+    kernels = _kernels(name, args, kwargs)
+    return CallCost(name, rule.op_class, flops, bytes_read, bytes_written, kernels, dtype, rule.known)
+
+
+def _kernels(name: str, args, kwargs) -> int:
+    """convolution_backward launches one kernel per gradient it computes; others launch one."""
+    if name == "convolution_backward":
+        mask = kwargs.get("output_mask", args[-1] if args else None)
+        return max(1, sum(bool(m) for m in mask)) if isinstance(mask, (list, tuple)) else 1
+    return 1

@@ -1,0 +1,203 @@
+"""Run one training step of a captured graph on fake tensors and record every ATen call.
+
+Each call is attributed to the fx node that caused it: forward calls to the node being run,
+backward calls to the forward node whose autograd nodes are executing (a pre-hook on every
+autograd node a forward node created). No real memory is allocated and nothing is computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fxopt.errors import AnalysisError
+
+from .ops import CallCost, cost_call, tensors
+
+OPTIMIZER_NODE = "optimizer.step"
+# Phases whose calls are not part of the step: autograd's first gradient store into .grad
+# (stolen, no copy, on a real device) and the creation of the output gradients.
+IGNORED_PHASES = ("accumulate", "grad_init")
+
+
+@dataclass
+class Record:
+    phase: str   # "fwd" | "bwd" | "opt"
+    node: str    # fx node name (or OPTIMIZER_NODE)
+    cost: CallCost
+
+
+@dataclass
+class Trace:
+    records: list[Record] = field(default_factory=list)
+    saved_bytes: dict = field(default_factory=dict)   # node -> bytes saved for backward
+    params: int = 0                                   # trainable parameter count
+
+
+class _Recorder(TorchDispatchMode):
+    """Costs every ATen call as it runs and files it under the current node and phase."""
+
+    def __init__(self, trace: Trace):
+        super().__init__()
+        self.trace, self.node, self.phase = trace, None, "fwd"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.phase not in IGNORED_PHASES:
+            self.trace.records.append(Record(self.phase, self.node, cost_call(func, args, kwargs, out)))
+        return out
+
+
+class _StepInterpreter(fx.Interpreter):
+    """Runs the graph on fake parameters and hooks the autograd nodes each fx node creates."""
+
+    def __init__(self, gm: fx.GraphModule, recorder: _Recorder, attrs: dict):
+        super().__init__(gm)
+        self.recorder, self.attrs, self.owner = recorder, attrs, set()
+
+    def fetch_attr(self, target: str):
+        return self.attrs[target]
+
+    def call_function(self, target, args, kwargs):
+        if target is torch.ops.aten.scaled_dot_product_attention.default and not kwargs.get("enable_gqa"):
+            return _fused_sdpa(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+    def run_node(self, n: fx.Node):
+        self.recorder.node, self.recorder.phase = n.name, "fwd"
+        out = super().run_node(n)
+        self._hook_backward(n.name, out)
+        return out
+
+    def _hook_backward(self, name: str, out) -> None:
+        """Walk the autograd graph from this node's outputs up to nodes owned by earlier fx nodes."""
+        stack = [t.grad_fn for t in tensors(out) if t.grad_fn is not None]
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in self.owner:
+                continue
+            self.owner.add(fn)
+            phase = "accumulate" if type(fn).__name__ == "AccumulateGrad" else "bwd"
+            fn.register_prehook(self._enter(name, phase))
+            stack.extend(f for f, _ in fn.next_functions if f is not None)
+
+    def _enter(self, name: str, phase: str):
+        def hook(grad_outputs):
+            self.recorder.node, self.recorder.phase = name, phase
+        return hook
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA as the fused (flash-style) kernel a GPU runs, whatever device the fake tensors claim.
+
+    ``scaled_dot_product_attention`` picks its kernel by device: on meta tensors it falls back
+    to the unfused math path, on CPU to a CPU flash kernel. On an H100 it is a fused kernel
+    (flash / memory-efficient / cuDNN): one launch, q/k/v/out traffic, and a backward that
+    recomputes the scores. The CPU flash op has exactly that cost shape and a meta kernel.
+    """
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def _fake_mode(gm: fx.GraphModule) -> FakeTensorMode:
+    """Reuse export's fake mode: with a dynamic batch its ShapeEnv holds the batch symbol."""
+    for n in gm.graph.nodes:
+        val = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
+            return val.fake_mode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool) -> tuple[dict, list]:
+    """Fake copies of every parameter, buffer and constant the graph reads (by get_attr target)."""
+    attrs, params = {}, []
+    param_names = {name for name, _ in gm.named_parameters()}
+    for n in gm.graph.nodes:
+        if n.op != "get_attr" or n.target in attrs:
+            continue
+        obj = gm
+        for part in n.target.split("."):
+            obj = getattr(obj, part)
+        if not isinstance(obj, torch.Tensor):
+            attrs[n.target] = obj
+            continue
+        fake = mode.from_tensor(obj.detach(), static_shapes=True)
+        if dtype is not None and fake.is_floating_point():
+            with mode:
+                fake = fake.to(dtype)
+        if n.target in param_names and training and fake.is_floating_point():
+            fake.requires_grad_(True)
+            params.append(fake)
+        attrs[n.target] = fake
+    return attrs, params
+
+
+def trace_step(gm: fx.GraphModule, training: bool = True, dtype: torch.dtype | None = None,
+               optimizer: str | None = "sgd") -> Trace:
+    """Record the ATen calls of forward (+ backward + optimizer step when ``training``)."""
+    mode = _fake_mode(gm)
+    attrs, params = _fake_attrs(gm, mode, dtype, training)
+    inputs = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            val = n.meta.get("val")
+            if isinstance(val, torch.Tensor) and dtype is not None and val.is_floating_point():
+                with mode:
+                    val = val.to(dtype)
+            inputs.append(val)
+    trace = Trace(params=sum(p.numel() for p in params))
+    recorder = _Recorder(trace)
+    param_ids = {id(p) for p in params}
+    saved: dict = {}
+
+    def pack(t):
+        if id(t) not in param_ids and recorder.phase == "fwd":
+            key = StorageWeakRef(t.untyped_storage())
+            saved.setdefault(key, (recorder.node, t.untyped_storage().nbytes()))
+        return t
+
+    try:
+        with mode, recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.set_grad_enabled(training):
+            out = _StepInterpreter(gm, recorder, attrs).run(*inputs)
+            if training:
+                outs = [t for t in tensors(out) if t.requires_grad]
+                if not outs:
+                    raise AnalysisError("the model's outputs do not require grad, so there is no backward "
+                                        "to cost; pass training=False to cost inference only")
+                recorder.phase = "grad_init"
+                grads = [torch.ones_like(t) for t in outs]
+                torch.autograd.backward(outs, grads)
+                if optimizer:
+                    _optimizer_step(params, optimizer, recorder)
+    except torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode as exc:
+        raise AnalysisError(f"the graph depends on tensor values, which fake tensors do not have: {exc}") \
+            from exc
+    for node, nbytes in saved.values():
+        trace.saved_bytes[node] = trace.saved_bytes.get(node, 0) + nbytes
+    return trace
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, foreach=True),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+}
+
+
+def _optimizer_step(params: list, name: str, recorder: _Recorder) -> None:
+    """Cost one steady-state step: the first step (which creates optimizer state) is not recorded."""
+    if name not in OPTIMIZERS:
+        raise AnalysisError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)} or None")
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    opt = OPTIMIZERS[name](params)
+    recorder.phase = "grad_init"
+    opt.step()
+    recorder.node, recorder.phase = OPTIMIZER_NODE, "opt"
+    opt.step()

@@ -1,0 +1,92 @@
+"""``fxopt.analyze``: capture (if needed), trace one step on fake tensors, cost it, report it."""
+from __future__ import annotations
+
+import warnings
+
+import sympy
+import torch
+from torch import nn
+
+from .capture import Captured, capture
+from .cost_models.hardware import load_hardware
+from .cost_models.roofline import Precision
+from .cost_models.trace import OPTIMIZER_NODE, trace_step
+from .errors import InputError
+from .nodeinfo import NodeInfo, node_info
+from .report import CallRow, GraphReport
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+class UnknownOpWarning(UserWarning):
+    """ATen ops without a cost formula were found; they are listed in the report."""
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or a torch.dtype")
+    return DTYPES[dtype]
+
+
+def _symbol_map(captured: Captured) -> dict:
+    """Export's shape symbols -> the user's sympy symbols (``s77`` -> ``batch``)."""
+    out = {}
+    for n in captured.placeholders():
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() and isinstance(val.shape[0], torch.SymInt):
+            expr = val.shape[0].node.expr
+            out[expr] = sympy.Symbol(captured.symbols.get(str(expr), str(expr)), positive=True, integer=True)
+    return out
+
+
+def _num(x, sym_map: dict):
+    """A SymInt becomes a sympy expression in the user's symbols; ints stay ints."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat)):
+        expr = x.node.expr.xreplace(sym_map)
+        return int(expr) if expr.is_Integer else expr
+    return x
+
+
+def _input_summary(captured: Captured) -> str:
+    vals = [n.meta.get("val") for n in captured.placeholders()]
+    return ", ".join(f"{list(v.shape)} {str(v.dtype).replace('torch.', '')}"
+                     for v in vals if isinstance(v, torch.Tensor))
+
+
+def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardware="h100",
+            training: bool = True, dtype=None, *, optimizer: str | None = "sgd",
+            dynamic_batch: bool = False, precision: Precision | None = None) -> GraphReport:
+    """Cost one training step (forward, backward, optimizer step) of a model analytically.
+
+    ``dtype`` ("bf16", "fp16", a torch.dtype) costs the model as if its weights and inputs were
+    cast to it; ``precision`` says whether fp32 GEMMs/convs use TF32 (default: torch's settings).
+    """
+    if isinstance(model_or_captured, Captured):
+        captured = model_or_captured
+    else:
+        if example_inputs is None:
+            raise InputError("analyze(model) needs example_inputs (a tensor, tuple or dict of kwargs), "
+                             "or pass the result of fxopt.capture(model, example_inputs)")
+        captured = capture(model_or_captured, example_inputs, dynamic_batch=dynamic_batch)
+    hw = load_hardware(hardware)
+    trace = trace_step(captured.graph_module, training=training, dtype=parse_dtype(dtype),
+                       optimizer=optimizer if training else None)
+    sym_map = _symbol_map(captured)
+    calls = [CallRow(r.node, r.phase, r.cost.op, r.cost.op_class, _num(r.cost.flops, sym_map),
+                     _num(r.cost.bytes_read, sym_map), _num(r.cost.bytes_written, sym_map),
+                     r.cost.kernels, r.cost.dtype, r.cost.known) for r in trace.records]
+    nodes = {n.name: node_info(n) for n in captured.graph.nodes}
+    nodes[OPTIMIZER_NODE] = NodeInfo(OPTIMIZER_NODE, str(optimizer), "(optimizer)", "", "")
+    report = GraphReport(model=captured.source_name, calls=calls, nodes=nodes, hardware=hw,
+                         precision=precision or Precision.from_torch(), params=trace.params,
+                         saved_bytes={k: _num(v, sym_map) for k, v in trace.saved_bytes.items()},
+                         symbols={s.name: s for s in sym_map.values()}, training=training,
+                         inputs=_input_summary(captured))
+    if report.unknown_ops:
+        warnings.warn(f"{captured.source_name}: no cost formula for {report.unknown_ops}; they are counted "
+                      f"as memory traffic with 0 FLOPs and listed in the report", UnknownOpWarning,
+                      stacklevel=2)
+    return report

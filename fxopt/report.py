@@ -1,0 +1,271 @@
+"""GraphReport: the cost of one training step per ATen call, rolled up per node, op class and block.
+
+Numbers are ints/floats, or sympy expressions when the graph was captured with a symbolic batch;
+``report.at(batch=256)`` turns a symbolic report into a concrete one.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+
+import sympy
+from tabulate import tabulate
+
+from .cost_models.hardware import Hardware
+from .cost_models.ops import MATRIX_CLASSES
+from .cost_models.roofline import Precision, bound, call_time
+from .nodeinfo import NodeInfo
+
+SCHEMA = "fxopt.graph_report/1"
+BY = ("node", "op", "block")
+
+
+@dataclass(frozen=True)
+class CallRow:
+    """One ATen call of the step, attributed to an fx node and a phase (fwd, bwd, opt)."""
+
+    node: str
+    phase: str
+    op: str
+    op_class: str
+    flops: object
+    bytes_read: object
+    bytes_written: object
+    kernels: int
+    dtype: str | None
+    known: bool
+
+    @property
+    def matrix(self) -> bool:
+        return self.op_class in MATRIX_CLASSES
+
+
+class _Acc:
+    """Sums of one group of calls; the bound is the term that holds most of the group's time."""
+
+    FIELDS = ("fwd_flops", "bwd_flops", "matrix_flops", "bytes_read", "bytes_written", "kernels",
+              "time_s", "fwd_time_s", "bwd_time_s")
+
+    def __init__(self):
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+        self.by_bound: Counter = Counter()
+        self.classes: Counter = Counter()
+
+    def add(self, row: CallRow, t, row_bound: str) -> None:
+        flops_field = "fwd_flops" if row.phase == "fwd" else "bwd_flops"
+        setattr(self, flops_field, getattr(self, flops_field) + row.flops)
+        self.matrix_flops += row.flops if row.matrix else 0
+        self.bytes_read += row.bytes_read
+        self.bytes_written += row.bytes_written
+        self.kernels += row.kernels
+        self.time_s += t
+        if row.phase == "fwd":
+            self.fwd_time_s += t
+        else:
+            self.bwd_time_s += t
+        if row_bound != "?":
+            self.by_bound[row_bound] += float(t)
+        if row.kernels:
+            self.classes[row.op_class] += float(t) if not isinstance(t, sympy.Basic) else 1
+
+    def values(self) -> dict:
+        flops = self.fwd_flops + self.bwd_flops
+        nbytes = self.bytes_read + self.bytes_written
+        return {**{f: getattr(self, f) for f in self.FIELDS}, "bytes": nbytes,
+                "ai": _ratio(flops, nbytes),
+                "bound": self.by_bound.most_common(1)[0][0] if self.by_bound else "-"}
+
+
+def _ratio(a, b):
+    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
+        return sympy.simplify(a / b) if b != 0 else 0
+    return a / b if b else 0.0
+
+
+class GraphReport:
+    """Per-call costs of one step plus the node metadata needed to roll them up."""
+
+    def __init__(self, *, model: str, calls: list[CallRow], nodes: dict[str, NodeInfo], hardware: Hardware,
+                 precision: Precision, params: int, saved_bytes: dict, symbols: dict | None = None,
+                 training: bool = True, inputs: str = ""):
+        self.model, self.calls, self.nodes, self.hardware = model, calls, nodes, hardware
+        self.precision, self.params, self.saved_bytes = precision, params, saved_bytes
+        self.symbols = symbols or {}     # user name -> sympy.Symbol
+        self.training, self.inputs = training, inputs
+        self._times = [call_time(c.op_class, c.dtype, c.flops, c.bytes_read + c.bytes_written, c.kernels,
+                                 hardware, precision) for c in calls]
+
+    # ---- shape of the report ------------------------------------------------------------
+    @property
+    def is_symbolic(self) -> bool:
+        return bool(self.symbols)
+
+    def at(self, **values: int) -> "GraphReport":
+        """The concrete report at the given symbol values, e.g. ``report.at(batch=256)``."""
+        unknown = set(values) - set(self.symbols)
+        if unknown:
+            from .errors import AnalysisError
+            raise AnalysisError(f"report has no symbol(s) {sorted(unknown)}; it has {sorted(self.symbols)}")
+        subs = {self.symbols[k]: v for k, v in values.items()}
+
+        def conc(x):
+            return _concrete(x.xreplace(subs)) if isinstance(x, sympy.Basic) else x
+
+        calls = [replace(c, flops=conc(c.flops), bytes_read=conc(c.bytes_read),
+                         bytes_written=conc(c.bytes_written)) for c in self.calls]
+        saved = {k: conc(v) for k, v in self.saved_bytes.items()}
+        rest = {k: v for k, v in self.symbols.items() if k not in values}
+        inputs = self.inputs + " at " + ", ".join(f"{k}={v}" for k, v in values.items())
+        return GraphReport(model=self.model, calls=calls, nodes=self.nodes, hardware=self.hardware,
+                           precision=self.precision, params=self.params, saved_bytes=saved, symbols=rest,
+                           training=self.training, inputs=inputs)
+
+    @property
+    def unknown_ops(self) -> dict[str, int]:
+        """ATen ops with no cost formula, with their call counts (never silently zero)."""
+        return dict(Counter(c.op for c in self.calls if not c.known))
+
+    # ---- numbers --------------------------------------------------------------------------
+    def _bound(self, t) -> str:
+        return "?" if isinstance(t.total_s, sympy.Basic) else bound(t.compute_s, t.memory_s, t.launch_s)
+
+    def _group(self, key) -> dict:
+        groups: dict = {}
+        for c, t in zip(self.calls, self._times):
+            k = key(c)
+            if k is None:
+                continue
+            groups.setdefault(k, _Acc()).add(c, t.total_s, self._bound(t))
+        return groups
+
+    @property
+    def totals(self) -> dict:
+        def total(pred):
+            return _simplify(sum((c.flops for c in self.calls if pred(c)), 0))
+        step = _simplify(sum((t.total_s for t in self._times), 0))
+        matrix = total(lambda c: c.matrix and c.phase == "fwd") + total(lambda c: c.matrix and c.phase == "bwd")
+        return {
+            "matrix_flops_fwd": total(lambda c: c.matrix and c.phase == "fwd"),
+            "matrix_flops_bwd": total(lambda c: c.matrix and c.phase == "bwd"),
+            "other_flops_fwd": total(lambda c: not c.matrix and c.phase == "fwd"),
+            "other_flops_bwd": total(lambda c: not c.matrix and c.phase == "bwd"),
+            "optimizer_flops": total(lambda c: c.phase == "opt"),
+            "bytes": _simplify(sum((c.bytes_read + c.bytes_written for c in self.calls), 0)),
+            "kernels": sum(c.kernels for c in self.calls),
+            "step_time_s": step,
+            "mfu": _simplify(_ratio(matrix, step * self.hardware.bf16_peak)),
+            "params": self.params,
+            "activation_bytes": _simplify(sum(self.saved_bytes.values(), 0)),
+            "unknown_ops": sum(self.unknown_ops.values()),
+        }
+
+    def rows(self, by: str = "node", depth: int = 1) -> list[dict]:
+        """Rows hottest first. ``by``: node, op (op class) or block (module path at ``depth``)."""
+        if by not in BY:
+            from .errors import FxoptError
+            raise FxoptError(f"by={by!r}: choose one of {BY}")
+        keys = {"node": lambda c: c.node, "op": lambda c: c.op_class if c.kernels else None,
+                "block": lambda c: self.nodes[c.node].block(depth)}
+        groups = self._group(keys[by])
+        step = sum((t.total_s for t in self._times), 0)
+        out = []
+        for k, acc in groups.items():
+            row = {by: k, **acc.values(), "share": _ratio(acc.time_s, step)}
+            if by == "node":
+                info = self.nodes[k]
+                row.update(op=info.op, op_class=acc.classes.most_common(1)[0][0] if acc.classes else "view",
+                           module=info.module, source=info.source, saved_bytes=self.saved_bytes.get(k, 0))
+            elif by == "block":
+                row["saved_bytes"] = sum((v for n, v in self.saved_bytes.items()
+                                          if self.nodes[n].block(depth) == k), 0)
+            out.append(row)
+        return sorted(out, key=lambda r: -_sort_key(r["time_s"]))
+
+    # ---- rendering ------------------------------------------------------------------------
+    _COLUMNS = {
+        "node": [("node", "node"), ("op", "op"), ("op_class", "class"), ("module", "module")],
+        "op": [("op", "op class")],
+        "block": [("block", "block")],
+    }
+    _NUMBERS = [("fwd_flops", "fwd GFLOP", 1e-9), ("bwd_flops", "bwd GFLOP", 1e-9), ("bytes", "MB", 1e-6),
+                ("ai", "FLOP/B", 1), ("kernels", "kernels", 1), ("time_s", "time ms", 1e3),
+                ("bound", "bound", None), ("share", "share %", 100)]
+
+    def _table_rows(self, by: str, top: int, depth: int):
+        cols = self._COLUMNS[by] + [(k, h) for k, h, _ in self._NUMBERS]
+        scale = {k: s for k, _, s in self._NUMBERS}
+        body = [[_fmt(r[k], scale.get(k)) for k, _ in cols] for r in self.rows(by, depth)[:top]]
+        return [h for _, h in cols], body
+
+    def table(self, top: int = 30, by: str = "node", depth: int = 1, tablefmt: str = "simple") -> str:
+        headers, body = self._table_rows(by, top, depth)
+        return tabulate(body, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+    def summary(self) -> str:
+        t = self.totals
+        lines = [
+            f"{self.model} ({self.inputs}), {'training step' if self.training else 'forward'} on "
+            f"{self.hardware.name}",
+            f"  params             {_fmt(t['params'], 1e-6)} M",
+            f"  matrix FLOPs       fwd {_fmt(t['matrix_flops_fwd'], 1e-9)} G, bwd {_fmt(t['matrix_flops_bwd'], 1e-9)} G",
+            f"  other FLOPs        fwd {_fmt(t['other_flops_fwd'], 1e-9)} G, bwd {_fmt(t['other_flops_bwd'], 1e-9)} G, "
+            f"optimizer {_fmt(t['optimizer_flops'], 1e-9)} G",
+            f"  bytes moved        {_fmt(t['bytes'], 1e-9)} GB in {t['kernels']} kernels",
+            f"  activations saved  {_fmt(t['activation_bytes'], 1e-9)} GB",
+            f"  predicted step     {_fmt(t['step_time_s'], 1e3)} ms, MFU {_fmt(t['mfu'], 100)} %",
+        ]
+        if self.unknown_ops:
+            lines.append(f"  UNKNOWN ops (no cost formula, counted as memory traffic only): {self.unknown_ops}")
+        return "\n".join(lines)
+
+    def to_markdown(self, top: int = 30, by: str = "node", depth: int = 1) -> str:
+        return f"```\n{self.summary()}\n```\n\n{self.table(top, by, depth, tablefmt='github')}\n"
+
+    def to_dict(self, depth: int = 1) -> dict:
+        return _jsonable({
+            "schema": SCHEMA, "model": self.model, "inputs": self.inputs, "training": self.training,
+            "hardware": self.hardware.name, "symbols": sorted(self.symbols),
+            "totals": self.totals, "unknown_ops": self.unknown_ops,
+            "nodes": self.rows("node"), "op_classes": self.rows("op"), "blocks": self.rows("block", depth),
+        })
+
+    def to_json(self, depth: int = 1, indent: int = 1) -> str:
+        return json.dumps(self.to_dict(depth), indent=indent)
+
+    def __repr__(self) -> str:
+        return f"<GraphReport {self.model}: {len(self.calls)} calls>\n{self.summary()}"
+
+
+def _concrete(x):
+    return int(x) if x.is_Integer else float(x)
+
+
+def _simplify(x):
+    return sympy.simplify(x) if isinstance(x, sympy.Basic) else x
+
+
+def _sort_key(x) -> float:
+    if isinstance(x, sympy.Basic):  # symbolic: order by the value at symbol = 1
+        return float(x.subs({s: 1 for s in x.free_symbols}))
+    return float(x)
+
+
+def _fmt(x, scale) -> str:
+    if scale is None or isinstance(x, str):
+        return str(x)
+    if isinstance(x, sympy.Basic):
+        return str(sympy.nsimplify(x * scale, rational=False).evalf(4))
+    v = x * scale
+    return f"{v:,.0f}" if isinstance(x, int) and scale == 1 else f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, sympy.Basic):
+        return str(x) if x.free_symbols else _concrete(x)
+    return x

@@ -1,0 +1,1 @@
+"""fxopt rewrite passes (installed as ``fxopt.passes``)."""
