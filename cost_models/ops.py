@@ -89,10 +89,24 @@ _CPU_SDPA = {
         lambda go, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(go.shape, q.shape, k.shape,
                                                                             v.shape),
 }
+
+
+def _conv_backward_flops(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                         groups, output_mask, out_val=None):
+    """grad_input and grad_weight each cost one forward conv.
+
+    torch's registry (2.13) counts grad_weight of a grouped conv ``groups`` times over (a 96-group
+    depthwise conv's backward comes out 97x its forward, not 2x); this counts it once.
+    """
+    fwd = flop_counter.conv_flop_count(x.shape, w.shape, grad_out.shape, transposed=transposed)
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 MATRIX_FORMULAS = {str(k): v for k, v in flop_counter.flop_registry.items()}
 # CPU-only entries are keyed by the packet's own str(); wrap them to drop torch's out_val kwarg
 MATRIX_FORMULAS.update({k: (lambda f: lambda *a, out_val=None, **kw: f(*a, **kw))(f)
                         for k, f in _CPU_SDPA.items()})
+MATRIX_FORMULAS["aten.convolution_backward"] = _conv_backward_flops
 
 # In-place ops that overwrite their destination without reading it.
 WRITE_ONLY = {"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "exponential_", "bernoulli_"}

@@ -152,12 +152,13 @@ def trace_step(gm: fx.GraphModule, training: bool = True, dtype: torch.dtype | N
             inputs.append(val)
     trace = Trace(params=sum(p.numel() for p in params))
     recorder = _Recorder(trace)
-    param_ids = {id(p) for p in params}
+    weights = {StorageWeakRef(t.untyped_storage()) for t in attrs.values() if isinstance(t, torch.Tensor)}
     saved: dict = {}
 
     def pack(t):
-        if id(t) not in param_ids and recorder.phase == "fwd":
-            key = StorageWeakRef(t.untyped_storage())
+        """Activation memory: distinct storages saved for backward, weights (and their views) excluded."""
+        key = StorageWeakRef(t.untyped_storage())
+        if key not in weights and recorder.phase == "fwd":
             saved.setdefault(key, (recorder.node, t.untyped_storage().nbytes()))
         return t
 

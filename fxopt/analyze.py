@@ -52,8 +52,9 @@ def _num(x, sym_map: dict):
 
 def _input_summary(captured: Captured) -> str:
     vals = [n.meta.get("val") for n in captured.placeholders()]
-    return ", ".join(f"{list(v.shape)} {str(v.dtype).replace('torch.', '')}"
-                     for v in vals if isinstance(v, torch.Tensor))
+    dims = lambda v: ", ".join(captured.symbols.get(str(d), str(d)) for d in v.shape)
+    return ", ".join(f"[{dims(v)}] {str(v.dtype).replace('torch.', '')}" for v in vals
+                     if isinstance(v, torch.Tensor))
 
 
 def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardware="h100",

@@ -7,6 +7,7 @@ Non-strict export captures ordinary real models (HF, timm, torchvision) that
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.utils._pytree import tree_map
 
 from .errors import CaptureError, InputError
 
@@ -33,6 +35,12 @@ _EXPORT_HINTS: list[tuple[str, str]] = [
      "with torch ops"),
     (r"", "simplify the failing line, or report it with the stack trace below"),
 ]
+
+
+# Messages of torch's shape checks: an input that does not fit the model, not an export failure.
+_SHAPE_WORDS = ("mat1 and mat2 shapes", "size of tensor a", "must match the size", "Given groups",
+                "expected input", "Expected", "shape '[", "size mismatch", "input channels",
+                "ension out of range", "not enough values to unpack")
 
 
 @dataclass
@@ -71,11 +79,15 @@ def normalize_inputs(example_inputs: Inputs) -> tuple[tuple, dict]:
         f"got {type(example_inputs).__name__}")
 
 
-def _batch_dynamic_shapes(args: tuple, kwargs: dict):
-    """Mark dim 0 of every tensor input (at top level) as the one symbol ``batch``."""
+def _batch_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Mark dim 0 of every top-level tensor input as the one symbol ``batch`` (keyed by arg name)."""
     batch = Dim("batch")
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"the example inputs do not match {type(model).__name__}.forward: {exc}") from exc
     spec = lambda v: {0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
-    return {"args": tuple(spec(a) for a in args), "kwargs": {k: spec(v) for k, v in kwargs.items()}}
+    return {name: tree_map(spec, v) for name, v in bound.arguments.items()}
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -99,8 +111,9 @@ def _check_inputs_fit(model: nn.Module, args: tuple, kwargs: dict, exc: BaseExce
     if isinstance(exc, TypeError) and ("argument" in text or "positional" in text):
         raise InputError(f"the example inputs do not match {type(model).__name__}.forward: {text}. "
                          f"Pass a tuple of positional inputs or a dict of keyword inputs.") from exc
-    shape_words = ("size mismatch", "shape", "Expected", "expected input", "must match", "dimension")
-    if isinstance(exc, (RuntimeError, ValueError, IndexError)) and any(w in text for w in shape_words):
+    if isinstance(exc, torch._dynamo.exc.UserError):  # export's own usage errors are capture errors
+        return
+    if isinstance(exc, (RuntimeError, ValueError, IndexError)) and any(w in text for w in _SHAPE_WORDS):
         shapes = [tuple(a.shape) for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
         raise InputError(f"the example inputs (shapes {shapes}) do not fit {type(model).__name__}: "
                          f"{text.splitlines()[0]} (at {_user_frame(exc)}). "
@@ -120,7 +133,7 @@ def capture(model: nn.Module, example_inputs: Inputs, dynamic_batch: bool = Fals
         raise InputError("example inputs contain no tensor; pass the tensors the model's forward takes")
     training = model.training
     work = copy.deepcopy(model)
-    dynamic_shapes = _batch_dynamic_shapes(args, kwargs) if dynamic_batch else None
+    dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     try:
         ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # export raises many types; every one becomes a CaptureError

@@ -80,7 +80,7 @@ class _Acc:
 
 def _ratio(a, b):
     if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
-        return sympy.simplify(a / b) if b != 0 else 0
+        return a / b if b != 0 else 0
     return a / b if b else 0.0
 
 
@@ -143,8 +143,8 @@ class GraphReport:
     @property
     def totals(self) -> dict:
         def total(pred):
-            return _simplify(sum((c.flops for c in self.calls if pred(c)), 0))
-        step = _simplify(sum((t.total_s for t in self._times), 0))
+            return (sum((c.flops for c in self.calls if pred(c)), 0))
+        step = (sum((t.total_s for t in self._times), 0))
         matrix = total(lambda c: c.matrix and c.phase == "fwd") + total(lambda c: c.matrix and c.phase == "bwd")
         return {
             "matrix_flops_fwd": total(lambda c: c.matrix and c.phase == "fwd"),
@@ -152,12 +152,12 @@ class GraphReport:
             "other_flops_fwd": total(lambda c: not c.matrix and c.phase == "fwd"),
             "other_flops_bwd": total(lambda c: not c.matrix and c.phase == "bwd"),
             "optimizer_flops": total(lambda c: c.phase == "opt"),
-            "bytes": _simplify(sum((c.bytes_read + c.bytes_written for c in self.calls), 0)),
+            "bytes": (sum((c.bytes_read + c.bytes_written for c in self.calls), 0)),
             "kernels": sum(c.kernels for c in self.calls),
             "step_time_s": step,
-            "mfu": _simplify(_ratio(matrix, step * self.hardware.bf16_peak)),
+            "mfu": (_ratio(matrix, step * self.hardware.bf16_peak)),
             "params": self.params,
-            "activation_bytes": _simplify(sum(self.saved_bytes.values(), 0)),
+            "activation_bytes": (sum(self.saved_bytes.values(), 0)),
             "unknown_ops": sum(self.unknown_ops.values()),
         }
 
@@ -193,8 +193,12 @@ class GraphReport:
                 ("ai", "FLOP/B", 1), ("kernels", "kernels", 1), ("time_s", "time ms", 1e3),
                 ("bound", "bound", None), ("share", "share %", 100)]
 
+    # a symbolic report shows formulas of the additive quantities; times need concrete sizes
+    _SYMBOLIC = ("fwd_flops", "bwd_flops", "bytes", "kernels")
+
     def _table_rows(self, by: str, top: int, depth: int):
-        cols = self._COLUMNS[by] + [(k, h) for k, h, _ in self._NUMBERS]
+        numbers = [n for n in self._NUMBERS if not self.is_symbolic or n[0] in self._SYMBOLIC]
+        cols = self._COLUMNS[by] + [(k, h) for k, h, _ in numbers]
         scale = {k: s for k, _, s in self._NUMBERS}
         body = [[_fmt(r[k], scale.get(k)) for k, _ in cols] for r in self.rows(by, depth)[:top]]
         return [h for _, h in cols], body
@@ -214,8 +218,12 @@ class GraphReport:
             f"optimizer {_fmt(t['optimizer_flops'], 1e-9)} G",
             f"  bytes moved        {_fmt(t['bytes'], 1e-9)} GB in {t['kernels']} kernels",
             f"  activations saved  {_fmt(t['activation_bytes'], 1e-9)} GB",
-            f"  predicted step     {_fmt(t['step_time_s'], 1e3)} ms, MFU {_fmt(t['mfu'], 100)} %",
         ]
+        if self.is_symbolic:
+            lines.append(f"  (symbolic in {', '.join(sorted(self.symbols))}: use .at({next(iter(self.symbols))}=N) "
+                         f"for times, bounds and shares)")
+        else:
+            lines.append(f"  predicted step     {_fmt(t['step_time_s'], 1e3)} ms, MFU {_fmt(t['mfu'], 100)} %")
         if self.unknown_ops:
             lines.append(f"  UNKNOWN ops (no cost formula, counted as memory traffic only): {self.unknown_ops}")
         return "\n".join(lines)
@@ -240,10 +248,6 @@ class GraphReport:
 
 def _concrete(x):
     return int(x) if x.is_Integer else float(x)
-
-
-def _simplify(x):
-    return sympy.simplify(x) if isinstance(x, sympy.Basic) else x
 
 
 def _sort_key(x) -> float:

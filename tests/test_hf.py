@@ -2,7 +2,8 @@
 
 Models are built from small configs (no download). The cost model's matrix FLOPs
 (forward + backward) are checked against ``torch.utils.flop_counter.FlopCounterMode``
-running the same forward and backward eagerly.
+running the same forward and backward eagerly, with attention counted as the fused
+kernel (see ``_FusedAttention``).
 """
 
 import copy
@@ -10,9 +11,12 @@ from functools import lru_cache
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 transformers = pytest.importorskip("transformers", reason="HF transformers not installed")
@@ -134,24 +138,51 @@ def _analyzed(name: str):
     return model, inputs, before, report
 
 
-def _float_outputs(out) -> list[torch.Tensor]:
+def _tensor_outputs(out) -> list[torch.Tensor]:
     if hasattr(out, "to_tuple"):  # HF ModelOutput
         out = out.to_tuple()
-    return [
-        t
-        for t in pytree.tree_leaves(out)
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
-    ]
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _float_outputs(out) -> list[torch.Tensor]:
+    return [t for t in _tensor_outputs(out) if t.is_floating_point() and t.requires_grad]
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Run every ``scaled_dot_product_attention`` as CPU's fused (flash) kernel.
+
+    fxopt costs attention as the fused kernel a GPU runs (one kernel; its backward
+    recomputes the scores), which is what FlopCounterMode reports on a GPU. On CPU the
+    fused kernel has no dropout, so eager training-mode attention falls back to unfused
+    math (bmm, no recompute). Dropout changes no matrix FLOPs, so it is switched off here
+    and the fused kernel is forced (an error, not a silent fallback, if it cannot run).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            args = list(args)
+            if len(args) > 4:
+                args[4] = 0.0
+            else:
+                kwargs["dropout_p"] = 0.0
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+# FlopCounterMode knows the CUDA fused-attention ops; count CPU's with torch's same formulas.
+_CPU_FUSED_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop,
+}
 
 
 def _reference_matrix_flops(model: torch.nn.Module, inputs: dict) -> int:
-    """FlopCounterMode over an eager forward + backward (grad = ones) of a copy of the model.
-
-    On CPU, scaled_dot_product_attention runs a fused kernel FlopCounterMode has no formula
-    for; the math backend computes the same attention with bmm, which it does count.
-    """
+    """FlopCounterMode over an eager forward + backward (grad = ones) of a copy of the model."""
     model = copy.deepcopy(model)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_FUSED_ATTENTION)
+    with _FusedAttention(), counter:
         outs = _float_outputs(model(**inputs))
         assert outs, "model produced no float output that requires grad"
         torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
@@ -194,18 +225,12 @@ def test_capture_runs_like_the_model(name):
     model, before, cap = _captured(name, "eval")
     _, inputs = _build(name, "eval")
     with torch.no_grad():
-        want = _float_outputs_nograd(model(**inputs))
-        got = [t for t in pytree.tree_leaves(cap.graph_module(**inputs)) if isinstance(t, torch.Tensor)]
+        want = _tensor_outputs(model(**inputs))
+        got = _tensor_outputs(cap.graph_module(**inputs))
     assert len(got) == len(want)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
     _assert_unchanged(model, before)
-
-
-def _float_outputs_nograd(out) -> list[torch.Tensor]:
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 # ----------------------------------------------------------------------------------
