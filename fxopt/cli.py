@@ -1,0 +1,89 @@
+"""The ``fxopt`` command line. Each subcommand is a function in the COMMANDS table."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import torch
+
+from . import zoo
+from .analyze import UnknownOpWarning, analyze
+from .cost_models.hardware import presets
+from .errors import FxoptError
+from .models import resolve
+
+
+def _build(spec: str, batch: int, tiny: bool):
+    """Build on the meta device: analysis needs shapes only, so even a 7B model costs no memory."""
+    try:
+        with torch.device("meta"):
+            return resolve(spec, batch=batch, tiny=tiny)
+    except FxoptError:
+        raise
+    except Exception:  # a model whose __init__ needs real tensors: build it on the CPU
+        return resolve(spec, batch=batch, tiny=tiny)
+
+
+def cmd_report(args) -> int:
+    spec = _build(args.model, args.batch, args.tiny)
+    optimizer = None if args.optimizer == "none" else args.optimizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownOpWarning)  # the report lists them itself
+        report = analyze(spec.model, spec.inputs, hardware=args.hw, training=not args.eval,
+                         dtype=args.dtype, optimizer=optimizer, dynamic_batch=args.symbolic)
+    report.model = spec.name
+    if args.format == "json":
+        print(report.to_json(depth=args.depth))
+    elif args.format == "md":
+        print(report.to_markdown(top=args.top, by=args.by, depth=args.depth))
+    else:
+        print(report.summary())
+        print()
+        print(report.table(top=args.top, by=args.by, depth=args.depth))
+    return 0
+
+
+def cmd_models(args) -> int:
+    for name in zoo.names():
+        print(f"{name:12s} {zoo.ZOO[name].description}")
+    print("hf:<ModelClass>          a HF transformers model built from its default config")
+    print("path/to/file.py:factory  your own model")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxopt", description="Cost, rewrite and verify training graphs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("report", help="analytical cost of one training step, per node/op class/block")
+    r.add_argument("model", help="zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory")
+    r.add_argument("--batch", type=int, default=2)
+    r.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    r.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    r.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
+    r.add_argument("--by", choices=["node", "op", "block"], default="node")
+    r.add_argument("--depth", type=int, default=1, help="module-path depth of --by block")
+    r.add_argument("--top", type=int, default=30)
+    r.add_argument("--format", choices=["table", "md", "json"], default="table")
+    r.add_argument("--symbolic", action="store_true", help="formulas in the batch size")
+    r.add_argument("--eval", action="store_true", help="forward only (inference)")
+    r.add_argument("--optimizer", choices=["sgd", "adamw", "none"], default="sgd")
+    r.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("models", help="list the built-in models")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FxoptError as exc:
+        print(f"fxopt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
