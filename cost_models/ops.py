@@ -42,7 +42,9 @@ def _rules(op_class: str, names: str, flops: int = 0, basis: str = "out", kernel
 # formula); they only feed "other" FLOPs and never the matrix totals compared with torch.
 RULES: dict[str, Rule] = {
     **_rules("meta", "prim.device sym_size sym_stride sym_numel sym_storage_offset is_contiguous "
-             "_local_scalar_dense _record_function_enter _record_function_enter_new _record_function_exit",
+             "_local_scalar_dense _record_function_enter _record_function_enter_new _record_function_exit "
+             "_assert_tensor_metadata _assert_async _assert_scalar sym_constrain_range "
+             "sym_constrain_range_for_size",
              kernel=False),
     **_rules("view", "_unsafe_view view_as_real view_as_complex lift_fresh _reshape_alias", kernel=False),
     **_rules("alloc", "empty empty_like empty_strided new_empty new_empty_strided empty_permuted",

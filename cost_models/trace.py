@@ -114,17 +114,21 @@ def _fake_mode(gm: fx.GraphModule) -> FakeTensorMode:
 
 
 def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool) -> tuple[dict, list]:
-    """Fake copies of every parameter, buffer and constant the graph reads (by get_attr target)."""
-    attrs, params = {}, []
-    param_names = {name for name, _ in gm.named_parameters()}
+    """Fake copies of every parameter, buffer and constant the graph reads (by get_attr target).
+
+    Tied weights (one tensor under several names, e.g. an LM head tied to the embedding) get one
+    shared fake, so their gradients accumulate as they do in eager.
+    """
+    attrs, params, fakes = {}, [], {}
+    param_names = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     for n in gm.graph.nodes:
         if n.op != "get_attr" or n.target in attrs:
             continue
         obj = gm
         for part in n.target.split("."):
             obj = getattr(obj, part)
-        if not isinstance(obj, torch.Tensor):
-            attrs[n.target] = obj
+        if not isinstance(obj, torch.Tensor) or id(obj) in fakes:
+            attrs[n.target] = fakes.get(id(obj), obj)
             continue
         fake = mode.from_tensor(obj.detach(), static_shapes=True)
         if dtype is not None and fake.is_floating_point():
@@ -133,7 +137,7 @@ def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool)
         if n.target in param_names and training and fake.is_floating_point():
             fake.requires_grad_(True)
             params.append(fake)
-        attrs[n.target] = fake
+        attrs[n.target] = fakes[id(obj)] = fake
     return attrs, params
 
 

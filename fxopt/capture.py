@@ -30,6 +30,8 @@ _EXPORT_HINTS: list[tuple[str, str]] = [
     (r"Constraints violated|specializ|guard",
      "a dynamic dimension was specialized; try dynamic_batch=False, or mark the dimension with "
      "torch._dynamo.mark_dynamic / torch.export.Dim with a valid range"),
+    (r"DynamicCache|Cache\b",
+     "the model returns a KV cache; build it with config.use_cache=False for training"),
     (r"Unsupported|not supported|unsupported",
      "an operation export cannot trace; wrap it in a leaf module (torch.library.custom_op) or rewrite it "
      "with torch ops"),

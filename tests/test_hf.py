@@ -192,8 +192,8 @@ def _conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding
     return fwd * (bool(output_mask[0]) + bool(output_mask[1]))
 
 
-# Additions / corrections to FlopCounterMode's registry. It knows the CUDA fused-attention
-# ops; CPU's are counted with torch's same formulas.
+# Additions to FlopCounterMode's registry: it knows the CUDA fused-attention ops, CPU's are
+# counted with torch's same formulas. And the grouped-conv backward correction above.
 _REFERENCE_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_fused_attention_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_fused_attention_backward_flops,
@@ -292,3 +292,18 @@ def test_resolved_hf_specs_analyze(spec):
     report = fxopt.analyze(resolved.model, resolved.inputs)
     assert dict(report.unknown_ops) == {}
     assert report.totals["matrix_flops_fwd"] > 0 and report.totals["matrix_flops_bwd"] > 0
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_reference_conv_backward_formula(groups):
+    """The reference's conv-backward correction agrees with torch for ungrouped convs only."""
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with FlopCounterMode(display=False) as plain:
+        conv(x).sum().backward()
+    with FlopCounterMode(display=False, custom_mapping=_REFERENCE_FORMULAS) as fixed:
+        conv(x).sum().backward()
+    fwd = 2 * 2 * 8 * (8 // groups) * 6 * 6 * 9  # 2 * N * C_out * C_in/groups * H * W * k * k
+    assert fixed.get_total_flops() == 3 * fwd  # forward + grad_input + grad_weight
+    torch_bwd = plain.get_total_flops() - fwd
+    assert torch_bwd == fwd + groups * fwd  # torch counts grad_weight `groups` times

@@ -1,0 +1,51 @@
+"""The `fxopt` command line, run in-process through its main()."""
+import json
+
+import pytest
+
+from fxopt.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_report_table_by_block(capsys):
+    code, out, _ = run(capsys, "report", "driving-tiny", "--by", "block", "--depth", "1")
+    assert code == 0
+    assert "predicted step" in out and "backbone" in out and "bev_layers" in out
+
+
+def test_report_json_schema(capsys):
+    code, out, _ = run(capsys, "report", "resnet50", "--tiny", "--format", "json", "--dtype", "bf16")
+    data = json.loads(out)
+    assert code == 0 and data["schema"] == "fxopt.graph_report/1"
+    assert data["totals"]["matrix_flops_fwd"] > 0 and data["unknown_ops"] == {}
+
+
+def test_report_symbolic_and_markdown(capsys):
+    code, out, _ = run(capsys, "report", "vit_b16-tiny", "--symbolic", "--by", "op")
+    assert code == 0 and "batch" in out
+    code, out, _ = run(capsys, "report", "convnext_t-tiny", "--format", "md", "--eval")
+    assert code == 0 and out.count("|") > 20 and "forward" in out
+
+
+def test_report_full_size_model_builds_on_meta(capsys):
+    code, out, _ = run(capsys, "report", "resnet50", "--batch", "256", "--top", "3")
+    assert code == 0 and "25.6 M" in out
+
+
+def test_bad_inputs_exit_2_with_a_message(capsys):
+    code, _, err = run(capsys, "report", "resnet5O")
+    assert code == 2 and "resnet50" in err
+    code, _, err = run(capsys, "report", "driving-tiny", "--hw", "tpu")
+    assert code == 2 and "h100" in err
+    code, _, err = run(capsys, "report", "driving-tiny", "--dtype", "int3")
+    assert code == 2 and "bf16" in err
+
+
+def test_models_lists_the_zoo(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0 and all(n in out for n in ("resnet50", "convnext_t", "vit_b16", "driving"))
