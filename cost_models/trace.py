@@ -64,6 +64,8 @@ class _StepInterpreter(fx.Interpreter):
         return self.attrs[target]
 
     def call_function(self, target, args, kwargs):
+        if target in _EXPORT_CHECKS:  # export's metadata guards; a dtype override would trip them
+            return None
         if target is torch.ops.aten.scaled_dot_product_attention.default and not kwargs.get("enable_gqa"):
             return _fused_sdpa(*args, **kwargs)
         return super().call_function(target, args, kwargs)
@@ -90,6 +92,9 @@ class _StepInterpreter(fx.Interpreter):
         def hook(grad_outputs):
             self.recorder.node, self.recorder.phase = name, phase
         return hook
+
+
+_EXPORT_CHECKS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default}
 
 
 def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -131,10 +136,11 @@ def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool)
             attrs[n.target] = fakes.get(id(obj), obj)
             continue
         fake = mode.from_tensor(obj.detach(), static_shapes=True)
-        if dtype is not None and fake.is_floating_point():
-            with mode:
+        is_param = n.target in param_names
+        if dtype is not None and fake.is_floating_point() and is_param:  # buffers keep theirs (BN stats,
+            with mode:                                                   # rotary tables stay fp32)
                 fake = fake.to(dtype)
-        if n.target in param_names and training and fake.is_floating_point():
+        if is_param and training and fake.is_floating_point():
             fake.requires_grad_(True)
             params.append(fake)
         attrs[n.target] = fakes[id(obj)] = fake

@@ -1,11 +1,13 @@
 """``fxopt.analyze``: capture (if needed), trace one step on fake tensors, cost it, report it."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import sympy
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .capture import Captured, capture
 from .cost_models.hardware import load_hardware
@@ -29,6 +31,12 @@ def parse_dtype(dtype) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)} or a torch.dtype")
     return DTYPES[dtype]
+
+
+def _cast(model: nn.Module, inputs, dtype: torch.dtype):
+    """A copy of the model in ``dtype`` (weights and buffers, as ``model.to(dtype)``) and its inputs."""
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    return copy.deepcopy(model).to(dtype), tree_map(cast, inputs)
 
 
 def _symbol_map(captured: Captured) -> dict:
@@ -65,15 +73,20 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
     ``dtype`` ("bf16", "fp16", a torch.dtype) costs the model as if its weights and inputs were
     cast to it; ``precision`` says whether fp32 GEMMs/convs use TF32 (default: torch's settings).
     """
+    dtype = parse_dtype(dtype)
     if isinstance(model_or_captured, Captured):
-        captured = model_or_captured
+        captured = model_or_captured  # already specialized: dtype casts its weights and inputs only
     else:
         if example_inputs is None:
             raise InputError("analyze(model) needs example_inputs (a tensor, tuple or dict of kwargs), "
                              "or pass the result of fxopt.capture(model, example_inputs)")
-        captured = capture(model_or_captured, example_inputs, dynamic_batch=dynamic_batch)
+        model, example_inputs = model_or_captured, example_inputs
+        if dtype is not None:  # cast before capture, so dtype-dependent code (norm upcasts) specializes
+            model, example_inputs = _cast(model, example_inputs, dtype)
+            dtype = None
+        captured = capture(model, example_inputs, dynamic_batch=dynamic_batch)
     hw = load_hardware(hardware)
-    trace = trace_step(captured.graph_module, training=training, dtype=parse_dtype(dtype),
+    trace = trace_step(captured.graph_module, training=training, dtype=dtype,
                        optimizer=optimizer if training else None)
     sym_map = _symbol_map(captured)
     calls = [CallRow(r.node, r.phase, r.cost.op, r.cost.op_class, _num(r.cost.flops, sym_map),
