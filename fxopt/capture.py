@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import CaptureError, InputError
 
@@ -131,24 +131,30 @@ def capture(model: nn.Module, example_inputs: Inputs, dynamic_batch: bool = Fals
     if not isinstance(model, nn.Module):
         raise InputError(f"capture() needs an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
-    if not any(isinstance(v, torch.Tensor) for v in list(args) + list(kwargs.values())):
+    return capture_module(copy.deepcopy(model), args, kwargs, dynamic_batch, name=type(model).__name__)
+
+
+def capture_module(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: bool = False,
+                   name: str | None = None) -> Captured:
+    """Export ``model`` itself: the graph shares its parameter and buffer tensors (BN running
+    statistics update in place). ``capture`` calls this on a private copy."""
+    name = name or type(model).__name__
+    if not any(isinstance(v, torch.Tensor) for v in tree_flatten((args, kwargs))[0]):
         raise InputError("example inputs contain no tensor; pass the tensors the model's forward takes")
-    training = model.training
-    work = copy.deepcopy(model)
     dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     try:
-        ep = torch.export.export(work, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except Exception as exc:  # export raises many types; every one becomes a CaptureError
         _check_inputs_fit(model, args, kwargs, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = next(h for pat, h in _EXPORT_HINTS if re.search(pat, str(exc)))
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {first}\n"
+            f"torch.export could not capture {name}: {type(exc).__name__}: {first}\n"
             f"  at {_user_frame(exc)}\n  try: {hint}") from exc
     gm = ep.module()
     _drop_guard_calls(gm)
     symbols = _symbol_names(gm) if dynamic_batch else {}
-    return Captured(gm, args, kwargs, training, dynamic_batch, type(model).__name__, symbols)
+    return Captured(gm, args, kwargs, model.training, dynamic_batch, name, symbols)
 
 
 def _drop_guard_calls(gm: fx.GraphModule) -> None:
