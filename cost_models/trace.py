@@ -6,6 +6,7 @@ autograd node a forward node created). No real memory is allocated and nothing i
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -172,8 +173,9 @@ def trace_step(gm: fx.GraphModule, training: bool = True, dtype: torch.dtype | N
             saved.setdefault(key, (recorder.node, t.untyped_storage().nbytes()))
         return t
 
-    try:
-        with mode, recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+    no_guards = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
+    try:  # no guards: an op's shape check must not specialize the batch symbol of the shared ShapeEnv
+        with no_guards, mode, recorder, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                 torch.set_grad_enabled(training):
             out = _StepInterpreter(gm, recorder, attrs).run(*inputs)
             if training:
