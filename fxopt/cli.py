@@ -44,6 +44,33 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _optimized(args, print_after_change: bool):
+    """Build MODEL on the CPU (verification needs values) and optimize it with the CLI's options."""
+    from .optimize import optimize
+    spec = resolve(args.model, batch=args.batch, tiny=args.tiny)
+    spec.model.train(not args.eval)
+    return optimize(spec.model, spec.inputs, pipeline=args.pipeline, hardware=args.hw, verify=args.verify,
+                    print_after_change=print_after_change, dump_dir=getattr(args, "dump_dir", None))
+
+
+def cmd_optimize(args) -> int:
+    opt = _optimized(args, print_after_change=False)
+    print(opt.report.table())
+    if args.dump_dir:
+        print(f"graphs and diffs written to {args.dump_dir}/")
+    return 0 if opt.report.verification is None or opt.report.verification else 1
+
+
+def cmd_diff(args) -> int:
+    opt = _optimized(args, print_after_change=False)
+    for i, record in enumerate(opt.report.records, 1):
+        state = "rolled back" if record.rolled_back else ("changed" if record.modified else "no change")
+        print(f"=== {i:02d} {record.name}: {state}")
+        if record.diff:
+            print(record.diff)
+    return 0
+
+
 def cmd_models(args) -> int:
     for name in zoo.names():
         print(f"{name:12s} {zoo.ZOO[name].description}")
@@ -70,6 +97,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eval", action="store_true", help="forward only (inference)")
     r.add_argument("--optimizer", choices=["sgd", "adamw", "none"], default="sgd")
     r.set_defaults(func=cmd_report)
+
+    for name, func, help_ in (("optimize", cmd_optimize, "rewrite MODEL with a pass pipeline and verify it"),
+                              ("diff", cmd_diff, "pass-by-pass diffs of the canonical graph text")):
+        o = sub.add_parser(name, help=help_)
+        o.add_argument("model", help="zoo name, hf:<ModelClass>, or path/to/file.py:factory")
+        o.add_argument("--pipeline", default="default", help='e.g. "dce,normalize" (default: chosen by fxopt)')
+        o.add_argument("--batch", type=int, default=2)
+        o.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+        o.add_argument("--eval", action="store_true", help="optimize the eval-mode graph")
+        o.add_argument("--hw", default=None, help="hardware preset or profile (default: the model's GPU, else h100)")
+        o.add_argument("--verify", action=argparse.BooleanOptionalAction, default=name == "optimize",
+                       help="verify each pass and the result numerically (rolls back failing passes)")
+        if name == "optimize":
+            o.add_argument("--dump-dir", default=None, help="write 00_capture.txt, NN_<pass>.txt/.diff here")
+        o.set_defaults(func=func)
 
     m = sub.add_parser("models", help="list the built-in models")
     m.set_defaults(func=cmd_models)

@@ -6,7 +6,6 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from tabulate import tabulate
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
@@ -48,15 +47,15 @@ class OptimizeReport:
         return [d for r in self.records for d in r.decisions]
 
     def table(self) -> str:
-        rows = [[r.name, "yes" if r.modified else "no", "ROLLED BACK" if r.rolled_back else "",
-                 len(r.decisions), _ms(r.step_time_before_s), _ms(r.step_time_after_s), f"{r.time_s * 1e3:.0f}",
-                 _verdict(r.verification)] for r in self.records]
-        head = ["pass", "modified", "", "decisions", "step ms before", "after", "pass ms", "verified"]
-        lines = [tabulate(rows, headers=head, disable_numparse=True)]
-        lines.append(f"predicted step: {_ms(self.step_time_before_s)} ms -> {_ms(self.step_time_after_s)} ms; "
-                     f"final verification: {_verdict(self.verification)}")
-        for d in self.decisions():
-            lines.append(f"  - {d}")
+        from .passes import timing_table
+        lines = [timing_table(self.records),
+                 f"predicted step: {_ms(self.step_time_before_s)} ms -> {_ms(self.step_time_after_s)} ms; "
+                 f"final verification: {_verdict(self.verification)}"]
+        lines += [f"  {r.name}: {r.note}" for r in self.records if r.note]
+        changes = [d for d in self.decisions() if d.action != "keep"]
+        lines += [f"  - {d}" for d in changes[:30]]
+        if len(self.decisions()) > 30:
+            lines.append(f"  ({len(self.decisions())} decisions in all: report.decisions())")
         return "\n".join(lines)
 
 

@@ -49,3 +49,23 @@ def test_bad_inputs_exit_2_with_a_message(capsys):
 def test_models_lists_the_zoo(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0 and all(n in out for n in ("resnet50", "convnext_t", "vit_b16", "driving"))
+
+
+def test_optimize_verifies_and_dumps(capsys, tmp_path):
+    code, out, _ = run(capsys, "optimize", "driving-tiny", "--pipeline", "dce,normalize", "--dump-dir",
+                       str(tmp_path))
+    assert code == 0 and "final verification: ok" in out and "identity-dropout" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"00_capture.txt", "01_dce.txt", "02_normalize.txt",
+                                                    "02_normalize.diff"}
+
+
+def test_diff_prints_each_pass(capsys):
+    code, out, _ = run(capsys, "diff", "vit_b16-tiny", "--pipeline", "dce,normalize")
+    assert code == 0
+    assert "=== 01 dce: no change" in out and "=== 02 normalize: changed" in out
+    assert "+permute" in out and "-transpose" in out
+
+
+def test_optimize_unknown_pass(capsys):
+    code, _, err = run(capsys, "optimize", "resnet50-tiny", "--pipeline", "dce,fuse-everything")
+    assert code == 2 and "normalize" in err
