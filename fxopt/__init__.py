@@ -3,10 +3,11 @@ from . import cost_models, zoo  # noqa: F401  (cost_models installs as fxopt.cos
 from .analyze import UnknownOpWarning, analyze
 from .capture import Captured, capture
 from .errors import AnalysisError, CaptureError, FxoptError, HardwareError, InputError, ModelSpecError
+from .lint import LintReport, lint
 from .optimize import OptimizedModule, optimize
 from .report import GraphReport
 from .verify import VerificationResult, verify
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "capture", "optimize", "verify", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError",
+__all__ = ["analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError",
            "CaptureError", "InputError", "ModelSpecError", "HardwareError", "AnalysisError"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 
@@ -33,14 +34,45 @@ def cmd_report(args) -> int:
         report = analyze(spec.model, spec.inputs, hardware=args.hw, training=not args.eval,
                          dtype=args.dtype, optimizer=optimizer, dynamic_batch=args.symbolic)
     report.model = spec.name
+    found = None
+    if args.lint and not args.symbolic:
+        from .lint import lint
+        found = lint(report)
     if args.format == "json":
-        print(report.to_json(depth=args.depth))
+        data = report.to_dict(args.depth)
+        if found is not None:
+            data["lint"] = found.to_dict()
+        print(json.dumps(data, indent=1))
     elif args.format == "md":
         print(report.to_markdown(top=args.top, by=args.by, depth=args.depth))
+        if found is not None:
+            print(found.to_markdown(top=args.lint))
     else:
         print(report.summary())
         print()
         print(report.table(top=args.top, by=args.by, depth=args.depth))
+        if found is not None:
+            print("\n" + found.table(top=args.lint))
+    return 0
+
+
+def cmd_lint(args) -> int:
+    from .lint import lint
+    spec = _build(args.model, args.batch, args.tiny)
+    rules = [r.strip() for r in args.rules.split(",")] if args.rules else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownOpWarning)  # the report lists them itself
+        result = lint(spec.model, spec.inputs, hardware=args.hw, dtype=args.dtype, training=not args.eval,
+                      depth=args.depth, rules=rules, min_saving_s=args.min_saving_us * 1e-6)
+    result.model = spec.name
+    if args.format == "json":
+        print(result.to_json())
+    elif args.format == "md":
+        print(result.to_markdown(top=args.top))
+    else:
+        print(result.summary())
+        print()
+        print(result.table(top=args.top))
     return 0
 
 
@@ -96,7 +128,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--symbolic", action="store_true", help="formulas in the batch size")
     r.add_argument("--eval", action="store_true", help="forward only (inference)")
     r.add_argument("--optimizer", choices=["sgd", "adamw", "none"], default="sgd")
+    r.add_argument("--lint", type=int, default=0, metavar="N", help="append the top N lint findings")
     r.set_defaults(func=cmd_report)
+
+    li = sub.add_parser("lint", help="performance lints: where time is lost, the change, its est. saving")
+    li.add_argument("model", help="zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory")
+    li.add_argument("--batch", type=int, default=2)
+    li.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    li.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    li.add_argument("--dtype", default=None, help="lint as if weights and inputs were cast: bf16, fp16, fp32")
+    li.add_argument("--depth", type=int, default=2, help="module-path depth of the low-intensity roll-up")
+    li.add_argument("--rules", default=None, help="comma-separated rule ids (default all; see fxopt.lint.RULES)")
+    li.add_argument("--min-saving-us", type=float, default=0.0, help="drop findings that save less (us)")
+    li.add_argument("--top", type=int, default=30)
+    li.add_argument("--format", choices=["table", "md", "json"], default="table")
+    li.add_argument("--eval", action="store_true", help="forward only (inference)")
+    li.set_defaults(func=cmd_lint)
 
     for name, func, help_ in (("optimize", cmd_optimize, "rewrite MODEL with a pass pipeline and verify it"),
                               ("diff", cmd_diff, "pass-by-pass diffs of the canonical graph text")):

@@ -69,3 +69,11 @@ def test_diff_prints_each_pass(capsys):
 def test_optimize_unknown_pass(capsys):
     code, _, err = run(capsys, "optimize", "resnet50-tiny", "--pipeline", "dce,fuse-everything")
     assert code == 2 and "normalize" in err
+
+
+def test_lint_command_and_report_lint_section(capsys):
+    code, out, _ = run(capsys, "lint", "driving-tiny")
+    assert code == 0 and "unfused-attention" in out
+    code, out, _ = run(capsys, "report", "driving-tiny", "--lint", "5", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["lint"]["findings"]
