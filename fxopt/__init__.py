@@ -1,5 +1,6 @@
 """fxopt: compiler passes on torch.fx graphs that make training faster, and show why."""
-from . import cost_models, zoo  # noqa: F401  (cost_models installs as fxopt.cost_models)
+from . import cost_models, data, zoo  # noqa: F401  (cost_models installs as fxopt.cost_models)
+from .ablate import AblationError, AblationResult, ablate
 from .analyze import UnknownOpWarning, analyze
 from .capture import Captured, capture
 from .errors import AnalysisError, CaptureError, FxoptError, HardwareError, InputError, ModelSpecError
@@ -9,5 +10,5 @@ from .report import GraphReport
 from .verify import VerificationResult, verify
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError",
+__all__ = ["ablate", "AblationResult", "AblationError", "analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError",
            "CaptureError", "InputError", "ModelSpecError", "HardwareError", "AnalysisError"]

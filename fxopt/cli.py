@@ -160,6 +160,9 @@ def _parser() -> argparse.ArgumentParser:
             o.add_argument("--dump-dir", default=None, help="write 00_capture.txt, NN_<pass>.txt/.diff here")
         o.set_defaults(func=func)
 
+    from .ablate import add_cli as add_ablate_cli
+    add_ablate_cli(sub)
+
     m = sub.add_parser("models", help="list the built-in models")
     m.set_defaults(func=cmd_models)
     return p

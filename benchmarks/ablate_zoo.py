@@ -1,0 +1,159 @@
+"""Does a model trained through fxopt converge like eager PyTorch, and how much sooner does it get there?
+(GPU; the numbers go to docs/)
+
+Trains the zoo ResNet-50, ViT-B/16 and driving model a few hundred steps, each seed from the same
+initial weights and on the same batches, with three variants:
+
+* ``eager-fp32``   the untouched model, fp32 (the baseline);
+* ``amp-bf16-cl``  eager under ``torch.autocast(bfloat16)`` with channels-last weights and inputs;
+* ``fxopt``        ``fxopt.optimize(model)`` with its default pipeline (verified before training).
+
+Data: :func:`fxopt.data.auto_data` (smooth random images labelled by a fixed random teacher for the
+classifiers, a 10-way task in their 1000-way heads; the standardized outputs of a second,
+differently seeded driving model as regression targets for the driving model). Optimizer: AdamW,
+lr 1e-3. The parity verdicts and time-to-target rules are :mod:`fxopt.ablate`'s (stated in every
+output). Writes ``docs/ablation/<model>.{json,md,png}`` and regenerates ``docs/ABLATION.md`` from
+every JSON there, so models can be run one per invocation (each fits the 10-minute limit at the
+default sizes on an H100)::
+
+    python benchmarks/ablate_zoo.py                          # all three models
+    python benchmarks/ablate_zoo.py --models resnet50 --steps 300 --seeds 3
+    python benchmarks/ablate_zoo.py --dry-run                # smoke test: tiny models, a few steps (GPU if
+                                                             # any, else CPU), to a temp directory, not docs/
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import fxopt  # noqa: E402
+from fxopt import zoo  # noqa: E402
+from fxopt.ablate import ablate  # noqa: E402
+from fxopt.data import auto_data  # noqa: E402
+
+VARIANTS = {
+    "eager-fp32": None,
+    "amp-bf16-cl": {"optimize": False, "autocast": "bf16", "channels_last": True},
+    "fxopt": {},
+}
+BATCH = {"resnet50": 64, "vit_b16": 64, "driving": 4}   # driving: 4 samples x 6 cameras = 24 images
+MODELS = tuple(BATCH)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated zoo names (default {','.join(MODELS)})")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=None, help=f"per model default: {BATCH}")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--out", default=None, help="results directory (default docs/ablation; --dry-run: a temp dir)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="smoke test of the script: tiny models, 12 steps, 2 seeds, batch 4, on the GPU if there "
+                        "is one, else the CPU; writes to a temporary directory, never into docs/")
+    return p.parse_args(argv)
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        what = f"{torch.cuda.get_device_name(device)}"
+    else:
+        what = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return (f"{what}; torch {torch.__version__}; fxopt {fxopt.__version__}; python {platform.python_version()}; "
+            f"{datetime.date.today().isoformat()}")
+
+
+def run_model(name: str, args, device: torch.device, out: Path) -> dict:
+    tiny = args.dry_run
+    batch = args.batch or (4 if tiny else BATCH[name])
+    model_fn = lambda: zoo.build(name, tiny=tiny)  # noqa: E731
+    shape = zoo.example_inputs(name, 1, tiny=tiny)[0].shape[1:]
+    data = auto_data(model_fn, shape, args.steps, batch, seed=0, device=device)
+    print(f"== {name}{' (tiny)' if tiny else ''}: batch {batch}, {args.steps} steps x {args.seeds} seeds on "
+          f"{device}; data {data!r}", flush=True)
+    result = ablate(model_fn, VARIANTS, data, steps=args.steps, seeds=args.seeds, device=device,
+                    optimizer_fn=lambda p: torch.optim.AdamW(p, lr=args.lr), baseline="eager-fp32")
+    print(result.table(), flush=True)
+    record = result.to_dict()
+    record.update(model=name, tiny=tiny, batch=batch, data=repr(data), machine=machine(device),
+                  command=" ".join(shlex.quote(a) for a in sys.argv))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    (out / f"{name}.md").write_text(result.to_markdown() + "\n")
+    result.plot(out / f"{name}.png")
+    return record
+
+
+def summary(out: Path, doc: Path) -> str:
+    """docs/ABLATION.md from every <model>.json in ``out``."""
+    lines = ["# Convergence parity and time to target loss", "",
+             "Generated by `benchmarks/ablate_zoo.py` from the JSON files in "
+             f"`{os.path.relpath(out, doc.parent)}/`; see `fxopt.ablate` for the rules.", ""]
+    for path in sorted(out.glob("*.json")):
+        r = json.loads(path.read_text())
+        lines += [f"## {r['model']}{' (tiny)' if r.get('tiny') else ''}", "",
+                  f"{r['machine']}; batch {r['batch']}, {r['steps']} steps x {len(r['seeds'])} seeds; "
+                  f"data: `{r['data']}`", "", f"Command: `{r['command']}`", "",
+                  "| variant | status | final loss | ± std | eval loss | step ms | setup s | time to target s "
+                  "| speedup | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+        fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
+        for v in r["variants"]:
+            step_ms = None if v["median_step_s"] is None else v["median_step_s"] * 1e3
+            lines.append(f"| {v['name']} | {v['status']} | {fmt(v['final_loss'], '.4f')} | "
+                         f"{fmt(v['final_std'], '.4f')} | {fmt(v['eval_loss'], '.4f')} | {fmt(step_ms, '.1f')} | "
+                         f"{fmt(v['setup_s'], '.1f')} | {fmt(v['time_to_target_s'], '.1f')} | "
+                         f"{fmt(v['speedup'], '.2f')} | {v['verdict']} |")
+        target = "-" if r["target_loss"] is None else f"{r['target_loss']:.4f} ({r['target_source']})"
+        lines += ["", f"Target loss: {target}. Rule: {r['rule']}.", ""]
+        lines += [f"- {v['name']}: {v['detail'] or ''}{' ' + v['reason'] if v['reason'] else ''}"
+                  for v in r["variants"] if v["detail"] or v["reason"]]
+        lines += ["", f"![{r['model']}]({os.path.relpath(out / (r['model'] + '.png'), doc.parent)})", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    if args.dry_run:  # on the GPU machine this checks the CUDA path in seconds before the real run
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.steps == 300:
+            args.steps = 12
+        if args.seeds == 3:
+            args.seeds = 2
+        out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="fxopt-ablate-"))
+        doc = out / "ABLATION.md"
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("ablate_zoo.py: needs a CUDA GPU (torch.cuda.is_available() is False); it times training "
+                     "steps, which mean nothing on a CPU. Run it on the GPU machine, or use --dry-run for a CPU "
+                     "smoke test of the script itself.")
+        device = torch.device("cuda")
+        out = Path(args.out) if args.out else ROOT / "docs" / "ablation"
+        doc = ROOT / "docs" / "ABLATION.md" if not args.out else out / "ABLATION.md"
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in zoo.names()]
+    if unknown:
+        sys.exit(f"ablate_zoo.py: unknown models {unknown}; zoo: {zoo.names()}")
+    verdicts = {}
+    for name in names:
+        record = run_model(name, args, device, out)
+        verdicts[name] = {v["name"]: v["verdict"] for v in record["variants"]}
+    doc.write_text(summary(out, doc))
+    print(f"results in {out}/, summary {doc}")
+    print(json.dumps(verdicts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
