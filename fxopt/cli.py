@@ -38,7 +38,14 @@ def cmd_report(args) -> int:
     if args.lint and not args.symbolic:
         from .lint import lint
         found = lint(report)
-    if args.format == "json":
+    if args.plot:
+        from .plots import roofline
+        roofline(report, args.plot, by=args.by, depth=args.depth)
+    if args.format == "html":
+        from .html import html_report
+        print(html_report(report, model=spec.model, inputs=spec.inputs, lint=found if found is not None else "auto",
+                          top=args.top, depth=args.depth))
+    elif args.format == "json":
         data = report.to_dict(args.depth)
         if found is not None:
             data["lint"] = found.to_dict()
@@ -53,6 +60,23 @@ def cmd_report(args) -> int:
         print(report.table(top=args.top, by=args.by, depth=args.depth))
         if found is not None:
             print("\n" + found.table(top=args.lint))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    import functools
+    import inspect
+    from .sweep import load_factory, parse_grid, sweep
+    factory, make_inputs, _ = load_factory(args.model)
+    grid = parse_grid(args.grid)
+    if make_inputs is not None and "batch" not in grid and "batch" in inspect.signature(make_inputs).parameters:
+        make_inputs = functools.partial(make_inputs, batch=args.batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownOpWarning)
+        result = sweep(factory, grid, make_inputs, hardware=args.hw, measure=args.measure,
+                       training=not args.eval, dtype=args.dtype,
+                       optimizer=None if args.optimizer == "none" else args.optimizer)
+    print({"table": result.table, "json": result.to_json, "csv": result.to_csv}[args.format]())
     return 0
 
 
@@ -124,7 +148,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--by", choices=["node", "op", "block"], default="node")
     r.add_argument("--depth", type=int, default=1, help="module-path depth of --by block")
     r.add_argument("--top", type=int, default=30)
-    r.add_argument("--format", choices=["table", "md", "json"], default="table")
+    r.add_argument("--format", choices=["table", "md", "json", "html"], default="table",
+                   help="html: one self-contained page (summary, hottest blocks, lints, roofline) on stdout")
+    r.add_argument("--plot", default=None, metavar="OUT.png|OUT.svg",
+                   help="also write the roofline plot of --by/--depth (node, block or op class)")
     r.add_argument("--symbolic", action="store_true", help="formulas in the batch size")
     r.add_argument("--eval", action="store_true", help="forward only (inference)")
     r.add_argument("--optimizer", choices=["sgd", "adamw", "none"], default="sgd")
@@ -159,6 +186,20 @@ def _parser() -> argparse.ArgumentParser:
         if name == "optimize":
             o.add_argument("--dump-dir", default=None, help="write 00_capture.txt, NN_<pass>.txt/.diff here")
         o.set_defaults(func=func)
+
+    s = sub.add_parser("sweep", help="cost every variant of a model family over a grid of hyper-parameters")
+    s.add_argument("model", help="path/to/file.py:factory; factory(**point) returns a module (or (module, inputs)); "
+                                 "the file's example_inputs(**point) makes the inputs (each takes the names it wants)")
+    s.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                   help="e.g. --grid width=64,96,128 depth=2,3,4 (the cartesian product is swept)")
+    s.add_argument("--batch", type=int, default=2, help="batch for example_inputs(batch) when the grid has none")
+    s.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    s.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
+    s.add_argument("--eval", action="store_true", help="forward only (inference)")
+    s.add_argument("--optimizer", choices=["sgd", "adamw", "none"], default="sgd")
+    s.add_argument("--measure", action="store_true", help="also time each variant on the CUDA GPU")
+    s.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    s.set_defaults(func=cmd_sweep)
 
     from .ablate import add_cli as add_ablate_cli
     add_ablate_cli(sub)
