@@ -109,6 +109,7 @@ MATRIX_FORMULAS = {str(k): v for k, v in flop_counter.flop_registry.items()}
 MATRIX_FORMULAS.update({k: (lambda f: lambda *a, out_val=None, **kw: f(*a, **kw))(f)
                         for k, f in _CPU_SDPA.items()})
 MATRIX_FORMULAS["aten.convolution_backward"] = _conv_backward_flops
+MATRIX_FORMULAS["aten._addmm_activation"] = MATRIX_FORMULAS["aten.addmm"]  # GEMM + relu/gelu epilogue
 
 # In-place ops that overwrite their destination without reading it.
 WRITE_ONLY = {"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "exponential_", "bernoulli_"}
