@@ -13,13 +13,14 @@ diffs, optional verification and rollback.
 from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineError, available,
                    format_pipeline, get, parse_pipeline, register, unregister)
 from .manager import PassManager, PassRecord, find_divergence, propagate_meta, timing_table
-from . import dce, epilogue, fold_bn, normalize  # noqa: F401,E402  (registers the built-in passes)
+from . import dce, epilogue, fold_bn, normalize, sdpa  # noqa: F401,E402  (registers the built-in passes)
 from .dce import DeadCodeElimination
 from .epilogue import FuseEpilogues
 from .fold_bn import FoldBatchNorm
 from .normalize import Normalize
+from .sdpa import FuseAttention
 
 __all__ = ["Pass", "PassResult", "PassContext", "Decision", "register", "unregister", "get", "available",
            "parse_pipeline", "format_pipeline", "PassManager", "PassRecord", "PassError", "PipelineError",
            "timing_table", "propagate_meta", "find_divergence", "DeadCodeElimination", "Normalize",
-           "FoldBatchNorm", "FuseEpilogues"]
+           "FoldBatchNorm", "FuseEpilogues", "FuseAttention"]
