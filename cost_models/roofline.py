@@ -55,8 +55,9 @@ def peak_for(op_class: str, dtype: str | None, hw: Hardware, precision: Precisio
 
 
 def call_time(op_class: str, dtype: str | None, flops, nbytes, kernels: int, hw: Hardware,
-              precision: Precision = Precision()) -> CallTime:
-    compute = flops / peak_for(op_class, dtype, hw, precision) if flops else 0.0
+              precision: Precision = Precision(), factor: float = 1.0) -> CallTime:
+    """``factor`` slows the compute term (a conv in its slower layout, see cost_models.layout)."""
+    compute = factor * flops / peak_for(op_class, dtype, hw, precision) if flops else 0.0
     memory = nbytes / (hw.memory_bandwidth * hw.efficiency.get("memory", 1.0)) if nbytes else 0.0
     return CallTime(compute, memory, kernels * hw.launch_overhead_s)
 

@@ -216,8 +216,7 @@ class LintContext:
         self.report, self.graph, self.depth = report, graph, depth
         self.hw, self.precision, self.training = report.hardware, report.precision, report.training
         self.bandwidth = self.hw.memory_bandwidth * self.hw.efficiency.get("memory", 1.0)
-        self.times = [call_time(c.op_class, c.dtype, c.flops, c.bytes_read + c.bytes_written, c.kernels,
-                                self.hw, self.precision) for c in report.calls]
+        self.times = report.call_times
         self.step_s = float(sum(t.total_s for t in self.times))
         self.by_node: dict[str, list[int]] = {}
         for i, c in enumerate(report.calls):

@@ -12,7 +12,6 @@ from torch.utils._pytree import tree_flatten
 from .capture import Captured, capture_module, normalize_inputs
 from .errors import FxoptError, InputError
 
-DEFAULT_PIPELINE = "dce,normalize"
 BACKENDS = ("eager", "inductor")
 # torch.cuda.get_device_name() substring -> hardware preset
 GPU_PRESETS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
@@ -39,6 +38,7 @@ class OptimizeReport:
 
     pipeline: str
     records: list = field(default_factory=list)
+    pipeline_reasons: list = field(default_factory=list)  # why the default pipeline chose each pass
     verification: object = None
     step_time_before_s: float | None = None
     step_time_after_s: float | None = None
@@ -48,7 +48,8 @@ class OptimizeReport:
 
     def table(self) -> str:
         from .passes import timing_table
-        lines = [timing_table(self.records),
+        lines = [f"pipeline: {self.pipeline}"] + [f"  {r}" for r in self.pipeline_reasons]
+        lines += [timing_table(self.records),
                  f"predicted step: {_ms(self.step_time_before_s)} ms -> {_ms(self.step_time_after_s)} ms; "
                  f"final verification: {_verdict(self.verification)}"]
         lines += [f"  {r.name}: {r.note}" for r in self.records if r.note]
@@ -98,6 +99,7 @@ class OptimizedModule(nn.Module):
     # ---- the graphs ------------------------------------------------------------------------
     def _build(self, args: tuple, kwargs: dict):
         from .passes import PassManager
+        from .passes.default import choose_pipeline
         source = self._source
         source.train(self.training)
         captured = capture_module(source, args, kwargs)
@@ -105,12 +107,15 @@ class OptimizedModule(nn.Module):
         # meta tensors carry no values: such a graph is rewritten and costed but cannot be verified
         check = opts["verify"] and not any(isinstance(t, torch.Tensor) and t.is_meta
                                            for t in tree_flatten((args, kwargs))[0])
+        pipeline, reasons = opts["pipeline"], []
+        if pipeline == "default":
+            pipeline, reasons = choose_pipeline(captured.graph_module, self.training)
         manager = PassManager.from_pipeline(
-            opts["pipeline"], verify=check, print_after_change=opts["print_after_change"],
+            pipeline, verify=check, print_after_change=opts["print_after_change"],
             dump_dir=opts["dump_dir"], hardware=hardware_for(source, opts["hardware"]))
         gm, records = manager.run(captured)
         self._bind(gm)
-        report = OptimizeReport(opts["pipeline"], records)
+        report = OptimizeReport(pipeline, records, reasons)
         if records:
             report.step_time_before_s = records[0].step_time_before_s
             report.step_time_after_s = records[-1].step_time_after_s
@@ -185,11 +190,12 @@ def optimize(model: nn.Module, example_inputs=None, *, pipeline: str = "default"
              dump_dir=None) -> OptimizedModule:
     """Optimize a model for training. The model passed in is never changed.
 
+    ``pipeline="default"`` picks passes from the captured graph (see ``fxopt.passes.default``);
+    any pipeline string (``"dce,normalize,mixed-precision{dtype=bf16}"``) runs as given.
     Without ``example_inputs`` the model is captured on its first call, like ``torch.compile``.
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"optimize() needs an nn.Module, got {type(model).__name__}")
-    pipeline = DEFAULT_PIPELINE if pipeline == "default" else pipeline
     opt = OptimizedModule(model, pipeline=pipeline, hardware=hardware, verify=verify, backend=backend,
                           print_after_change=print_after_change, dump_dir=dump_dir)
     if example_inputs is not None:

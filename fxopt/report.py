@@ -35,10 +35,18 @@ class CallRow:
     kernels: int
     dtype: str | None
     known: bool
+    time_factor: float = 1.0
 
     @property
     def matrix(self) -> bool:
         return self.op_class in MATRIX_CLASSES
+
+
+def row_time(c: CallRow, hw: Hardware, precision: Precision, flops=None, nbytes=None):
+    """Roofline time of one call (optionally with other FLOPs/bytes, e.g. a formula's)."""
+    flops = c.flops if flops is None else flops
+    nbytes = c.bytes_read + c.bytes_written if nbytes is None else nbytes
+    return call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, precision, c.time_factor)
 
 
 class _Acc:
@@ -94,8 +102,12 @@ class GraphReport:
         self.precision, self.params, self.saved_bytes = precision, params, saved_bytes
         self.symbols = symbols or {}     # user name -> sympy.Symbol
         self.training, self.inputs = training, inputs
-        self._times = [call_time(c.op_class, c.dtype, c.flops, c.bytes_read + c.bytes_written, c.kernels,
-                                 hardware, precision) for c in calls]
+        self._times = [row_time(c, hardware, precision) for c in calls]
+
+    @property
+    def call_times(self) -> list:
+        """The roofline CallTime of each call, parallel to ``calls``."""
+        return self._times
 
     # ---- shape of the report ------------------------------------------------------------
     @property

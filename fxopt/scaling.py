@@ -41,9 +41,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .analyze import UnknownOpWarning, analyze
 from .capture import Captured, normalize_inputs
 from .cost_models.ops import MATRIX_CLASSES
-from .cost_models.roofline import call_time, peak_for
+from .cost_models.roofline import peak_for
 from .errors import AnalysisError, FxoptError, InputError
-from .report import GraphReport
+from .report import GraphReport, row_time
 
 __all__ = ["scaling", "ScalingReport", "BlockScaling", "DIMS"]
 
@@ -365,7 +365,7 @@ class _Fit:
         vals = self.values_at(x)
         n = self.ncalls
         flops, br, bw = vals[0:3 * n:3], vals[1:3 * n:3], vals[2:3 * n:3]
-        step = sum(call_time(c.op_class, c.dtype, f, r + w, c.kernels, self.hw, self.precision).total_s
+        step = sum(row_time(c, self.hw, self.precision, f, r + w).total_s
                    for c, f, r, w in zip(self.calls, flops, br, bw))
         matrix = sum(f for c, f in zip(self.calls, flops) if c.op_class in MATRIX_CLASSES)
         return {"flops": sum(flops), "matrix_flops": matrix, "bytes": sum(br) + sum(bw),
@@ -374,7 +374,7 @@ class _Fit:
                 "mfu": matrix / (step * self.hw.bf16_peak) if step else 0.0}
 
     def _rates(self, c):
-        peak = peak_for(c.op_class, c.dtype, self.hw, self.precision)
+        peak = peak_for(c.op_class, c.dtype, self.hw, self.precision) / c.time_factor
         bw = self.hw.memory_bandwidth * self.hw.efficiency.get("memory", 1.0)
         return peak, bw
 

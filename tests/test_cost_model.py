@@ -323,3 +323,31 @@ def test_analyze_never_changes_the_model():
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_conv_time_depends_on_its_memory_layout():
+    """Dense bf16 convs reach the roofline in NHWC and are NHWC_SPEEDUP times slower in NCHW;
+    depthwise convs are the other way round (cost_models.layout)."""
+    from fxopt.cost_models.layout import NHWC_SPEEDUP
+
+    def conv_time(groups, channels_last):
+        model = Fn(lambda s, x: s.mods[0](x), nn.Conv2d(256, 256, 3, padding=1, groups=groups, bias=False))
+        with torch.device("meta"):
+            model = model.to(torch.bfloat16)
+        x = torch.empty(64, 256, 56, 56, device="meta", dtype=torch.bfloat16)
+        if channels_last:
+            model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        r = fxopt.analyze(model, x, training=False)
+        (conv,) = calls_of(r)
+        return r.totals["step_time_s"], conv
+
+    nchw, conv = conv_time(1, False)
+    nhwc, conv_cl = conv_time(1, True)
+    assert (conv.time_factor, conv_cl.time_factor) == (NHWC_SPEEDUP["dense"]["16bit"], 1.0)
+    hw = load_hardware("h100")
+    compute = conv.flops / (hw.tensor_flops["bf16"] * hw.efficiency["matrix"])
+    assert nhwc == pytest.approx(compute + hw.launch_overhead_s)
+    assert nchw == pytest.approx(compute * NHWC_SPEEDUP["dense"]["16bit"] + hw.launch_overhead_s)
+    _, dw = conv_time(256, False)
+    _, dw_cl = conv_time(256, True)
+    assert dw.time_factor == 1.0 and dw_cl.time_factor == pytest.approx(1 / NHWC_SPEEDUP["depthwise"]["16bit"])

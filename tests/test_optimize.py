@@ -11,6 +11,9 @@ from fxopt import zoo
 from fxopt.optimize import BackendError
 
 
+EXACT = "dce,normalize"  # bit-faithful rewrites: training must match eager step for step
+
+
 def loss_of(out):
     leaves = out.values() if isinstance(out, dict) else [out]
     return sum(o.float().square().mean() for o in leaves)
@@ -35,7 +38,7 @@ def test_optimized_module_trains_like_the_original(name):
     inputs = zoo.example_inputs(name, 2, tiny=True)
     reference = copy.deepcopy(model)
     snapshot = copy.deepcopy(model.state_dict())
-    opt_model = fxopt.optimize(model, inputs)
+    opt_model = fxopt.optimize(model, inputs, pipeline=EXACT)
     assert [k for k, _ in opt_model.named_parameters()] == [k for k, _ in model.named_parameters()]
     ours, theirs = train_losses(opt_model, inputs), train_losses(reference, inputs)
     assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
@@ -50,7 +53,7 @@ def test_optimized_module_trains_like_the_original(name):
 def test_state_dict_round_trip():
     model = zoo.build("resnet50", tiny=True)
     inputs = zoo.example_inputs("resnet50", 2, tiny=True)
-    opt_model = fxopt.optimize(model, inputs)
+    opt_model = fxopt.optimize(model, inputs, pipeline=EXACT)
     train_losses(opt_model, inputs, steps=1)
     fresh = zoo.build("resnet50", tiny=True)
     fresh.load_state_dict(opt_model.state_dict())           # optimized -> original
@@ -62,7 +65,7 @@ def test_state_dict_round_trip():
 def test_captures_lazily_on_first_call_and_per_mode():
     model = zoo.build("vit_b16", tiny=True)
     inputs = zoo.example_inputs("vit_b16", 2, tiny=True)
-    opt_model = fxopt.optimize(model)
+    opt_model = fxopt.optimize(model, pipeline=EXACT)
     with pytest.raises(fxopt.InputError, match="call it once"):
         opt_model.graph_module
     opt_model(*inputs)
@@ -79,7 +82,7 @@ def test_captures_lazily_on_first_call_and_per_mode():
 def test_to_dtype_and_device_move_the_graph_too():
     model = zoo.build("convnext_t", tiny=True).eval()
     inputs = zoo.example_inputs("convnext_t", 2, tiny=True)
-    opt_model = fxopt.optimize(model, inputs)
+    opt_model = fxopt.optimize(model, inputs, pipeline=EXACT)
     opt_model.to(torch.float64)
     x64 = inputs[0].double()
     torch.testing.assert_close(opt_model(x64), copy.deepcopy(model).double()(x64))
@@ -90,7 +93,7 @@ def test_to_dtype_and_device_move_the_graph_too():
 
 def test_report_lists_passes_and_verification():
     model = zoo.build("driving", tiny=True)
-    opt_model = fxopt.optimize(model, zoo.example_inputs("driving", 2, tiny=True))
+    opt_model = fxopt.optimize(model, zoo.example_inputs("driving", 2, tiny=True), pipeline=EXACT)
     report = opt_model.report
     assert [r.name for r in report.records] == ["dce", "normalize"]
     assert report.verification and report.step_time_before_s > 0
