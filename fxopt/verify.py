@@ -47,6 +47,7 @@ bfloat16 rounding of a shallow forward (``training=False``), not necessarily of 
 bfloat16 train step usually still fails on gradients: reductions over the batch cancel, and bfloat16
 rounding leaves gradient errors of several percent of the gradient's magnitude. To verify a rewrite of a low-precision model, pass the low-precision model itself as
 the reference: its own error ``e_ref`` then sets the scale and ``multiple`` absorbs the rounding.
+To verify an fp32 model rewritten to compute in 16 bits, use ``reference_precision`` (below).
 
 Randomness
 ----------
@@ -57,9 +58,31 @@ launch shape may depend on the dtype; a float64 mask that differs from the float
 ``ref_error`` far above rounding level, and makes ``multiple * e_ref`` meaningless: check it, or verify
 such models on the CPU or with ``training=False``. A rewrite that changes the number or order of
 random calls cannot match masks either and must be verified with ``training=False``.
+
+Mixed-precision rewrites: ``reference_precision``
+-------------------------------------------------
+A rewrite that runs an fp32 model in 16 bits (``mixed-precision``) is judged the way PyTorch's
+benchmark suites judge AMP: against the float64 reference, allowing ``multiple`` times the error the
+*original* model makes when it runs at that precision. With ``reference_precision=torch.bfloat16``
+(or ``torch.float16``, ``"bf16"``, ``"fp16"``), the reference-precision run is the reference model's
+forward under ``torch.autocast(device.type, dtype=reference_precision)`` (a well-established 16-bit
+baseline; its backward and the SGD step run outside autocast, as in AMP training), so::
+
+    e_ref = max|reference under autocast - ref|
+    e_cand <= multiple * e_ref + floor(reference_precision) * max(1, max|ref|)
+
+with the floor of the 16-bit dtype (bfloat16 1e-2, float16 1e-3) for every floating tensor. NaN/inf
+in the candidate where ``ref`` is finite still fails (an fp16 overflow is never tolerated).
+
+``reference_precision="auto"`` (the default) takes the precision the candidate declares: a graph
+module that fxopt lowered carries it as ``gm.meta["fxopt.precision"]`` (:data:`PRECISION_KEY`), seen
+also through the wrappers that hold such a graph as ``_gm`` (the pass manager's and
+``OptimizedModule``'s); a candidate that declares nothing is judged at its own dtypes, as above.
+``reference_precision=None`` turns this off.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Mapping
@@ -74,7 +97,7 @@ from .capture import normalize_inputs
 from .errors import FxoptError, InputError
 
 __all__ = ["TensorCheck", "VerificationResult", "VerificationError", "verify", "check_tensor",
-           "DEFAULT_FLOORS", "DEFAULT_MULTIPLE"]
+           "DEFAULT_FLOORS", "DEFAULT_MULTIPLE", "PRECISION_KEY", "declared_precision", "parse_precision"]
 
 KINDS = ("output", "input_grad", "param_grad", "param_after_step", "buffer")
 
@@ -92,6 +115,12 @@ DEFAULT_FLOORS: dict[torch.dtype, float] = {
 for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"):
     if hasattr(torch, _name):
         DEFAULT_FLOORS[getattr(torch, _name)] = 1e-1
+
+#: ``GraphModule.meta`` key under which a rewritten graph declares the precision it computes in.
+PRECISION_KEY = "fxopt.precision"
+
+_PRECISIONS = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+               "float16": torch.float16, "half": torch.float16}
 
 
 class VerificationError(FxoptError):
@@ -127,6 +156,7 @@ class VerificationResult:
     checks: list[TensorCheck]
     rule: str
     training: bool = True
+    precision: torch.dtype | None = None  # the reference precision the rule used (None: the reference's own)
 
     def failures(self) -> list[TensorCheck]:
         return [c for c in self.checks if not c.ok]
@@ -138,6 +168,8 @@ class VerificationResult:
     def verdict(self) -> str:
         n, bad = len(self.checks), self.failures()
         mode = "train step" if self.training else "eval forward"
+        if self.precision is not None:
+            mode += f" (judged at {_dt(self.precision)})"
         if not bad:
             worst = self.worst()[0] if self.checks else None
             tail = f"; closest: {worst.name} at {worst.ratio:.2g} of allowed" if worst else ""
@@ -191,26 +223,51 @@ def _floor_table(floor) -> dict[torch.dtype, float] | float:
     return value
 
 
-def _floor_for(table, *dtypes: torch.dtype) -> float:
+def _floor_for(table, *dtypes: torch.dtype | None) -> float:
     if isinstance(table, float):
         return table
     out = 0.0
     for dt in dtypes:
-        if dt.is_floating_point or dt.is_complex:
+        if dt is not None and (dt.is_floating_point or dt.is_complex):
             out = max(out, table.get(dt, DEFAULT_FLOORS.get(dt, 1e-1)))
     return out
 
 
-def _rule_text(multiple: float, table) -> str:
+def parse_precision(precision) -> torch.dtype | None:
+    """``None``, a 16-bit torch dtype or its name (``"bf16"``, ``"fp16"``) -> a torch dtype or None."""
+    if precision is None or precision in (torch.bfloat16, torch.float16):
+        return precision
+    if isinstance(precision, str) and precision.lower().replace("torch.", "") in _PRECISIONS:
+        return _PRECISIONS[precision.lower().replace("torch.", "")]
+    raise InputError(f"reference_precision must be torch.bfloat16, torch.float16 (or 'bf16', 'fp16'), "
+                     f"'auto' or None; got {precision!r}")
+
+
+def declared_precision(module) -> torch.dtype | None:
+    """The precision a candidate declares: ``meta[PRECISION_KEY]`` of a graph module fxopt lowered,
+    looked up on the module itself or on the graph module a wrapper holds as ``_gm``."""
+    for m in (module, getattr(module, "_gm", None)):
+        meta = getattr(m, "meta", None)
+        if isinstance(meta, dict) and meta.get(PRECISION_KEY) is not None:
+            return parse_precision(meta[PRECISION_KEY])
+    return None
+
+
+def _rule_text(multiple: float, table, precision: torch.dtype | None = None) -> str:
     base = f"e_cand <= {multiple:g} * e_ref + floor * max(1, max|ref|)"
-    if isinstance(table, float):
-        floors = f"floor = {table:g} for every tensor"
+    if precision is not None:
+        floors = f"floor = {table:g} for every tensor" if isinstance(table, float) else \
+            f"floor = {_floor_for(table, precision):g} (the {_dt(precision)} floor) for every floating tensor"
+        e_ref = f"e_ref = max|reference under torch.autocast({_dt(precision)}) - ref|"
+    elif isinstance(table, float):
+        floors, e_ref = f"floor = {table:g} for every tensor", "e_ref = max|reference - ref|"
     else:
         names = [(torch.float64, "float64"), (torch.float32, "float32"), (torch.float16, "float16"),
                  (torch.bfloat16, "bfloat16")]
         floors = "floor by the coarser dtype of reference and candidate tensor: " + ", ".join(
             f"{n} {table[d]:g}" for d, n in names) + ", integer 0"
-    return (f"{base}, where ref = float64 copy of the reference, e_ref = max|reference - ref|, "
+        e_ref = "e_ref = max|reference - ref|"
+    return (f"{base}, where ref = float64 copy of the reference, {e_ref}, "
             f"e_cand = max|candidate - ref|; {floors}; NaN/inf in the candidate where ref is finite fails; "
             f"shapes must match")
 
@@ -242,14 +299,18 @@ def _max_abs_err(x: torch.Tensor, ref: torch.Tensor, ref_finite: torch.Tensor) -
 
 
 def check_tensor(name: str, kind: str, ref64: torch.Tensor | None, ref: torch.Tensor | None,
-                 cand: torch.Tensor | None, *, multiple: float = DEFAULT_MULTIPLE, floor=None) -> TensorCheck:
+                 cand: torch.Tensor | None, *, multiple: float = DEFAULT_MULTIPLE, floor=None,
+                 reference_precision=None) -> TensorCheck:
     """Judge one tensor by the tolerance rule (module doc): ``ref64`` the float64 result, ``ref`` the
-    reference at its own precision, ``cand`` the candidate; None marks a name missing on that side.
-    ``floor`` is None, a number or a ``{dtype: floor}`` dict, as for :func:`verify`."""
-    return _compare(name, kind, ref64, ref, cand, float(multiple), _floor_table(floor))
+    reference at its own precision (at ``reference_precision`` when given), ``cand`` the candidate; None
+    marks a name missing on that side. ``floor`` is None, a number or a ``{dtype: floor}`` dict, as for
+    :func:`verify`; ``reference_precision`` adds that dtype's floor."""
+    return _compare(name, kind, ref64, ref, cand, float(multiple), _floor_table(floor),
+                    parse_precision(reference_precision))
 
 
-def _compare(name: str, kind: str, ref64, ref, cand, multiple: float, floors) -> TensorCheck:
+def _compare(name: str, kind: str, ref64, ref, cand, multiple: float, floors,
+             precision: torch.dtype | None = None) -> TensorCheck:
     def fail(note, dtype=""):
         return TensorCheck(name, kind, math.inf, math.inf, 0.0, False, dtype, note)
 
@@ -258,6 +319,8 @@ def _compare(name: str, kind: str, ref64, ref, cand, multiple: float, floors) ->
     if ref64 is None or ref is None:
         return fail("missing in the reference")
     dtype = f"{_dt(ref.dtype)} -> {_dt(cand.dtype)}"
+    if precision is not None:
+        dtype = f"{_dt(ref.dtype)}@autocast({_dt(precision)}) -> {_dt(cand.dtype)}"
     if tuple(cand.shape) != tuple(ref64.shape):
         return fail(f"shape {tuple(cand.shape)} != reference {tuple(ref64.shape)}", dtype)
     r64, r, c = _to_cmp(ref64), _to_cmp(ref), _to_cmp(cand)
@@ -268,7 +331,7 @@ def _compare(name: str, kind: str, ref64, ref, cand, multiple: float, floors) ->
     else:
         e_ref = math.inf
     e_cand, nonfinite = _max_abs_err(c, r64, finite)
-    floor = _floor_for(floors, ref.dtype, cand.dtype)
+    floor = _floor_for(floors, ref.dtype, cand.dtype, precision if _is_float(ref64) else None)
     allowed = (multiple * e_ref if multiple > 0 and e_ref > 0 else 0.0) + floor * max(1.0, scale)
     note = ""
     if nonfinite:
@@ -355,11 +418,12 @@ def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
 
 
 def _run(label: str, model: nn.Module, example_inputs, device, *, double: bool, training: bool, lr: float,
-         seed: int, weights: dict[str, torch.Tensor]) -> _Run:
+         seed: int, weights: dict[str, torch.Tensor], autocast: torch.dtype | None = None) -> _Run:
     """One forward (+ loss, backward and SGD step when training) of ``model``, a private copy.
 
     ``weights`` maps output names to loss weights; an output without one (the first, float64, run)
     gets fresh standard-normal weights from a generator seeded with ``seed``, and later runs reuse them.
+    ``autocast``: run the forward under ``torch.autocast(device.type, dtype=autocast)``.
     """
     args, kwargs = normalize_inputs(example_inputs)
     args, kwargs = _prepare_inputs(args, kwargs, device, double=double, requires_grad=training)
@@ -368,7 +432,8 @@ def _run(label: str, model: nn.Module, example_inputs, device, *, double: bool, 
         p.grad = None
     torch.manual_seed(seed)  # seeds every device's generator: same dropout masks on every run
     try:
-        with torch.enable_grad() if training else torch.no_grad():
+        amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with torch.enable_grad() if training else torch.no_grad(), amp:
             out = model(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         raise VerificationError(f"the {label} failed to run on the example inputs: "
@@ -427,13 +492,17 @@ def _fork_devices(device: torch.device) -> list[int]:
 
 def verify(reference_model: nn.Module, candidate_model: nn.Module, example_inputs, *, training: bool = True,
            device=None, lr: float = 0.1, multiple: float = DEFAULT_MULTIPLE, floor=None,
-           seed: int = 0) -> VerificationResult:
+           seed: int = 0, reference_precision="auto") -> VerificationResult:
     """Judge ``candidate_model`` against ``reference_model`` on ``example_inputs`` (see the module doc).
 
     ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword inputs.
     ``device``: where all three copies run (default: the device of the reference's first parameter).
     ``multiple``/``floor``: the tolerance rule's constants; ``floor`` is None (per-dtype defaults), a
     number (one floor for every tensor) or a ``{dtype: floor}`` dict overriding defaults.
+    ``reference_precision``: judge a mixed-precision candidate against the reference run under
+    ``torch.autocast`` at that dtype (``torch.bfloat16``/``torch.float16``), with that dtype's floor;
+    ``"auto"`` (default) uses the precision the candidate declares (:func:`declared_precision`), if any;
+    None never does.
     Raises VerificationError when a model fails to run, InputError for malformed arguments.
     """
     if not isinstance(reference_model, nn.Module) or not isinstance(candidate_model, nn.Module):
@@ -445,6 +514,10 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
     if multiple < 0 or math.isnan(multiple):
         raise InputError(f"multiple must be >= 0, got {multiple!r}")
     floors = _floor_table(floor)
+    if isinstance(reference_precision, str) and reference_precision == "auto":
+        precision = declared_precision(candidate_model)
+    else:
+        precision = parse_precision(reference_precision)
     normalize_inputs(example_inputs)  # InputError early for a malformed input
     device = torch.device(device) if device is not None else _default_device(reference_model)
 
@@ -453,9 +526,11 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
     with torch.random.fork_rng(devices=_fork_devices(device)):
         # One private copy at a time (the float64 run first: it defines the loss weights), freed after
         # its run, so a full-size model needs memory for one copy plus the recorded tensors.
-        for label, source, double in (("float64 copy of the reference", reference_model, True),
-                                      ("reference model", reference_model, False),
-                                      ("candidate model", candidate_model, False)):
+        for label, source, double, amp in (
+                ("float64 copy of the reference", reference_model, True, None),
+                ("reference model" + (f" under autocast({_dt(precision)})" if precision else ""),
+                 reference_model, False, precision),
+                ("candidate model", candidate_model, False, None)):
             try:
                 model = copy.deepcopy(source).to(device)
                 if double:
@@ -464,7 +539,7 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
                 raise VerificationError(f"could not copy the {label} onto {device}: "
                                         f"{type(e).__name__}: {e}") from e
             runs.append(_run(label, model, example_inputs, device, double=double, training=training, lr=lr,
-                             seed=seed, weights=weights))
+                             seed=seed, weights=weights, autocast=amp))
             del model
     r64, rr, rc = runs
 
@@ -473,7 +548,8 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
     def group(kind: str, fmt: str, attr: str) -> None:
         d64, dr, dc = getattr(r64, attr), getattr(rr, attr), getattr(rc, attr)
         for n in list(d64) + [n for n in dc if n not in d64]:
-            checks.append(_compare(fmt.format(n), kind, d64.get(n), dr.get(n), dc.get(n), multiple, floors))
+            checks.append(_compare(fmt.format(n), kind, d64.get(n), dr.get(n), dc.get(n), multiple, floors,
+                                   precision))
 
     group("output", "{}", "outputs")
     if training:
@@ -481,5 +557,6 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
         group("param_grad", "grad[{}]", "grads")
         group("param_after_step", "param_after_step[{}]", "after_step")
     group("buffer", "buffer[{}]", "buffers")
-    return VerificationResult(ok=all(c.ok for c in checks), checks=checks, rule=_rule_text(multiple, floors),
-                              training=training)
+    return VerificationResult(ok=all(c.ok for c in checks), checks=checks,
+                              rule=_rule_text(multiple, floors, precision), training=training,
+                              precision=precision)

@@ -38,7 +38,8 @@ DEFAULT_RULES = [
      "batch norm present: fold eval/frozen BN into the preceding conv/linear"),
     ("epilogue", _has(aten.mm.default, aten.matmul.default, aten.bmm.default, aten.linear.default),
      "GEMMs present: bias/activation epilogues into library kernels"),
-    ("mixed-precision", _has(*_MATRIX), "tensor-core work present: bf16 activations, fp32 master weights"),
+    ("mixed-precision{only_if_faster=true}", _has(*_MATRIX),
+     "tensor-core work present: bf16 activations, fp32 master weights (only if the step gets faster)"),
     ("channels-last", _has(*_CONV), "convolutions present: NHWC conv regions"),
     ("dce", _always, "remove what the rewrites left dead"),
 ]
@@ -48,7 +49,7 @@ def choose_pipeline(gm: fx.GraphModule, training: bool) -> tuple[str, list[str]]
     """The default pipeline for this graph, and one reason per chosen or skipped pass."""
     known, chosen, reasons = set(available()), [], []
     for name, applies, why in DEFAULT_RULES:
-        if name not in known:
+        if name.split("{")[0] not in known:
             reasons.append(f"{name}: skipped, not available in this build")
         elif applies(gm, training):
             chosen.append(name)

@@ -14,6 +14,14 @@ back and the captured module is never touched):
    does not exist). A failing pass is rolled back, recorded with its failures and the first
    diverging node (:func:`find_divergence`), and the pipeline goes on.
 
+Precision. A pass that lowers the precision the graph computes in (``mixed-precision``) declares
+it on the graph module it returns: ``gm.meta["fxopt.precision"] = "bfloat16"``
+(:data:`fxopt.verify.PRECISION_KEY`). The declaration travels with the graph (deep copies keep
+``meta``), so it holds for every later pass too; the manager then verifies with
+``verify(..., reference_precision=<that dtype>)``: the captured model under ``torch.autocast`` at
+that dtype sets ``e_ref`` and the 16-bit floor applies (see :mod:`fxopt.verify`), and the
+divergence search tolerates that dtype's rounding. :func:`graph_precision` reads it back.
+
 Any exception in steps 1-3 becomes a :class:`PassError` naming the pass and the passes that ran
 before it, chained to the original exception.
 """
@@ -40,7 +48,18 @@ from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineE
                    format_pipeline, get, parse_pipeline)
 
 __all__ = ["PassManager", "PassRecord", "timing_table", "propagate_meta", "find_divergence", "Divergence",
-           "run_graph", "no_new_guards", "verify_graphs"]
+           "run_graph", "no_new_guards", "verify_graphs", "graph_precision", "PRECISION_KEY"]
+
+#: ``GraphModule.meta`` key of the precision a pass lowered the graph to (same as fxopt.verify's).
+PRECISION_KEY = "fxopt.precision"
+
+
+def graph_precision(gm) -> torch.dtype | None:
+    """The precision ``gm`` declares (``gm.meta[PRECISION_KEY]``: "bfloat16"/"float16"), else None."""
+    value = getattr(gm, "meta", {}).get(PRECISION_KEY)
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    return getattr(torch, str(value).replace("torch.", ""), None)
 
 
 @dataclass
@@ -263,10 +282,11 @@ def _fallback_verify(reference: fx.GraphModule, candidate: fx.GraphModule, args,
 
 
 def verify_graphs(reference: fx.GraphModule | nn.Module, candidate: fx.GraphModule, args: tuple, kwargs: dict,
-                  training: bool):
+                  training: bool, reference_precision: torch.dtype | None = None):
     """Check ``candidate`` against ``reference`` on the example inputs with :func:`fxopt.verify.verify`
     (nothing passed in is modified). A graph-module reference is run without its dtype
-    assertions, so that verify's float64 copy of it runs."""
+    assertions, so that verify's float64 copy of it (and its autocast run) runs.
+    ``reference_precision``: see :func:`fxopt.verify.verify` (the fallback ignores it)."""
     try:
         from fxopt.verify import verify
     except ImportError:
@@ -282,7 +302,7 @@ def verify_graphs(reference: fx.GraphModule | nn.Module, candidate: fx.GraphModu
         raise PassError("verification needs either positional or keyword example inputs, not both")
     with warnings.catch_warnings():  # verify deep-copies graph modules: torch's pytree FutureWarning
         warnings.simplefilter("ignore", FutureWarning)
-        return verify(ref, cand, inputs, training=training)
+        return verify(ref, cand, inputs, training=training, reference_precision=reference_precision)
 
 
 @dataclass(frozen=True)
@@ -299,19 +319,20 @@ class Divergence:
         return f"{self.node} ({diff}{fed})"
 
 
-def _differs(a, b, rtol: float) -> tuple[bool, float | None]:
+def _differs(a, b, rtol: float, any_dtype: bool = False) -> tuple[bool, float | None]:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return True, None
         worst = 0.0
         for x, y in zip(a, b):
-            bad, d = _differs(x, y, rtol)
+            bad, d = _differs(x, y, rtol, any_dtype)
             if bad:
                 return True, d
             worst = max(worst, d or 0.0)
         return False, worst
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.shape != b.shape or a.dtype != b.dtype:
+        if a.shape != b.shape or (a.dtype != b.dtype and not (
+                any_dtype and a.is_floating_point() and b.is_floating_point())):
             return True, None
         if not a.is_floating_point() and not a.is_complex():
             d = float((a != b).sum())
@@ -324,7 +345,7 @@ def _differs(a, b, rtol: float) -> tuple[bool, float | None]:
 
 
 def find_divergence(before: fx.GraphModule, after: fx.GraphModule, args: tuple, kwargs: dict,
-                    rtol: float = 1e-4) -> Divergence | None:
+                    rtol: float = 1e-4, precision: torch.dtype | None = None) -> Divergence | None:
     """Locate where ``after`` starts computing something else than ``before``.
 
     Both graphs run on the real example inputs with the same seed, recording every node's
@@ -333,20 +354,25 @@ def find_divergence(before: fx.GraphModule, after: fx.GraphModule, args: tuple, 
     ``rtol`` relative to the value's magnitude is returned, with the inputs the pass created
     (usually the culprit). Nodes the pass created have nothing to compare with and are skipped;
     the graph outputs are compared last. None when every compared value agrees, e.g. when only
-    gradients or the optimizer step differ.
+    gradients or the optimizer step differ. ``precision``: ``after`` computes in that 16-bit dtype
+    (its declared precision), so floating values may differ in dtype, and ``rtol`` is raised to 8
+    units of that dtype's rounding (bfloat16: 0.0625, float16: 0.0078).
     """
+    any_dtype = precision is not None
+    if precision is not None:
+        rtol = max(rtol, 8 * torch.finfo(precision).eps)
     old_out, old = run_graph(before, args, kwargs, record=True)
     new_out, new = run_graph(after, args, kwargs, record=True)
     old_names = {n.name for n in before.graph.nodes}
     for node in after.graph.nodes:
         if node.op == "output":
-            bad, d = _differs(list(tree_leaves(old_out)), list(tree_leaves(new_out)), rtol)
+            bad, d = _differs(list(tree_leaves(old_out)), list(tree_leaves(new_out)), rtol, any_dtype)
             if bad:
                 return Divergence("output", d)
             continue
         if node.name not in old or node.name not in new:
             continue
-        bad, d = _differs(old[node.name], new[node.name], rtol)
+        bad, d = _differs(old[node.name], new[node.name], rtol, any_dtype)
         if bad:
             created = tuple(a.name for a in node.all_input_nodes if a.name not in old_names)
             return Divergence(node.name, d, created)
@@ -537,12 +563,13 @@ class PassManager:
                 before: fx.GraphModule, after: fx.GraphModule) -> None:
         args, kwargs = captured.example_args, captured.example_kwargs
         ref = reference if reference is not None else captured.graph_module
-        result = verify_graphs(ref, after, args, kwargs, captured.training)
+        precision = graph_precision(after)  # declared by a precision-lowering pass (module doc)
+        result = verify_graphs(ref, after, args, kwargs, captured.training, reference_precision=precision)
         record.verification = result
         if result:
             return
         record.rolled_back = True
-        div = find_divergence(before, after, args, kwargs)
+        div = find_divergence(before, after, args, kwargs, precision=precision)
         record.diverging_node = div.node if div else None
         failures = "; ".join(_failure_text(f) for f in result.failures()[:3])
         if len(result.failures()) > 3:

@@ -108,3 +108,20 @@ def test_bad_arguments():
         fxopt.optimize(nn.ReLU(), backend="tvm")
     with pytest.raises(fxopt.FxoptError, match="normalize"):
         fxopt.optimize(nn.Linear(2, 2), torch.randn(1, 2), pipeline="dce,normalise")
+
+
+@pytest.mark.parametrize("name,train", [("resnet50", True), ("driving", False), ("vit_b16", True)])
+def test_default_pipeline_is_chosen_from_the_graph_and_verified(name, train):
+    model = zoo.build(name, tiny=True).train(train)
+    inputs = zoo.example_inputs(name, 4, tiny=True)
+    opt_model = fxopt.optimize(model, inputs)
+    report = opt_model.report
+    chosen = [r.name for r in report.records]
+    assert chosen[:2] == ["dce", "normalize"] and chosen[-1] == "dce"
+    assert "channels-last" in chosen and "mixed-precision" in chosen  # all three have convs and GEMMs
+    assert ("fold-bn" in chosen) == (name != "vit_b16")         # ViT has no batch norm
+    assert ("sdpa" in chosen) == (name == "driving")            # ViT already uses SDPA: no softmax
+    assert len(report.pipeline_reasons) >= len(chosen)
+    assert report.verification                                   # the final graph is verified
+    assert all(r.verification is None or r.verification or r.rolled_back for r in report.records)
+    assert "pipeline:" in report.table()
