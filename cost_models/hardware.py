@@ -29,6 +29,16 @@ class Hardware:
     l2_bytes: int = 0
     memory_bytes: int = 0
     source: str = ""
+    # measured per-op-class efficiency (``fxopt calibrate``): for matmul/conv/attention it scales
+    # the FLOP/s peak, for every other class the memory bandwidth; a class not listed falls back
+    # to ``efficiency["matrix"]`` / ``efficiency["memory"]``
+    efficiency_by_class: dict = field(default_factory=dict)
+
+    def class_efficiency(self, op_class: str, matrix: bool) -> float:
+        """The fraction of peak a call of ``op_class`` reaches (FLOP/s if ``matrix``, else bandwidth)."""
+        if op_class in self.efficiency_by_class:
+            return float(self.efficiency_by_class[op_class])
+        return self.efficiency.get("matrix" if matrix else "memory", 1.0)
 
     def matrix_peak(self, dtype_key: str) -> float:
         """Tensor-core peak for a GEMM/conv/attention in ``dtype_key`` (fp32 without TF32 uses

@@ -2,7 +2,8 @@
 
 Peaks are scaled by the device's measured efficiencies (a 8192^3 bf16 GEMM reaches ~81% of the
 datasheet peak on an H100, a device copy ~90% of its bandwidth); per-op-class calibration
-refines this once a measured profile is loaded.
+refines this once a measured profile is loaded (``Hardware.efficiency_by_class``: a matrix class
+scales its FLOP/s peak, any other class its bandwidth).
 """
 from __future__ import annotations
 
@@ -51,14 +52,15 @@ def peak_for(op_class: str, dtype: str | None, hw: Hardware, precision: Precisio
     tf32 = precision.tf32_conv if op_class == "conv" else precision.tf32_matmul
     if key == "fp32" and tf32:
         key = "tf32"
-    return hw.matrix_peak(key) * hw.efficiency.get("matrix", 1.0)
+    return hw.matrix_peak(key) * hw.class_efficiency(op_class, matrix=True)
 
 
 def call_time(op_class: str, dtype: str | None, flops, nbytes, kernels: int, hw: Hardware,
               precision: Precision = Precision(), factor: float = 1.0) -> CallTime:
     """``factor`` slows the compute term (a conv in its slower layout, see cost_models.layout)."""
     compute = factor * flops / peak_for(op_class, dtype, hw, precision) if flops else 0.0
-    memory = nbytes / (hw.memory_bandwidth * hw.efficiency.get("memory", 1.0)) if nbytes else 0.0
+    eff = hw.efficiency.get("memory", 1.0) if op_class in MATRIX_CLASSES else hw.class_efficiency(op_class, False)
+    memory = nbytes / (hw.memory_bandwidth * eff) if nbytes else 0.0
     return CallTime(compute, memory, kernels * hw.launch_overhead_s)
 
 

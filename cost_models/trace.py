@@ -119,7 +119,8 @@ def _fake_mode(gm: fx.GraphModule) -> FakeTensorMode:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool) -> tuple[dict, list]:
+def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool,
+                off_meta: bool = False) -> tuple[dict, list]:
     """Fake copies of every parameter, buffer and constant the graph reads (by get_attr target).
 
     Tied weights (one tensor under several names, e.g. an LM head tied to the embedding) get one
@@ -136,7 +137,8 @@ def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool)
         if not isinstance(obj, torch.Tensor) or id(obj) in fakes:
             attrs[n.target] = fakes.get(id(obj), obj)
             continue
-        fake = mode.from_tensor(obj.detach(), static_shapes=True)
+        fake = _off_meta(mode, obj.detach()) if off_meta and obj.is_meta else \
+            mode.from_tensor(obj.detach(), static_shapes=True)
         is_param = n.target in param_names
         if dtype is not None and fake.is_floating_point() and is_param:  # buffers keep theirs (BN stats,
             with mode:                                                   # rotary tables stay fp32)
@@ -148,15 +150,39 @@ def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool)
     return attrs, params
 
 
+def _off_meta(mode: FakeTensorMode, t):
+    """A CPU fake for a meta tensor. Meta conv kernels ignore memory formats; CPU fake kernels
+    follow them as cuDNN's do, so channels-last layouts (and their costs) survive on models
+    built on the meta device."""
+    if not (isinstance(t, torch.Tensor) and t.device.type == "meta") or \
+            any(isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride())):
+        return t
+    meta = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+    return mode.fake_tensor_converter.from_meta_and_device(mode, meta, torch.device("cpu"))
+
+
 def trace_step(gm: fx.GraphModule, training: bool = True, dtype: torch.dtype | None = None,
                optimizer: str | None = "sgd") -> Trace:
-    """Record the ATen calls of forward (+ backward + optimizer step when ``training``)."""
+    """Record the ATen calls of forward (+ backward + optimizer step when ``training``).
+
+    Meta-device graphs run on CPU fakes (layouts propagate); if the graph pins the meta device
+    somewhere (``arange(device="meta")``), it runs on meta fakes instead.
+    """
+    try:
+        return _trace_step(gm, training, dtype, optimizer, off_meta=True)
+    except (RuntimeError, AssertionError, TypeError) as exc:
+        if "meta" not in str(exc) and "device" not in str(exc).lower():
+            raise
+        return _trace_step(gm, training, dtype, optimizer, off_meta=False)
+
+
+def _trace_step(gm: fx.GraphModule, training: bool, dtype, optimizer, off_meta: bool) -> Trace:
     mode = _fake_mode(gm)
-    attrs, params = _fake_attrs(gm, mode, dtype, training)
+    attrs, params = _fake_attrs(gm, mode, dtype, training, off_meta)
     inputs = []
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            val = n.meta.get("val")
+            val = _off_meta(mode, n.meta.get("val")) if off_meta else n.meta.get("val")
             if isinstance(val, torch.Tensor) and dtype is not None and val.is_floating_point():
                 with mode:
                     val = val.to(dtype)

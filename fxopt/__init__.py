@@ -2,16 +2,19 @@
 from . import cost_models, data, zoo  # noqa: F401  (cost_models installs as fxopt.cost_models)
 from .ablate import AblationError, AblationResult, ablate
 from .analyze import UnknownOpWarning, analyze
+from .bench import BenchResult, bench
+from .calibrate import calibrate
 from .capture import Captured, capture
 from .errors import AnalysisError, CaptureError, FxoptError, HardwareError, InputError, ModelSpecError
 from .html import html_report
 from .lint import LintReport, lint
 from .optimize import OptimizedModule, optimize
+from .profile import ProfileResult, profile
 from .report import GraphReport
 from .scaling import ScalingReport, scaling
 from .sweep import MeasureError, SweepResult, sweep
 from .verify import VerificationResult, verify
 
 __version__ = "0.1.0"
-__all__ = ["scaling", "ScalingReport", "sweep", "SweepResult", "MeasureError", "html_report", "ablate", "AblationResult", "AblationError", "analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError",
+__all__ = ["bench", "BenchResult", "calibrate", "profile", "ProfileResult", "scaling", "ScalingReport", "sweep", "SweepResult", "MeasureError", "html_report", "ablate", "AblationResult", "AblationError", "analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError",
            "CaptureError", "InputError", "ModelSpecError", "HardwareError", "AnalysisError"]

@@ -80,6 +80,31 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench
+    res = bench(args.model, variants=args.variants, steps=args.steps, warmup=args.warmup, device=args.device,
+                batch=args.batch, tiny=args.tiny, hardware=args.hw,
+                log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(res.to_json() if args.format == "json" else res.to_markdown() if args.format == "md" else res.table())
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate, summary
+    prof = calibrate(device=args.device, quick=args.quick, out=args.out)
+    print(summary(prof) + (f"\nwrote {args.out} (use: fxopt report MODEL --hw {args.out})" if args.out else ""))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .profile import profile
+    spec = resolve(args.model, batch=args.batch, tiny=args.tiny)  # real tensors: profile runs the model
+    res = profile(spec.model, spec.inputs, steps=args.steps, hardware=args.hw, device=args.device)
+    res.model = spec.name
+    print(json.dumps(res.to_dict(), indent=1) if args.format == "json" else res.table(top=args.top))
+    return 0
+
+
 def cmd_lint(args) -> int:
     from .lint import lint
     spec = _build(args.model, args.batch, args.tiny)
@@ -200,6 +225,37 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--measure", action="store_true", help="also time each variant on the CUDA GPU")
     s.add_argument("--format", choices=["table", "json", "csv"], default="table")
     s.set_defaults(func=cmd_sweep)
+
+    from .bench import VARIANTS
+    b = sub.add_parser("bench", help="time a training step in several variants (GPU: CUDA events; CPU: wall clock)")
+    b.add_argument("model", help="zoo name, hf:<ModelClass>, file.py:factory, timm:<name>, torchvision:<name>")
+    b.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    b.add_argument("--batch", type=int, default=128)
+    b.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    b.add_argument("--hw", default=None, help="preset whose bf16 peak MFU is taken against (default: the GPU's)")
+    b.add_argument("--format", choices=["table", "md", "json"], default="table")
+    b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("calibrate", help="micro-benchmark this device into a hardware profile JSON")
+    c.add_argument("--out", default=None, help="write the profile here (then: --hw PATH)")
+    c.add_argument("--quick", action="store_true", help="tiny grid (seconds)")
+    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    c.set_defaults(func=cmd_calibrate)
+
+    pr = sub.add_parser("profile", help="measured time per fx node vs the cost model's prediction")
+    pr.add_argument("model", help="zoo name, hf:<ModelClass>, or path/to/file.py:factory")
+    pr.add_argument("--batch", type=int, default=2)
+    pr.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    pr.add_argument("--steps", type=int, default=3)
+    pr.add_argument("--hw", default=None, help="preset or profile JSON for the prediction "
+                                               "(default: the GPU's preset; on CPU a quick calibration)")
+    pr.add_argument("--device", default=None)
+    pr.add_argument("--top", type=int, default=30)
+    pr.add_argument("--format", choices=["table", "json"], default="table")
+    pr.set_defaults(func=cmd_profile)
 
     from .ablate import add_cli as add_ablate_cli
     add_ablate_cli(sub)

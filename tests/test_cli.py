@@ -77,3 +77,16 @@ def test_lint_command_and_report_lint_section(capsys):
     code, out, _ = run(capsys, "report", "driving-tiny", "--lint", "5", "--format", "json")
     data = json.loads(out)
     assert code == 0 and data["lint"]["findings"]
+
+
+def test_bench_calibrate_profile_commands_on_cpu(capsys, tmp_path):
+    code, out, _ = run(capsys, "bench", "resnet50", "--tiny", "--batch", "4", "--variants", "eager-fp32", "fxopt",
+                       "--steps", "2", "--warmup", "1", "--device", "cpu", "--format", "json")
+    rows = {r["name"]: r for r in json.loads(out)["results"]} if code == 0 else {}
+    assert code == 0 and set(rows) == {"eager-fp32", "fxopt"}
+    assert all(r["status"] == "ok" and r["median_s"] > 0 for r in rows.values())
+    profile_path = tmp_path / "cpu.json"
+    code, out, _ = run(capsys, "calibrate", "--quick", "--device", "cpu", "--out", str(profile_path))
+    assert code == 0 and profile_path.exists()
+    code, out, _ = run(capsys, "profile", "resnet50", "--tiny", "--steps", "1", "--hw", str(profile_path))
+    assert code == 0 and "spearman" in out.lower()

@@ -1,0 +1,187 @@
+"""bench / calibrate / profile: mechanics on the CPU (no accuracy claims), real runs on a GPU."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import importlib
+
+bench_mod = importlib.import_module("fxopt.bench")  # the package attribute is the bench() function
+from fxopt import zoo
+from fxopt.analyze import analyze
+from fxopt.bench import VARIANTS, Variant, bench
+from fxopt.calibrate import calibrate
+from fxopt.cost_models import load_hardware
+from fxopt.cost_models.hardware import Hardware
+from fxopt.cost_models.roofline import call_time
+from fxopt.errors import FxoptError, ModelSpecError
+from fxopt.profile import profile, spearman
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def cpu_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hw") / "cpu.json"
+    prof = calibrate("cpu", quick=True, out=path)
+    return path, prof
+
+
+# ---- spearman ------------------------------------------------------------------------------
+def test_spearman_by_hand():
+    xs = [3.0, 1.0, 4.0, 1.5, 9.0]
+    assert spearman(xs, xs) == pytest.approx(1.0)
+    assert spearman(xs, [-x for x in xs]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks a=(1,2,3), b=(1,3,2): d^2 = 0+1+1, rho = 1 - 6*2/(3*8) = 0.5
+    assert spearman([1, 2, 3], [10, 30, 20]) == pytest.approx(0.5)
+    # ties get their average rank: a ranks (1.5,1.5,3), b (1,2,3) -> Pearson of ranks = sqrt(3)/2
+    assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+    with pytest.raises(FxoptError):
+        spearman([1, 2], [1])
+
+
+# ---- bench ---------------------------------------------------------------------------------
+def test_bench_cpu_variants_json_table_and_a_failing_variant(monkeypatch):
+    def broken(model, variant, inputs):
+        raise RuntimeError("this variant cannot be built")
+    real_wrap = bench_mod._wrap
+    monkeypatch.setitem(VARIANTS, "broken", Variant("always fails", wrap="broken"))
+    monkeypatch.setattr(bench_mod, "_wrap", lambda m, v, i: broken(m, v, i) if v.wrap == "broken" else real_wrap(m, v, i))
+    res = bench(MLP(), (torch.randn(4, 16),), variants=("eager-fp32", "broken", "fxopt"), steps=3, warmup=1,
+                device="cpu")
+    assert [r.name for r in res.results] == ["eager-fp32", "broken", "fxopt"]
+    assert res["broken"].status == "failed" and "cannot be built" in res["broken"].reason
+    for name in ("eager-fp32", "fxopt"):
+        r = res[name]
+        assert r.status == "ok", r.reason
+        assert len(r.step_times_s) == 3 and r.p10_s <= r.median_s <= r.p90_s
+        assert r.images_per_s == pytest.approx(4 / r.median_s)
+        assert r.peak_memory_bytes is None and r.mfu is None  # CPU: no memory figure, no GPU peak
+        assert r.first_step_s > 0
+    # matrix FLOPs of the step (fwd 2*B*(16*32+32*10); bwd: grad input of fc2 + both weight grads)
+    fwd = 2 * 4 * (16 * 32 + 32 * 10)
+    assert res.matrix_flops == fwd + 2 * 4 * (32 * 10) + 2 * 4 * (16 * 32 + 32 * 10)
+    assert res["fxopt"].tflops == pytest.approx(res.matrix_flops / res["fxopt"].median_s / 1e12)
+    data = json.loads(res.to_json())
+    assert data["schema"] == "fxopt.bench/1" and data["results"][1]["status"] == "failed"
+    text = res.table()
+    assert "FAILED" in text and "eager-fp32" in text and "—" in text
+
+
+def test_bench_zoo_spec_same_weights_each_variant():
+    seen = []
+    real = bench_mod._run_variant
+
+    def spy(name, variant, model, *a):
+        seen.append(next(model.parameters()).detach().clone())
+        return real(name, variant, model, *a)
+    bench_mod._run_variant = spy
+    try:
+        res = bench("resnet50", variants=("eager-fp32", "autocast-cl"), steps=2, warmup=0, device="cpu",
+                    batch=2, tiny=True)
+    finally:
+        bench_mod._run_variant = real
+    assert res.model == "resnet50-tiny" and res.batch == 2
+    assert all(r.status == "ok" for r in res.results), res.table()
+    assert torch.equal(seen[0], seen[1])  # each variant starts from the same (untrained) weights
+
+
+def test_bench_bad_specs():
+    with pytest.raises(FxoptError, match="unknown bench variant"):
+        bench(MLP(), (torch.randn(2, 16),), variants=("eager-fp32", "nope"))
+    with pytest.raises(ModelSpecError, match="timm"):
+        bench_mod.resolve_bench_model("timm:resnet50", 2)  # timm does not import with the CPU torch here
+
+
+# ---- calibrate -----------------------------------------------------------------------------
+def test_calibrate_quick_profile_loads_and_drives_the_cost_model(cpu_profile):
+    path, prof = cpu_profile
+    assert prof["name"] == "cpu-measured"
+    ref = json.loads(open(load_hardware.__globals__["PRESET_DIR"] / "h100.json").read())
+    for key in ("name", "memory_bandwidth", "tensor_flops", "vector_flops", "efficiency", "launch_overhead_s",
+                "sm_count"):
+        assert key in prof and type(prof[key]) is type(ref[key]) or key in ("sm_count", "launch_overhead_s")
+    m = prof["measured"]
+    assert {"torch", "date", "device", "raw", "nhwc_speedup"} <= set(m)
+    assert set(m["nhwc_speedup"]) == set(__import__("fxopt.cost_models.layout", fromlist=["x"]).NHWC_SPEEDUP)
+    assert {"matmul", "conv", "pointwise", "reduction"} <= set(prof["efficiency_by_class"])
+    assert any(not r["aligned"] for r in m["raw"]["gemm"])  # misaligned shapes are in the grid
+    assert {r["class"] for r in m["raw"]["conv"]} == {"dense", "1x1", "depthwise", "grouped"}
+    hw = load_hardware(str(path))
+    assert hw.name == "cpu-measured" and hw.efficiency_by_class == prof["efficiency_by_class"]
+    report = analyze(MLP(), (torch.randn(4, 16),), hardware=str(path))
+    assert report.hardware.name == "cpu-measured" and report.totals["step_time_s"] > 0
+
+
+def test_per_class_efficiency_changes_a_matmul_time():
+    base = load_hardware("h100")
+    fields = {**base.to_dict(), "efficiency_by_class": {"matmul": base.efficiency["matrix"] / 2, "pointwise": 0.25}}
+    half = Hardware(**fields)
+    flops = 2 * 4096 ** 3
+    t0 = call_time("matmul", "bfloat16", flops, 0, 0, base).total_s
+    t1 = call_time("matmul", "bfloat16", flops, 0, 0, half).total_s
+    assert t1 == pytest.approx(2 * t0)
+    # a pointwise kernel's bandwidth is scaled by its class efficiency; conv (not listed) is unchanged
+    p0 = call_time("pointwise", "float32", 0, 1e9, 0, base).total_s
+    assert call_time("pointwise", "float32", 0, 1e9, 0, half).total_s == pytest.approx(
+        p0 * base.efficiency["memory"] / 0.25)
+    assert call_time("conv", "bfloat16", flops, 0, 0, half).total_s == call_time("conv", "bfloat16", flops, 0, 0, base).total_s
+    # and analyze of a model sees it: the linear layers' predicted time doubles
+    x = (torch.randn(64, 16),)
+    lin = lambda r: sum(t.total_s for c, t in zip(r.calls, r.call_times) if c.op_class == "matmul")
+    compute_only = {**fields, "launch_overhead_s": 0.0, "memory_bandwidth": 1e30}
+    fast = analyze(MLP(), x, hardware=Hardware(**{**compute_only, "efficiency_by_class": {}}))
+    slow = analyze(MLP(), x, hardware=Hardware(**compute_only))
+    assert lin(slow) == pytest.approx(2 * lin(fast))
+
+
+# ---- profile -------------------------------------------------------------------------------
+def test_profile_mechanics_cpu(cpu_profile):
+    path, _ = cpu_profile
+    model, x = zoo.build("resnet50", tiny=True), zoo.example_inputs("resnet50", 2, tiny=True)
+    res = profile(model, x, steps=1, hardware=str(path), device="cpu")
+    by_node = {r["node"]: r for r in res.rows}
+    report = analyze(zoo.build("resnet50", tiny=True), x, hardware=str(path))
+    kernel_nodes = {r["node"] for r in report.rows("node") if r["kernels"] and r["node"] != "optimizer.step"}
+    missing = [n for n in kernel_nodes if by_node.get(n, {}).get("measured_s", 0) <= 0]
+    assert not missing, f"nodes with kernels but no measured time: {missing}"
+    convs = [r for r in res.rows if r["op"] == "aten.conv2d.default"]
+    assert convs and all(r["measured_bwd_s"] > 0 for r in convs)  # the backward is attributed too
+    assert by_node["optimizer.step"]["measured_s"] > 0
+    assert sum(r["measured_s"] for r in res.rows) + res.unattributed_s == pytest.approx(res.measured_step_s)
+    assert res.predicted_step_s == pytest.approx(sum(r["predicted_s"] for r in res.rows))
+    assert -1.0 <= res.spearman <= 1.0
+    assert res.worst(3)[0]["abs_err_s"] == max(r["abs_err_s"] for r in res.rows)
+    text = res.table(top=5)
+    assert "Spearman" in text and "conv2d" in text
+    json.dumps(res.to_dict())
+
+
+# ---- GPU -----------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_bench_gpu_events_memory_and_mfu():
+    res = bench("resnet50", variants=("eager-fp32", "autocast-cl", "fxopt"), steps=10, warmup=3,
+                batch=8, tiny=True, device="cuda")
+    assert all(r.status == "ok" for r in res.results), res.table()
+    assert all(r.peak_memory_bytes > 0 and r.mfu is not None for r in res.results)
+
+
+@pytest.mark.gpu
+def test_calibrate_and_profile_gpu(tmp_path):
+    prof = calibrate("cuda", quick=True, out=tmp_path / "gpu.json")
+    assert load_hardware(str(tmp_path / "gpu.json")).efficiency_by_class
+    model, x = zoo.build("resnet50", tiny=True), zoo.example_inputs("resnet50", 4, tiny=True)
+    res = profile(model, x, steps=2, hardware=str(tmp_path / "gpu.json"), device="cuda")
+    convs = [r for r in res.rows if r["op"] == "aten.conv2d.default"]
+    assert all(r["measured_s"] > 0 and r["measured_bwd_s"] > 0 for r in convs)
+    assert prof["sm_count"] > 0
