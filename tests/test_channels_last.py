@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import warnings
 from pathlib import Path
 
@@ -34,8 +33,9 @@ from fxopt.passes import PassContext, PassManager, PipelineError
 from fxopt.passes.manager import _AsModule
 from fxopt.passes.rewrite import val
 
+import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)
+
 GOLDEN = Path(__file__).parent / "golden" / "channels-last"
-ACCEPT = os.environ.get("FXOPT_ACCEPT") == "1"
 aten = torch.ops.aten
 CL = torch.channels_last
 
@@ -68,16 +68,7 @@ def zoo_forced(name: str, mode: str):
 
 
 def check_golden(case: str, text: str) -> None:
-    path = GOLDEN / f"{case}.diff"
-    if ACCEPT:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    assert path.exists(), f"{path} is missing; create it with FXOPT_ACCEPT=1 pytest {__file__} -k {case}"
-    expected = path.read_text()
-    if text != expected:
-        pytest.fail(f"{path} differs (FXOPT_ACCEPT=1 rewrites it):\n{unified_diff(expected, text, str(path))}")
-
+    goldens.check(GOLDEN / f"{case}.diff", text)
 
 def decisions(record, action: str | None = None) -> dict:
     """{node name: decision} of one action (the conv decisions are keyed by their conv node)."""

@@ -7,7 +7,6 @@ its GELU is exact erf on the CPU and the tanh approximation on CUDA).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,9 @@ from fxopt.passes import PassContext, PassManager
 from fxopt.passes.manager import _AsModule
 from fxopt.verify import verify
 
+import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)
+
 GOLDEN = Path(__file__).parent / "golden" / "epilogue"
-ACCEPT = os.environ.get("FXOPT_ACCEPT") == "1"
 aten = torch.ops.aten
 
 
@@ -40,16 +40,7 @@ def run(model, inputs, pipeline="epilogue", **kw):
 
 
 def check_golden(case: str, text: str) -> None:
-    path = GOLDEN / f"{case}.diff"
-    if ACCEPT:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"{path} is missing; create it with FXOPT_ACCEPT=1 pytest tests/test_epilogue.py -k {case}")
-    if text != path.read_text():
-        pytest.fail(f"{path} differs (FXOPT_ACCEPT=1 rewrites it):\n" + unified_diff(path.read_text(), text, case))
-
+    goldens.check(GOLDEN / f"{case}.diff", text)
 
 def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))

@@ -6,7 +6,6 @@ training), refusals, the cost-driven choice, and state_dict compatibility.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from fxopt.graphtext import canonical_text, unified_diff
 from fxopt.passes import PassManager
 from fxopt.verify import verify
 
+import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)
+
 GOLDEN = Path(__file__).parent / "golden" / "fold-bn"
-ACCEPT = os.environ.get("FXOPT_ACCEPT") == "1"
 aten = torch.ops.aten
 
 
@@ -43,16 +43,7 @@ def run(model, inputs, pipeline="fold-bn", **kw):
 
 
 def check_golden(case: str, text: str) -> None:
-    path = GOLDEN / f"{case}.diff"
-    if ACCEPT:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"{path} is missing; create it with FXOPT_ACCEPT=1 pytest tests/test_fold_bn.py -k {case}")
-    if text != path.read_text():
-        pytest.fail(f"{path} differs (FXOPT_ACCEPT=1 rewrites it):\n" + unified_diff(path.read_text(), text, case))
-
+    goldens.check(GOLDEN / f"{case}.diff", text)
 
 def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
     """Non-trivial running statistics and affine parameters, so a wrong fold shows."""

@@ -10,7 +10,6 @@ model run under ``torch.autocast`` at the target dtype, plus that dtype's floor.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 
@@ -29,8 +28,9 @@ from fxopt.passes.manager import _AsModule, graph_precision
 # verify() deep-copies exported graph modules: torch's own TreeSpec deepcopy FutureWarning
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
+import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)
+
 GOLDEN = Path(__file__).parent / "golden" / "mixed-precision"
-ACCEPT = os.environ.get("FXOPT_ACCEPT") == "1"
 aten = torch.ops.aten
 verify = fxopt.verify  # the function (the module is fxopt.verify in sys.modules)
 
@@ -51,18 +51,7 @@ def run(model, inputs, pipeline="mixed-precision", **kw):
 
 
 def check_golden(case_name: str, text: str) -> None:
-    path = GOLDEN / f"{case_name}.diff"
-    if ACCEPT:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing; create it with "
-                    f"FXOPT_ACCEPT=1 pytest tests/test_mixed_precision.py -k {case_name} and review it")
-    if text != path.read_text():
-        delta = unified_diff(path.read_text(), text, str(path))
-        pytest.fail(f"{path} differs from this run (FXOPT_ACCEPT=1 rewrites it):\n{delta}")
-
+    goldens.check(GOLDEN / f"{case_name}.diff", text)
 
 def targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]

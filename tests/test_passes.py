@@ -27,8 +27,9 @@ from fxopt.passes import (Pass, PassError, PassManager, PassResult, PipelineErro
 from fxopt.passes.base import format_pipeline
 from fxopt.passes.manager import _AsModule
 
+import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)
+
 GOLDEN = Path(__file__).parent / "golden"
-ACCEPT = os.environ.get("FXOPT_ACCEPT") == "1"
 aten = torch.ops.aten
 
 
@@ -46,19 +47,7 @@ def case(model: nn.Module, inputs, pipeline: str, **manager_kwargs):
 
 
 def check_golden(pass_name: str, case_name: str, text: str) -> None:
-    path = GOLDEN / pass_name / f"{case_name}.diff"
-    if ACCEPT:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing; create it with "
-                    f"FXOPT_ACCEPT=1 pytest tests/test_passes.py -k {case_name} and review it")
-    expected = path.read_text()
-    if text != expected:
-        delta = unified_diff(expected, text, str(path.relative_to(GOLDEN.parent)))
-        pytest.fail(f"{path} differs from this run (FXOPT_ACCEPT=1 rewrites it):\n{delta}")
-
+    goldens.check(GOLDEN / pass_name / f"{case_name}.diff", text)
 
 @pytest.fixture
 def test_pass():

@@ -8,7 +8,6 @@ the goldens.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -25,8 +24,9 @@ from fxopt.graphtext import canonical_text, unified_diff
 from fxopt.passes import PassError, PassManager
 from fxopt.passes.sdpa import Refusal, estimate_gain, match_attention
 
+import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)
+
 GOLDEN = Path(__file__).parent / "golden" / "sdpa"
-ACCEPT = os.environ.get("FXOPT_ACCEPT") == "1"
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 SOFTMAX = (aten.softmax.int, aten._softmax.default)
@@ -60,18 +60,7 @@ def run(model: nn.Module, inputs, mode: str = "train", pipeline: str = "sdpa", v
 
 
 def check_golden(case: str, text: str) -> None:
-    path = GOLDEN / f"{case}.diff"
-    if ACCEPT:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing; create it with FXOPT_ACCEPT=1 pytest tests/test_sdpa.py "
-                    f"-k {case} and review it")
-    if text != path.read_text():
-        pytest.fail(f"{path} differs from this run (FXOPT_ACCEPT=1 rewrites it):\n"
-                    f"{unified_diff(path.read_text(), text, str(path.name))}")
-
+    goldens.check(GOLDEN / f"{case}.diff", text)
 
 # ---------------------------------------------------------------------------------------------
 # the forms: one small module each
