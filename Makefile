@@ -18,6 +18,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/fxopt report driving --batch 8 --by block --depth 1
+	$(VENV)/bin/fxopt optimize driving-tiny
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
