@@ -7,6 +7,8 @@ from pathlib import Path
 
 from fxopt.errors import HardwareError
 
+from .layout import NHWC_SPEEDUP
+
 PRESET_DIR = Path(__file__).parent / "hardware"
 
 # torch dtype name -> the key of the peak table it runs at
@@ -33,6 +35,11 @@ class Hardware:
     # the FLOP/s peak, for every other class the memory bandwidth; a class not listed falls back
     # to ``efficiency["matrix"]`` / ``efficiency["memory"]``
     efficiency_by_class: dict = field(default_factory=dict)
+    nhwc_speedup: dict = field(default_factory=dict)  # measured cells overriding layout.NHWC_SPEEDUP
+
+    def layout_table(self) -> dict:
+        """NHWC speedups per conv class and precision: this device's measured cells over the priors."""
+        return {cls: {**row, **self.nhwc_speedup.get(cls, {})} for cls, row in NHWC_SPEEDUP.items()}
 
     def class_efficiency(self, op_class: str, matrix: bool) -> float:
         """The fraction of peak a call of ``op_class`` reaches (FLOP/s if ``matrix``, else bandwidth)."""

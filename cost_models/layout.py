@@ -72,8 +72,17 @@ def is_nhwc(x: torch.Tensor) -> bool:
         return False
 
 
-def conv_call_factor(x: torch.Tensor, w: torch.Tensor, groups: int) -> float:
-    """What the cost model multiplies a 2-D conv call's compute time by, in its actual layout."""
+def conv_layout(x: torch.Tensor, w: torch.Tensor, groups: int) -> tuple | None:
+    """``(class, precision, is_nhwc)`` of a 2-D conv call, what its time factor depends on."""
     if x.dim() != 4 or not x.is_floating_point():
+        return None
+    return conv_class_of(x, w, groups)[0], precision_key(x.dtype), is_nhwc(x)
+
+
+def conv_factor(layout: tuple | None, table: dict = NHWC_SPEEDUP) -> float:
+    """What the cost model multiplies a conv call's compute time by, in its actual layout; ``table``
+    is a device's measured NHWC speedups (``Hardware.layout_table()``) or the priors."""
+    if layout is None:
         return 1.0
-    return layout_factor(nhwc_speedup(x, w, groups), is_nhwc(x))
+    cls, prec, nhwc = layout
+    return layout_factor(table[cls][prec], nhwc)

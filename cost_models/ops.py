@@ -14,7 +14,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils._pytree import tree_flatten
 
-from .layout import conv_call_factor
+from .layout import conv_layout
 
 MATRIX_CLASSES = ("matmul", "conv", "attention")
 
@@ -204,7 +204,7 @@ class CallCost:
     kernels: int
     dtype: str | None       # dtype of the first floating input (drives the peak)
     known: bool
-    time_factor: float = 1.0  # slowdown over the roofline (a conv in its slower memory layout)
+    conv_layout: tuple | None = None  # (conv class, precision, is NHWC) of a conv call: its layout factor
 
 
 def cost_call(func, args, kwargs, out) -> CallCost:
@@ -233,18 +233,18 @@ def cost_call(func, args, kwargs, out) -> CallCost:
         flops = 0
     kernels = _kernels(name, args, kwargs)
     return CallCost(name, rule.op_class, flops, bytes_read, bytes_written, kernels, dtype, rule.known,
-                    _layout_factor(name, args))
+                    _conv_layout(name, args))
 
 
 # conv op -> positions of (input, weight, groups) in its arguments
 _CONV_ARGS = {"convolution": (0, 1, 8), "convolution_backward": (1, 2, 9)}
 
 
-def _layout_factor(name: str, args) -> float:
+def _conv_layout(name: str, args) -> tuple | None:
     if name not in _CONV_ARGS or len(args) <= _CONV_ARGS[name][2]:
-        return 1.0
+        return None
     x, w, groups = (args[i] for i in _CONV_ARGS[name])
-    return conv_call_factor(x, w, groups)
+    return conv_layout(x, w, groups)
 
 
 def _kernels(name: str, args, kwargs) -> int:

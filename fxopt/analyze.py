@@ -91,7 +91,7 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
     sym_map = _symbol_map(captured)
     calls = [CallRow(r.node, r.phase, r.cost.op, r.cost.op_class, _num(r.cost.flops, sym_map),
                      _num(r.cost.bytes_read, sym_map), _num(r.cost.bytes_written, sym_map),
-                     r.cost.kernels, r.cost.dtype, r.cost.known, r.cost.time_factor) for r in trace.records]
+                     r.cost.kernels, r.cost.dtype, r.cost.known, r.cost.conv_layout) for r in trace.records]
     nodes = {n.name: node_info(n) for n in captured.graph.nodes}
     nodes[OPTIMIZER_NODE] = NodeInfo(OPTIMIZER_NODE, str(optimizer), "(optimizer)", "", "")
     report = GraphReport(model=captured.source_name, calls=calls, nodes=nodes, hardware=hw,

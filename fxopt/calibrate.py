@@ -278,6 +278,7 @@ def calibrate(device=None, quick: bool = False, out: "str | Path | None" = None)
         "vector_flops": vector_flops,
         "efficiency": {"matrix": round(min(matrix_eff, 1.0), 4), "memory": round(min(copy_bw / bandwidth, 1.0), 4)},
         "efficiency_by_class": by_class,
+        "nhwc_speedup": {cls: {col: speedup[cls][col]} for cls, col in (c.split("/") for c in measured_cells)},
         "launch_overhead_s": launch,
         "source": f"fxopt calibrate{' --quick' if quick else ''} on {versions['device']}, {versions['date']}",
         "measured": {**versions, "quick": quick, "reps": reps, "nhwc_speedup": speedup,

@@ -13,6 +13,7 @@ import sympy
 from tabulate import tabulate
 
 from .cost_models.hardware import Hardware
+from .cost_models.layout import conv_factor
 from .cost_models.ops import MATRIX_CLASSES
 from .cost_models.roofline import Precision, bound, call_time
 from .nodeinfo import NodeInfo
@@ -35,7 +36,7 @@ class CallRow:
     kernels: int
     dtype: str | None
     known: bool
-    time_factor: float = 1.0
+    conv_layout: tuple | None = None
 
     @property
     def matrix(self) -> bool:
@@ -46,7 +47,12 @@ def row_time(c: CallRow, hw: Hardware, precision: Precision, flops=None, nbytes=
     """Roofline time of one call (optionally with other FLOPs/bytes, e.g. a formula's)."""
     flops = c.flops if flops is None else flops
     nbytes = c.bytes_read + c.bytes_written if nbytes is None else nbytes
-    return call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, precision, c.time_factor)
+    return call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, precision, time_factor(c, hw))
+
+
+def time_factor(c: CallRow, hw: Hardware) -> float:
+    """Slowdown of a call over the roofline: a conv in its slower memory layout on this device."""
+    return conv_factor(c.conv_layout, hw.layout_table()) if c.conv_layout else 1.0
 
 
 class _Acc:

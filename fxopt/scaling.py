@@ -43,7 +43,7 @@ from .capture import Captured, normalize_inputs
 from .cost_models.ops import MATRIX_CLASSES
 from .cost_models.roofline import peak_for
 from .errors import AnalysisError, FxoptError, InputError
-from .report import GraphReport, row_time
+from .report import GraphReport, row_time, time_factor
 
 __all__ = ["scaling", "ScalingReport", "BlockScaling", "DIMS"]
 
@@ -374,7 +374,7 @@ class _Fit:
                 "mfu": matrix / (step * self.hw.bf16_peak) if step else 0.0}
 
     def _rates(self, c):
-        peak = peak_for(c.op_class, c.dtype, self.hw, self.precision) / c.time_factor
+        peak = peak_for(c.op_class, c.dtype, self.hw, self.precision) / time_factor(c, self.hw)
         bw = self.hw.memory_bandwidth * self.hw.efficiency.get("memory", 1.0)
         return peak, bw
 

@@ -328,7 +328,10 @@ def test_analyze_never_changes_the_model():
 def test_conv_time_depends_on_its_memory_layout():
     """Dense bf16 convs reach the roofline in NHWC and are NHWC_SPEEDUP times slower in NCHW;
     depthwise convs are the other way round (cost_models.layout)."""
+    from dataclasses import replace
+
     from fxopt.cost_models.layout import NHWC_SPEEDUP
+    from fxopt.report import time_factor
 
     def conv_time(groups, channels_last):
         model = Fn(lambda s, x: s.mods[0](x), nn.Conv2d(256, 256, 3, padding=1, groups=groups, bias=False))
@@ -341,13 +344,17 @@ def test_conv_time_depends_on_its_memory_layout():
         (conv,) = calls_of(r)
         return r.totals["step_time_s"], conv
 
+    hw = load_hardware("h100")
+    factor = lambda c: time_factor(c, hw)
     nchw, conv = conv_time(1, False)
     nhwc, conv_cl = conv_time(1, True)
-    assert (conv.time_factor, conv_cl.time_factor) == (NHWC_SPEEDUP["dense"]["16bit"], 1.0)
-    hw = load_hardware("h100")
+    assert (factor(conv), factor(conv_cl)) == (NHWC_SPEEDUP["dense"]["16bit"], 1.0)
     compute = conv.flops / (hw.tensor_flops["bf16"] * hw.efficiency["matrix"])
     assert nhwc == pytest.approx(compute + hw.launch_overhead_s)
     assert nchw == pytest.approx(compute * NHWC_SPEEDUP["dense"]["16bit"] + hw.launch_overhead_s)
     _, dw = conv_time(256, False)
     _, dw_cl = conv_time(256, True)
-    assert dw.time_factor == 1.0 and dw_cl.time_factor == pytest.approx(1 / NHWC_SPEEDUP["depthwise"]["16bit"])
+    assert factor(dw) == 1.0 and factor(dw_cl) == pytest.approx(1 / NHWC_SPEEDUP["depthwise"]["16bit"])
+    # a measured profile's NHWC table replaces the priors: here NCHW dense convs are as fast as NHWC
+    measured = replace(hw, nhwc_speedup={"dense": {"16bit": 1.0}})
+    assert time_factor(conv, measured) == 1.0 and time_factor(dw, measured) == 1.0
