@@ -98,8 +98,7 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
                          precision=precision or Precision.from_torch(), params=trace.params,
                          saved_bytes={k: _num(v, sym_map) for k, v in trace.saved_bytes.items()},
                          symbols={s.name: s for s in sym_map.values()}, training=training,
-                         inputs=_input_summary(captured))
-    report.captured = captured  # fxopt.lint reads node shapes from it without re-tracing
+                         inputs=_input_summary(captured), captured=captured)
     if report.unknown_ops:
         warnings.warn(f"{captured.source_name}: no cost formula for {report.unknown_ops}; they are counted "
                       f"as memory traffic with 0 FLOPs and listed in the report", UnknownOpWarning,

@@ -173,7 +173,7 @@ def _find_lint(lint, model, inputs, report):
     except (ImportError, AttributeError):
         return None
     try:
-        if model is not None and getattr(report, "captured", None) is None:
+        if model is not None and report.captured is None:
             return fn(model, inputs, hardware=report.hardware, training=report.training)
         return fn(report)
     except Exception as exc:  # a failing lint must not cost the user the whole report

@@ -1047,7 +1047,7 @@ def check_attention(ctx: LintContext):
 
 def _graph_of(report: GraphReport) -> fx.Graph | None:
     """The captured graph a report carries (``report.captured``), if its shapes are concrete."""
-    g = getattr(report, "captured", None)
+    g = report.captured
     g = g.graph if isinstance(g, Captured) else g.graph if isinstance(g, fx.GraphModule) else g
     if not isinstance(g, fx.Graph):
         return None

@@ -103,11 +103,13 @@ class GraphReport:
 
     def __init__(self, *, model: str, calls: list[CallRow], nodes: dict[str, NodeInfo], hardware: Hardware,
                  precision: Precision, params: int, saved_bytes: dict, symbols: dict | None = None,
-                 training: bool = True, inputs: str = ""):
+                 training: bool = True, inputs: str = "", captured=None):
         self.model, self.calls, self.nodes, self.hardware = model, calls, nodes, hardware
         self.precision, self.params, self.saved_bytes = precision, params, saved_bytes
         self.symbols = symbols or {}     # user name -> sympy.Symbol
         self.training, self.inputs = training, inputs
+        self.captured = captured         # the graph the calls came from (lint reads its shapes); None
+                                         # for a report re-evaluated with .at() (shapes are formulas)
         self._times = [row_time(c, hardware, precision) for c in calls]
 
     @property

@@ -204,6 +204,17 @@ class VerificationResult:
 # ----------------------------------------------------------------------------------
 
 
+def _non_negative(name: str, value, kinds: str) -> float:
+    """``value`` as a float >= 0, or an InputError naming the argument."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be {kinds}, got {value!r}") from None
+    if number < 0 or math.isnan(number):
+        raise InputError(f"{name} must be >= 0, got {value!r}")
+    return number
+
+
 def _floor_table(floor) -> dict[torch.dtype, float] | float:
     if floor is None:
         return dict(DEFAULT_FLOORS)
@@ -214,13 +225,7 @@ def _floor_table(floor) -> dict[torch.dtype, float] | float:
                 raise InputError(f"floor dict keys must be torch dtypes, got {k!r}")
             table[k] = float(v)
         return table
-    try:
-        value = float(floor)
-    except (TypeError, ValueError):
-        raise InputError(f"floor must be a number, a {{dtype: floor}} dict or None, got {floor!r}") from None
-    if value < 0 or math.isnan(value):
-        raise InputError(f"floor must be >= 0, got {floor!r}")
-    return value
+    return _non_negative("floor", floor, "a number, a {dtype: floor} dict or None")
 
 
 def _floor_for(table, *dtypes: torch.dtype | None) -> float:
@@ -507,12 +512,7 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
     """
     if not isinstance(reference_model, nn.Module) or not isinstance(candidate_model, nn.Module):
         raise InputError("verify() needs two nn.Module instances (reference and candidate)")
-    try:
-        multiple = float(multiple)
-    except (TypeError, ValueError):
-        raise InputError(f"multiple must be a number, got {multiple!r}") from None
-    if multiple < 0 or math.isnan(multiple):
-        raise InputError(f"multiple must be >= 0, got {multiple!r}")
+    multiple = _non_negative("multiple", multiple, "a number")
     floors = _floor_table(floor)
     if isinstance(reference_precision, str) and reference_precision == "auto":
         precision = declared_precision(candidate_model)

@@ -22,3 +22,17 @@ def check(path: Path, text: str) -> None:
     if text != expected:
         pytest.fail(f"{path} differs from this run (FXOPT_ACCEPT=1 rewrites it):\n"
                     f"{unified_diff(expected, text, path.name)}")
+
+
+def run_with_decisions(model, inputs, pipeline: str, **manager_kwargs):
+    """Capture, run a one-pass pipeline (uncosted unless asked); returns (golden text: the canonical
+    diff followed by the pass's decision log, the pass record, the rewritten graph)."""
+    import fxopt
+    from fxopt.graphtext import canonical_text
+    from fxopt.passes import PassManager
+
+    captured = fxopt.capture(model, inputs)
+    manager_kwargs.setdefault("cost", False)
+    gm, (record,) = PassManager(pipeline, **manager_kwargs).run(captured)
+    diff = unified_diff(canonical_text(captured.graph_module), canonical_text(gm), pipeline)
+    return diff + "# decisions\n" + "".join(f"{d}\n" for d in record.decisions), record, gm

@@ -18,8 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fxopt
 import fxopt.passes.epilogue as epilogue
 from fxopt import zoo
-from fxopt.graphtext import canonical_text, unified_diff
-from fxopt.passes import PassContext, PassManager
+from fxopt.passes import PassContext
 from fxopt.passes.manager import _AsModule
 from fxopt.verify import verify
 
@@ -30,13 +29,7 @@ aten = torch.ops.aten
 
 
 def run(model, inputs, pipeline="epilogue", **kw):
-    """Capture, run the pipeline (uncosted unless asked); returns (golden text, record, graph)."""
-    captured = fxopt.capture(model, inputs)
-    kw.setdefault("cost", False)
-    gm, (record,) = PassManager(pipeline, **kw).run(captured)
-    diff = unified_diff(canonical_text(captured.graph_module), canonical_text(gm), pipeline)
-    text = diff + "# decisions\n" + "".join(f"{d}\n" for d in record.decisions)
-    return text, record, gm
+    return goldens.run_with_decisions(model, inputs, pipeline, **kw)
 
 
 def check_golden(case: str, text: str) -> None:

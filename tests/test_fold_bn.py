@@ -18,8 +18,6 @@ from torch import nn
 import fxopt
 import fxopt.passes.fold_bn  # noqa: F401  (registers fold-bn)
 from fxopt import zoo
-from fxopt.graphtext import canonical_text, unified_diff
-from fxopt.passes import PassManager
 from fxopt.verify import verify
 
 import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)
@@ -33,13 +31,7 @@ aten = torch.ops.aten
 
 
 def run(model, inputs, pipeline="fold-bn", **kw):
-    """Capture, run the pipeline (uncosted unless asked); returns (golden text, record, graph)."""
-    captured = fxopt.capture(model, inputs)
-    kw.setdefault("cost", False)
-    gm, (record,) = PassManager(pipeline, **kw).run(captured)
-    diff = unified_diff(canonical_text(captured.graph_module), canonical_text(gm), pipeline)
-    text = diff + "# decisions\n" + "".join(f"{d}\n" for d in record.decisions)
-    return text, record, gm
+    return goldens.run_with_decisions(model, inputs, pipeline, **kw)
 
 
 def check_golden(case: str, text: str) -> None:
