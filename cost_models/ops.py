@@ -113,6 +113,10 @@ MATRIX_FORMULAS.update({k: (lambda f: lambda *a, out_val=None, **kw: f(*a, **kw)
 MATRIX_FORMULAS["aten.convolution_backward"] = _conv_backward_flops
 MATRIX_FORMULAS["aten._addmm_activation"] = MATRIX_FORMULAS["aten.addmm"]  # GEMM + relu/gelu epilogue
 
+# fxopt's own fused-region ops (``fxopt.codegen``): op packet -> FLOPs of one launch. They are
+# costed like any kernel: their boundary tensors' bytes, one launch.
+FUSED_FLOPS: dict[str, int] = {}
+
 # In-place ops that overwrite their destination without reading it.
 WRITE_ONLY = {"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "exponential_", "bernoulli_"}
 
@@ -133,6 +137,8 @@ def classify(func) -> Rule:
     packet, name = str(func.overloadpacket), short_name(func)
     if packet in MATRIX_FORMULAS:
         return Rule(matrix_class(name), kernel=True)
+    if packet in FUSED_FLOPS:
+        return Rule("fused")
     if name in RULES:
         return RULES[name]
     schema = func._schema
@@ -223,7 +229,9 @@ def cost_call(func, args, kwargs, out) -> CallCost:
     read, written = _unique(read), _unique(written)
     bytes_read = sum((tensor_bytes(t) for t in read), 0)
     bytes_written = sum((tensor_bytes(t) for t in written), 0)
-    if is_matrix(rule):
+    if rule.op_class == "fused":
+        flops = FUSED_FLOPS[str(func.overloadpacket)]
+    elif is_matrix(rule):
         flops = MATRIX_FORMULAS[str(func.overloadpacket)](*args, **kwargs, out_val=out)
     elif rule.flops_per_elem:
         basis = ins if rule.basis == "in" else written  # the first is the op's main tensor

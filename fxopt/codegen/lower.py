@@ -1,0 +1,285 @@
+"""fx nodes -> a region :class:`~fxopt.codegen.program.Program`.
+
+Which ATen nodes can join a region, over which iteration space (``Domain``), and what they compute
+as program steps. Pointwise ops come from the table in :mod:`.scalar`; the row-wise ops below
+(sums and means over the trailing dims, softmax, layer/RMS norm) are expanded into reductions and
+expressions, so their backward is derived like everything else's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy as sp
+import torch
+from torch import fx
+
+from fxopt.errors import FxoptError
+
+from .program import Program, TensorSpec, _Builder
+from .scalar import POINTWISE
+
+aten = torch.ops.aten
+
+__all__ = ["Domain", "Unfusible", "classify", "lower", "Lowered", "VIEWS"]
+
+
+class Unfusible(FxoptError):
+    """A node (or a region) that the fused-kernel backend cannot compile; the message says why."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    shape: tuple
+    k: int = 0   # trailing dims reduced
+
+    @property
+    def row_shapes(self) -> tuple:
+        if not self.k:
+            return ()
+        outer = self.shape[:len(self.shape) - self.k]
+        return outer + (1,) * self.k, outer
+
+    def merge(self, other: "Domain") -> "Domain | None":
+        """The space both fit in, or None: same shape with at most one reduction depth, or a
+        pointwise space that is the other's rows."""
+        if self.shape == other.shape and (self.k == other.k or 0 in (self.k, other.k)):
+            return Domain(self.shape, max(self.k, other.k))
+        if other.k == 0 and self.k and other.shape in self.row_shapes:
+            return self
+        if self.k == 0 and other.k and self.shape in other.row_shapes:
+            return other
+        return None
+
+
+REDUCTIONS = {aten.sum.dim_IntList: "sum", aten.mean.dim: "mean", aten.amax.default: "max",
+              aten.amin.default: "min"}
+SOFTMAX = {aten.softmax.int: False, aten._softmax.default: False, aten.log_softmax.int: True,
+           aten._log_softmax.default: True}
+NORMS = {aten.layer_norm.default, aten.rms_norm.default}
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+         aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default}
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _static(shape) -> tuple:
+    if not all(isinstance(s, int) for s in shape):
+        raise Unfusible("dynamic shape: fused kernels are specialized to static shapes")
+    return tuple(shape)
+
+
+def _trailing(dims, rank: int) -> int:
+    """How many trailing dims ``dims`` names (raise if they are not the trailing ones)."""
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        return rank
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    norm = sorted(d % rank for d in dims)
+    if norm != list(range(rank - len(norm), rank)):
+        raise Unfusible(f"reduces dims {dims} of a rank-{rank} tensor: only trailing dims are a row")
+    return len(norm)
+
+
+def classify(node: fx.Node) -> tuple[str, Domain | None]:
+    """("pointwise" | "reduce" | "view", its domain); raises Unfusible with the reason otherwise."""
+    if node.op != "call_function":
+        raise Unfusible("not an op")
+    out = _val(node)
+    if node.target in VIEWS:
+        return "view", None
+    if not isinstance(out, torch.Tensor):
+        raise Unfusible("does not return one tensor")
+    if out.dtype not in _FLOATS:
+        raise Unfusible(f"{out.dtype} result")
+    for a in node.all_input_nodes:
+        v = _val(a)
+        if isinstance(v, torch.Tensor) and v.dtype not in _FLOATS + (torch.bool,):
+            raise Unfusible(f"{v.dtype} operand {a.name}")
+    shape = _static(out.shape)
+    t = node.target
+    if t in REDUCTIONS:
+        x = _val(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return "reduce", Domain(_static(x.shape), _trailing(dims, x.dim()))
+    if t in SOFTMAX:
+        x = _val(node.args[0])
+        if node.args[1] % x.dim() != x.dim() - 1:
+            raise Unfusible("softmax over a dim that is not the last")
+        return "reduce", Domain(_static(x.shape), 1)
+    if t in NORMS:
+        return "reduce", Domain(shape, len(node.args[1]))
+    if t is aten.batch_norm.default:
+        if node.args[5]:
+            raise Unfusible("batch norm in training: its statistics reduce over (N, H, W), not a row")
+        if out.dim() < 2:
+            raise Unfusible("batch norm of a 1-D tensor")
+        return "pointwise", Domain(shape)
+    if str(t) not in POINTWISE:
+        raise Unfusible(f"{t} is not in the fusible op table")
+    if t is aten._to_copy.default and set(node.kwargs) - {"dtype", "memory_format"}:
+        raise Unfusible("copy that changes device or layout")
+    if t in (aten._to_copy.default, aten.clone.default) and node.kwargs.get("memory_format") not in (
+            None, torch.preserve_format):
+        raise Unfusible("copy to another memory format (a layout change, not arithmetic)")
+    if t is aten.dropout.default and node.args[2]:
+        raise Unfusible("dropout in training draws random numbers")
+    return "pointwise", Domain(shape)
+
+
+def _pad(shape, rank: int) -> tuple:
+    return (1,) * (rank - len(shape)) + tuple(shape)
+
+
+@dataclass
+class Lowered:
+    program: Program
+    inputs: list          # (fx.Node, view shape) per program input
+    outputs: list         # fx.Node per program output
+
+
+def _label(nodes) -> str:
+    names = []
+    for n in nodes:
+        if n.target in VIEWS:
+            continue
+        name = str(n.target.overloadpacket).split(".")[-1].strip("_")
+        if name not in names:
+            names.append(name)
+    return "_".join(names)[:40] or "fused"
+
+
+def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
+    """Compile a region's nodes (in graph order) over ``domain`` into a program."""
+    S, k = tuple(domain.shape), domain.k
+    rank, region = len(S), set(nodes)
+    keep, flat = domain.row_shapes or (None, None)
+    b = _Builder("v")
+    env: dict = {}
+    inputs: list = []
+    specs: list[TensorSpec] = []
+    loads: dict = {}
+
+    def kind(shape) -> str:
+        shape = tuple(shape)
+        if shape == S:
+            return "full"
+        if k and shape in (keep, flat):
+            return "row"
+        raise Unfusible(f"shape {list(shape)} is neither the region's {list(S)} nor its rows")
+
+    def load(arg: fx.Node, view: tuple):
+        v = _val(arg)
+        if (arg, view) not in loads:
+            kd = "row" if k and all(d == 1 for d in view[rank - k:]) else "full"
+            idx = len(inputs)
+            inputs.append((arg, view))
+            specs.append(TensorSpec(kd, view, str(v.dtype)))
+            loads[(arg, view)] = b.load(f"x{idx}", idx, kd)
+        return loads[(arg, view)]
+
+    def operand(arg, shape: tuple, view: tuple | None = None):
+        if isinstance(arg, fx.Node) and arg in region:
+            ashape = tuple(_val(arg).shape)
+            if ashape != shape and not (shape == S and ashape == keep):
+                raise Unfusible(f"{arg.name} {list(ashape)} broadcasts against {list(shape)} "
+                                f"in a way the row layout does not express")
+            return env[arg]
+        if isinstance(arg, fx.Node):
+            v = _val(arg)
+            if not isinstance(v, torch.Tensor):
+                raise Unfusible(f"operand {arg.name} is not a tensor")
+            if view is None:
+                view = _pad(v.shape, rank) if shape != flat or k == 0 else _pad(v.shape, rank - k) + (1,) * k
+            view = _static(view)
+            if len(view) != rank or any(a not in (1, s) for a, s in zip(view, S)):
+                raise Unfusible(f"operand {arg.name} {list(v.shape)} does not broadcast to {list(S)}")
+            return load(arg, view)
+        if isinstance(arg, (int, float, bool)):
+            return arg
+        raise Unfusible(f"argument {arg!r} is neither a tensor nor a number")
+
+    for n in nodes:
+        out = _val(n)
+        shape = tuple(out.shape)
+        if n.target in VIEWS:
+            src = n.args[0]
+            sshape = tuple(_val(src).shape)
+            ok = kind(shape) == "row" and kind(sshape) == "row" or \
+                (n.target is aten.expand.default and kind(sshape) == "row" and shape == S)
+            if src not in region or not ok:
+                raise Unfusible(f"view {n.name} reshapes a value of the region")
+            env[n] = env[src]
+            continue
+        t = n.target
+        if t in REDUCTIONS:
+            x = operand(n.args[0], S)
+            s = b.reduce(x, "sum" if REDUCTIONS[t] == "mean" else REDUCTIONS[t])
+            env[n] = b.expr(s / math.prod(S[rank - k:]), "row") if REDUCTIONS[t] == "mean" else s
+        elif t in SOFTMAX:
+            x = operand(n.args[0], S)
+            m = b.reduce(x, "max", nograd=True)
+            e = b.expr(sp.exp(x - m), "full")
+            s = b.reduce(e)
+            env[n] = b.expr(x - m - sp.log(s) if SOFTMAX[t] else e / s, "full")
+        elif t in NORMS:
+            env[n] = _norm(n, b, operand, S, k)
+        elif t is aten.batch_norm.default:
+            x, w, bias, rm, rv = n.args[:5]
+            eps = n.args[7]
+            cview = (1, S[1]) + (1,) * (rank - 2)
+            y = (operand(x, S) - operand(rm, S, cview)) / sp.sqrt(operand(rv, S, cview) + sp.Float(eps))
+            if w is not None:
+                y = y * operand(w, S, cview)
+            if bias is not None:
+                y = y + operand(bias, S, cview)
+            env[n] = b.expr(y, "full")
+        else:
+            args = [operand(a, shape) for a in n.args]
+            kwargs = {key: v for key, v in n.kwargs.items() if key not in ("memory_format",)}
+            if t in (aten._to_copy.default, aten.to.dtype, aten.type_as.default):
+                kwargs = {"dtype": out.dtype}
+                args = args[:1]
+            expr = POINTWISE[str(t)](*args, **kwargs)
+            env[n] = b.expr(expr, kind(shape))
+    outputs = [n for n in nodes if any(u not in region for u in n.users)]
+    if not outputs:
+        raise Unfusible("the region's results are not used")
+    out_specs = []
+    for n in outputs:
+        v = _val(n)
+        out_specs.append((env[n].name, TensorSpec(kind(v.shape), tuple(v.shape), str(v.dtype))))
+    for value, spec in out_specs:
+        if value not in b.kinds:
+            raise Unfusible("a result of the region is one of its inputs, unchanged")
+    program = Program(S, k, specs, b.steps, out_specs, _label(nodes))
+    return Lowered(program, inputs, outputs)
+
+
+def _norm(n: fx.Node, b: _Builder, operand, S: tuple, k: int):
+    x_node = n.args[0]
+    size = math.prod(S[len(S) - k:])
+    x = operand(x_node, S)
+    if n.target is aten.layer_norm.default:
+        weight = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
+        bias = n.args[3] if len(n.args) > 3 else n.kwargs.get("bias")
+        eps = n.args[4] if len(n.args) > 4 else n.kwargs.get("eps", 1e-5)
+        mean = b.expr(b.reduce(x) / size, "row")
+        d = b.expr(x - mean, "full")
+        var = b.expr(b.reduce(b.expr(d * d, "full")) / size, "row")
+        y = d / sp.sqrt(var + sp.Float(eps))
+    else:  # rms_norm
+        weight = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
+        bias = None
+        eps = n.args[3] if len(n.args) > 3 else n.kwargs.get("eps")
+        if eps is None:
+            eps = torch.finfo(_val(x_node).dtype).eps
+        ms = b.expr(b.reduce(b.expr(x * x, "full")) / size, "row")
+        y = x / sp.sqrt(ms + sp.Float(eps))
+    if weight is not None:
+        y = y * operand(weight, S)
+    if bias is not None:
+        y = y + operand(bias, S)
+    return b.expr(y, "full")

@@ -1,0 +1,294 @@
+"""A fused region as a program over one iteration space, and its derived backward.
+
+The iteration space is the region's full shape ``S``; the last ``k`` dims (``k >= 0``) form a row
+that the kernel reduces over (``k = 0``: a pointwise region). Every value is either *full*
+(one per element of ``S``) or *row* (one per row: constant along the reduced dims). A program is a
+list of steps, each one of:
+
+* ``load``: input ``index``, broadcast to ``S`` (or to the rows);
+* ``expr``: a sympy expression of earlier values (pointwise; rows broadcast along the row);
+* ``reduce``: the sum/max/min of a full value along the row, giving a row value.
+
+The backward is derived from the forward program, not written per op: reverse-mode over the
+steps, each ``expr`` step differentiated by sympy (:mod:`.scalar`), sums of full contributions
+into row values becoming reductions. Which tensors the forward saves for it is chosen to minimize
+the bytes the backward reads (inputs and outputs are the candidates; the rest is recomputed).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from .scalar import IsEq, flop_count, symbol
+
+__all__ = ["TensorSpec", "Step", "Program", "derive_backward", "choose_saved", "BackwardPlan"]
+
+_ITEMSIZE = {"torch.float32": 4, "torch.float64": 8, "torch.float16": 2, "torch.bfloat16": 2, "torch.bool": 1}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor crossing the region boundary: its kind, shape (as the program sees it: the
+    input's broadcast view, the output's own shape) and dtype."""
+
+    kind: str          # "full" | "row"
+    shape: tuple
+    dtype: str         # "torch.float32", ...
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE.get(self.dtype, 4)
+
+    def text(self) -> str:
+        return f"{self.kind} {tuple(self.shape)} {self.dtype.replace('torch.', '')}"
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    kind: str                 # "full" | "row"
+    op: str                   # "load" | "expr" | "reduce"
+    expr: object = None       # expr: the sympy expression
+    src: str | None = None    # reduce: the reduced value
+    how: str | None = None    # reduce: "sum" | "max" | "min"
+    index: int | None = None  # load: the input
+    nograd: bool = False      # no gradient flows through this value (softmax's row max)
+
+    def text(self) -> str:
+        if self.op == "load":
+            return f"{self.name} = load in{self.index} ({self.kind})"
+        if self.op == "reduce":
+            return f"{self.name} = {self.how}({self.src}){' nograd' if self.nograd else ''}"
+        return f"{self.name} = {self.expr} ({self.kind})"
+
+
+@dataclass
+class Program:
+    shape: tuple                 # iteration space S
+    k: int                       # trailing dims reduced (0: pointwise)
+    inputs: list[TensorSpec]
+    steps: list[Step]
+    outputs: list[tuple[str, TensorSpec]]   # (value, spec)
+    label: str = "fused"         # short human name (op names), for kernel and op names
+
+    def text(self) -> str:
+        lines = [f"program {self.label} S={tuple(self.shape)} k={self.k}"]
+        lines += [f"in{i}: {s.text()}" for i, s in enumerate(self.inputs)]
+        lines += [s.text() for s in self.steps]
+        lines += [f"out{j} = {v}: {s.text()}" for j, (v, s) in enumerate(self.outputs)]
+        return "\n".join(lines)
+
+    def key(self) -> str:
+        return hashlib.sha256(self.text().encode()).hexdigest()[:12]
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:len(self.shape) - self.k]) if self.k else 1
+
+    @property
+    def row_size(self) -> int:
+        return math.prod(self.shape[len(self.shape) - self.k:]) if self.k else math.prod(self.shape)
+
+    def kinds(self) -> dict:
+        return {s.name: s.kind for s in self.steps}
+
+    def flops(self) -> int:
+        """Arithmetic per launch: each expression once per element of its kind, each reduction once
+        per element reduced."""
+        per = {"full": math.prod(self.shape), "row": self.rows}
+        return sum(flop_count(s.expr) * per[s.kind] if s.op == "expr" else
+                   per["full"] if s.op == "reduce" else 0 for s in self.steps)
+
+    def boundary_bytes(self) -> int:
+        """Bytes one launch moves: each input read once, each output written once."""
+        return sum(s.nbytes for s in self.inputs) + sum(s.nbytes for _, s in self.outputs)
+
+
+class _Builder:
+    """Appends steps with fresh names, tracking each value's kind."""
+
+    def __init__(self, prefix: str, kinds: dict | None = None):
+        self.prefix, self.steps, self.kinds, self.n = prefix, [], dict(kinds or {}), 0
+
+    def _name(self) -> str:
+        self.n += 1
+        return f"{self.prefix}{self.n - 1}"
+
+    def kind_of(self, expr) -> str:
+        syms = sp.sympify(expr).free_symbols
+        return "full" if any(self.kinds.get(s.name) == "full" for s in syms) else "row"
+
+    def add(self, step: Step) -> sp.Symbol:
+        self.steps.append(step)
+        self.kinds[step.name] = step.kind
+        return symbol(step.name)
+
+    def expr(self, expr, kind: str | None = None) -> sp.Symbol:
+        expr = sp.sympify(expr)
+        if expr.is_Symbol:
+            return expr
+        return self.add(Step(self._name(), kind or self.kind_of(expr), "expr", expr=expr))
+
+    def reduce(self, value: sp.Symbol, how: str = "sum", nograd: bool = False) -> sp.Symbol:
+        return self.add(Step(self._name(), "row", "reduce", src=value.name, how=how, nograd=nograd))
+
+    def load(self, name: str, index: int, kind: str) -> sp.Symbol:
+        return self.add(Step(name, kind, "load", index=index))
+
+
+# ---- the backward -----------------------------------------------------------------------------
+
+def _needed(forward: Program, exprs: list) -> set[str]:
+    fwd_names = {s.name for s in forward.steps}
+    return {s.name for e in exprs for s in sp.sympify(e).free_symbols if s.name in fwd_names}
+
+
+def _computable(forward: Program, available: set[str]) -> set[str]:
+    have = set(available)
+    for s in forward.steps:
+        if s.name in have or s.op == "load":
+            continue
+        deps = {s.src} if s.op == "reduce" else {x.name for x in s.expr.free_symbols}
+        if deps <= have:
+            have.add(s.name)
+    return have
+
+
+def _saved_names(forward: Program, saved: list[tuple[str, int]]) -> set[str]:
+    loads = {s.index: s.name for s in forward.steps if s.op == "load"}
+    return {loads[i] if where == "in" else forward.outputs[i][0] for where, i in saved}
+
+
+def _adjoints(forward: Program, needs: tuple[bool, ...], b: _Builder) -> dict[int, sp.Expr]:
+    """Reverse-mode over the forward steps; returns input index -> gradient value."""
+    adj: dict[str, list] = {}
+    for j, (value, spec) in enumerate(forward.outputs):
+        adj.setdefault(value, []).append(symbol(f"gy{j}"))
+    grads = {}
+    for step in reversed(forward.steps):
+        contribs = adj.pop(step.name, [])
+        if not contribs or step.nograd:
+            continue
+        a = b.expr(sp.Add(*contribs))
+        if step.op == "load":
+            if needs[step.index]:
+                grads[step.index] = a
+            continue
+        if step.op == "reduce":
+            src = symbol(step.src)
+            if step.how == "sum":
+                adj.setdefault(step.src, []).append(a)
+            else:  # max/min: split among the elements that attain it, as torch does
+                hit = b.expr(IsEq(src, symbol(step.name)), "full")
+                count = b.reduce(hit)
+                adj.setdefault(step.src, []).append(a * hit / count)
+            continue
+        y = symbol(step.name)
+        for s in sorted(step.expr.free_symbols, key=lambda s: s.name):
+            d = sp.diff(step.expr, s).xreplace({step.expr: y})
+            if d == 0:
+                continue
+            c = a * d
+            if b.kinds.get(s.name) == "row" and b.kind_of(c) == "full":
+                c = b.reduce(b.expr(c, "full"))
+            adj.setdefault(s.name, []).append(c)
+    return grads
+
+
+def choose_saved(forward: Program) -> list[tuple[str, int]]:
+    """The inputs/outputs to save for the backward: the set with the fewest bytes from which the
+    backward's needs are computable (ties: fewer tensors, outputs before inputs)."""
+    needs = tuple(s.dtype != "torch.bool" for s in forward.inputs)
+    probe = _Builder("g", forward.kinds() | {f"gy{j}": s.kind for j, (_, s) in enumerate(forward.outputs)})
+    grads = _adjoints(forward, needs, probe)
+    want = _needed(forward, [st.expr if st.op == "expr" else symbol(st.src) for st in probe.steps]
+                   + list(grads.values()))
+    candidates = [("out", j) for j in range(len(forward.outputs))] + \
+                 [("in", i) for i in range(len(forward.inputs))]
+    size = {("out", j): s.nbytes for j, (_, s) in enumerate(forward.outputs)}
+    size.update({("in", i): s.nbytes for i, s in enumerate(forward.inputs)})
+    best = None
+    for r in range(len(candidates) + 1):
+        if len(candidates) > 14 and r > 3:
+            break
+        for subset in itertools.combinations(candidates, r):
+            if want <= _computable(forward, _saved_names(forward, list(subset))):
+                cost = (sum(size[c] for c in subset), r)
+                if best is None or cost < best[0]:
+                    best = (cost, list(subset))
+    return best[1] if best else [("in", i) for i in range(len(forward.inputs))]
+
+
+def _in_space(forward: Program, spec: TensorSpec) -> TensorSpec:
+    """An output read back as an input: a row result without its kept dims is viewed with them."""
+    rank = len(forward.shape)
+    if len(spec.shape) == rank:
+        return spec
+    return TensorSpec(spec.kind, tuple(forward.shape[:rank - forward.k]) + (1,) * forward.k, spec.dtype)
+
+
+@dataclass
+class BackwardPlan:
+    program: Program
+    saved: list[tuple[str, int]]             # forward tensors the backward reads, in its input order
+    grads_for: list[int] = field(default_factory=list)  # forward input index of each output
+
+
+def derive_backward(forward: Program, needs: tuple[bool, ...], saved: list[tuple[str, int]]) -> BackwardPlan:
+    """The backward program: inputs are the saved tensors then one gradient per forward output;
+    outputs are the gradients of the inputs in ``needs`` (full-shape fp32 for an input that was
+    broadcast within the full space: the caller sums it down)."""
+    b = _Builder("g", {f"gy{j}": s.kind for j, (_, s) in enumerate(forward.outputs)})
+    inputs: list[TensorSpec] = []
+    loads = {s.index: s for s in forward.steps if s.op == "load"}
+    available = _saved_names(forward, saved)
+    for where, i in saved:
+        if where == "in":
+            inputs.append(forward.inputs[i])
+            b.load(loads[i].name, len(inputs) - 1, loads[i].kind)
+        else:
+            value, spec = forward.outputs[i]
+            inputs.append(_in_space(forward, spec))
+            b.load(value, len(inputs) - 1, spec.kind)
+    for j, (_, spec) in enumerate(forward.outputs):
+        inputs.append(_in_space(forward, spec))
+        b.load(f"gy{j}", len(inputs) - 1, spec.kind)
+    ad = _Builder("g", forward.kinds() | b.kinds)
+    ad.n = b.n
+    grads = _adjoints(forward, needs, ad)
+    want = _needed(forward, [st.expr if st.op == "expr" else symbol(st.src) for st in ad.steps]
+                   + list(grads.values()))
+    # recompute, in forward order, what the backward needs and was not saved
+    have, recompute = set(available), []
+    for s in forward.steps:
+        if s.name in have or s.op == "load":
+            continue
+        deps = {s.src} if s.op == "reduce" else {x.name for x in s.expr.free_symbols}
+        if deps <= have:
+            have.add(s.name)
+            recompute.append(s)
+    missing = want - have
+    if missing:
+        raise ValueError(f"saved tensors {saved} do not determine {sorted(missing)}")
+    used = _needed(forward, [st.expr if st.op == "expr" else symbol(st.src) for st in recompute]) | want
+    steps = b.steps + [s for s in recompute if s.name in used] + ad.steps
+    outputs = []
+    for i in [i for i, n in enumerate(needs) if n]:
+        spec = forward.inputs[i]
+        value = grads.get(i)
+        if value is None:   # no path from this input to any output
+            ad.n += 1
+            steps.append(Step(f"g{ad.n}", spec.kind, "expr", expr=sp.S.Zero))
+            value = symbol(f"g{ad.n}")
+        rank, S = len(forward.shape), tuple(forward.shape)
+        whole = S if spec.kind == "full" else S[:rank - forward.k] + (1,) * forward.k
+        broadcast = tuple(spec.shape) != whole   # the caller sums this gradient down to the input
+        out = TensorSpec(spec.kind, whole,
+                         "torch.float32" if broadcast and spec.dtype != "torch.float64" else spec.dtype)
+        outputs.append((value.name, out))
+    prog = Program(forward.shape, forward.k, inputs, steps, outputs, label=forward.label + "_bwd")
+    return BackwardPlan(prog, list(saved), [i for i, n in enumerate(needs) if n])
