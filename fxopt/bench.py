@@ -35,7 +35,7 @@ class Variant:
     description: str
     autocast: bool = False
     channels_last: bool = False
-    wrap: str = "none"   # none | compile | fxopt | fxopt-inductor
+    wrap: str = "none"   # none | compile | fxopt | fxopt-inductor | fxopt-triton
 
 
 VARIANTS: dict[str, Variant] = {
@@ -45,6 +45,8 @@ VARIANTS: dict[str, Variant] = {
     "compile": Variant("torch.compile of autocast-cl", autocast=True, channels_last=True, wrap="compile"),
     "fxopt": Variant("fxopt.optimize(model, inputs), default pipeline, eager backend", wrap="fxopt"),
     "fxopt-inductor": Variant("fxopt.optimize(..., backend='inductor')", wrap="fxopt-inductor"),
+    "fxopt-triton": Variant("fxopt.optimize(..., backend='triton'): fxopt's own fused Triton kernels",
+                            wrap="fxopt-triton"),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
 
@@ -52,10 +54,9 @@ DEFAULT_VARIANTS = tuple(VARIANTS)
 def _wrap(model: nn.Module, variant: Variant, inputs) -> nn.Module:
     if variant.wrap == "compile":
         return torch.compile(model)
-    if variant.wrap in ("fxopt", "fxopt-inductor"):
+    if variant.wrap.startswith("fxopt"):
         from .optimize import optimize
-        backend = "inductor" if variant.wrap == "fxopt-inductor" else "eager"
-        return optimize(model, inputs, backend=backend)
+        return optimize(model, inputs, backend=variant.wrap.partition("-")[2] or "eager")
     return model
 
 

@@ -131,7 +131,8 @@ def _optimized(args, print_after_change: bool):
     spec = resolve(args.model, batch=args.batch, tiny=args.tiny)
     spec.model.train(not args.eval)
     return optimize(spec.model, spec.inputs, pipeline=args.pipeline, hardware=args.hw, verify=args.verify,
-                    print_after_change=print_after_change, dump_dir=getattr(args, "dump_dir", None))
+                    backend=args.backend, print_after_change=print_after_change,
+                    dump_dir=getattr(args, "dump_dir", None))
 
 
 def cmd_optimize(args) -> int:
@@ -206,6 +207,8 @@ def _parser() -> argparse.ArgumentParser:
         o.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
         o.add_argument("--eval", action="store_true", help="optimize the eval-mode graph")
         o.add_argument("--hw", default=None, help="hardware preset or profile (default: the model's GPU, else h100)")
+        o.add_argument("--backend", choices=["eager", "triton", "inductor"], default="eager",
+                       help="triton: fxopt's own fused kernels (adds the fuse pass to the default pipeline)")
         o.add_argument("--verify", action=argparse.BooleanOptionalAction, default=name == "optimize",
                        help="verify each pass and the result numerically (rolls back failing passes)")
         if name == "optimize":

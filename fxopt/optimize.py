@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 from .capture import Captured, capture_module, normalize_inputs
 from .errors import FxoptError, InputError
 
-BACKENDS = ("eager", "inductor")
+BACKENDS = ("eager", "inductor", "triton")
 # torch.cuda.get_device_name() substring -> hardware preset
 GPU_PRESETS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
 
@@ -84,8 +84,7 @@ class OptimizedModule(nn.Module):
                  print_after_change: bool = False, dump_dir=None):
         super().__init__()
         if backend not in BACKENDS:
-            hint = " (fxopt's own Triton kernels are not built yet)" if backend == "triton" else ""
-            raise BackendError(f"unknown backend {backend!r}{hint}; available: {BACKENDS}")
+            raise BackendError(f"unknown backend {backend!r}; available: {BACKENDS}")
         source = copy.deepcopy(model)
         # share the copy's module tree: names, state_dict and .to() all act on the copy
         self._modules, self._parameters, self._buffers = source._modules, source._parameters, source._buffers
@@ -109,7 +108,7 @@ class OptimizedModule(nn.Module):
                                            for t in tree_flatten((args, kwargs))[0])
         pipeline, reasons = opts["pipeline"], []
         if pipeline == "default":
-            pipeline, reasons = choose_pipeline(captured.graph_module, self.training)
+            pipeline, reasons = choose_pipeline(captured.graph_module, self.training, opts["backend"])
         manager = PassManager.from_pipeline(
             pipeline, verify=check, print_after_change=opts["print_after_change"],
             dump_dir=opts["dump_dir"], hardware=hardware_for(source, opts["hardware"]))
@@ -191,7 +190,9 @@ def optimize(model: nn.Module, example_inputs=None, *, pipeline: str = "default"
     """Optimize a model for training. The model passed in is never changed.
 
     ``pipeline="default"`` picks passes from the captured graph (see ``fxopt.passes.default``);
-    any pipeline string (``"dce,normalize,mixed-precision{dtype=bf16}"``) runs as given.
+    ``backend``: ``"eager"`` (library kernels only), ``"triton"`` (adds the ``fuse`` pass: fxopt's
+    own Triton kernels for pointwise/row-reduction chains), ``"inductor"`` (torch.compile of the
+    final graph). Any pipeline string (``"dce,normalize,mixed-precision{dtype=bf16}"``) runs as given.
     Without ``example_inputs`` the model is captured on its first call, like ``torch.compile``.
     """
     if not isinstance(model, nn.Module):

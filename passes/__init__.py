@@ -13,11 +13,12 @@ diffs, optional verification and rollback.
 from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineError, available,
                    format_pipeline, get, parse_pipeline, register, unregister)
 from .manager import PassManager, PassRecord, find_divergence, propagate_meta, timing_table
-from . import channels_last, dce, epilogue, fold_bn, mixed_precision, normalize, sdpa  # noqa: F401,E402  (registers the built-in passes)
+from . import channels_last, dce, epilogue, fold_bn, fuse, mixed_precision, normalize, sdpa  # noqa: F401,E402  (registers the built-in passes)
 from .channels_last import ToChannelsLast
 from .dce import DeadCodeElimination
 from .epilogue import FuseEpilogues
 from .fold_bn import FoldBatchNorm
+from .fuse import Fuse, region_table
 from .mixed_precision import CastMixedPrecision
 from .normalize import Normalize
 from .sdpa import FuseAttention
@@ -26,4 +27,4 @@ __all__ = ["Pass", "PassResult", "PassContext", "Decision", "register", "unregis
            "parse_pipeline", "format_pipeline", "PassManager", "PassRecord", "PassError", "PipelineError",
            "timing_table", "propagate_meta", "find_divergence", "DeadCodeElimination", "Normalize",
            "FoldBatchNorm", "FuseEpilogues", "FuseAttention",
-           "ToChannelsLast", "CastMixedPrecision"]
+           "ToChannelsLast", "CastMixedPrecision", "Fuse", "region_table"]

@@ -45,10 +45,17 @@ DEFAULT_RULES = [
 ]
 
 
-def choose_pipeline(gm: fx.GraphModule, training: bool) -> tuple[str, list[str]]:
-    """The default pipeline for this graph, and one reason per chosen or skipped pass."""
+# backend -> passes it adds before the final dce
+BACKEND_RULES = {
+    "triton": [("fuse", _always, "backend triton: pointwise/row-reduction chains become fxopt Triton kernels")],
+}
+
+
+def choose_pipeline(gm: fx.GraphModule, training: bool, backend: str = "eager") -> tuple[str, list[str]]:
+    """The default pipeline for this graph and backend, and one reason per chosen or skipped pass."""
     known, chosen, reasons = set(available()), [], []
-    for name, applies, why in DEFAULT_RULES:
+    rules = DEFAULT_RULES[:-1] + BACKEND_RULES.get(backend, []) + DEFAULT_RULES[-1:]
+    for name, applies, why in rules:
         if name.split("{")[0] not in known:
             reasons.append(f"{name}: skipped, not available in this build")
         elif applies(gm, training):

@@ -67,20 +67,28 @@ def plan_layout(program: Program, inputs: list) -> Layout:
     rank = len(S)
     in_strides = tuple(_iter_strides(S, spec.shape, t.stride()) for spec, t in zip(program.inputs, inputs))
     outer = list(range(rank - k))
-    primary = next((st for spec, st in zip(program.inputs, in_strides)
-                    if spec.kind == "full" and tuple(spec.shape) == S), None)
+    # walk memory in the order of the first full output with fixed strides, else of the first
+    # full-size input
+    primary = next((spec.strides for _, spec in program.outputs if spec.kind == "full" and spec.strides), None)
+    if primary is None:
+        primary = next((st for spec, st in zip(program.inputs, in_strides)
+                        if spec.kind == "full" and tuple(spec.shape) == S), None)
     if primary is not None:
         outer.sort(key=lambda d: -primary[d])  # stable: ties (and size-1 dims) keep their order
     order = tuple(outer) + tuple(range(rank - k, rank))
     out_strides, out_alloc = [], []
     for _, spec in program.outputs:
         shape = tuple(spec.shape)
-        if spec.kind == "full":
-            st = _dense(S, order)
-            out_alloc.append((shape, tuple(st)))
+        if spec.kind == "col":   # (programs, *columns), contiguous: one partial sum per program
+            shape = (grid_and_warps(program)[0],) + shape
+            out_alloc.append((shape, tuple(torch.empty(shape, device="meta").stride())))
+            out_strides.append(None)
+        elif spec.kind == "full":
+            st = tuple(spec.strides) if spec.strides else tuple(_dense(S, order))
+            out_alloc.append((shape, st))
             out_strides.append(_iter_strides(S, S, st))
         else:
-            own = torch.empty(shape, device="meta").stride()
+            own = tuple(spec.strides) if spec.strides else torch.empty(shape, device="meta").stride()
             keep = S[:rank - k] + (1,) * k
             view_st = list(own) + [0] * (rank - len(shape))  # a flat row shape is the keep shape's prefix
             out_alloc.append((shape, tuple(own)))
@@ -103,10 +111,18 @@ def _blocks(program: Program) -> tuple[int, int, int]:
     return br, bn, 4 if bn <= 2048 else 8 if bn <= 8192 else 16
 
 
+COL_PROGRAMS = 264   # programs of a kernel that sums columns over rows (2 per H100 SM)
+
+
+def _has_cols(program: Program) -> bool:
+    return any(spec.kind == "col" for _, spec in program.outputs)
+
+
 def grid_and_warps(program: Program) -> tuple[int, int]:
     br, bn, warps = _blocks(program)
     n = math.prod(program.shape) if not program.k else program.rows
-    return max(1, -(-n // (bn if not program.k else br))), warps
+    blocks = max(1, -(-n // (bn if not program.k else br)))
+    return (min(blocks, COL_PROGRAMS) if _has_cols(program) else blocks), warps
 
 
 class _Index:
@@ -164,15 +180,25 @@ def triton_source(program: Program, layout: Layout, in_dtypes: list[str], out_dt
     wide = biggest >= 2 ** 31 - 1
     pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
     head = [f"    pid = {pid}"]
+    cols_out = [j for j, (_, spec) in enumerate(program.outputs) if spec.kind == "col"]
     if not k:
         head += [f"    lin = pid * {bn} + tl.arange(0, {bn})[None, :]", f"    mask = lin < {numel}",
                  "    rmask = mask"]
+    elif cols_out:   # loop over row blocks, summing the column outputs in registers
+        grid, _ = grid_and_warps(program)
+        blocks = -(-program.rows // br)
+        head += [f"    cols = tl.arange(0, {bn})[None, :]"]
+        head += [f"    acc{j} = tl.zeros([1, {bn}], {ct})" for j in cols_out]
+        head += [f"    for blk in range(pid, {blocks}, {grid}):", f"        rows = blk * {br} + tl.arange(0, {br})[:, None]",
+                 f"        rmask = rows < {program.rows}", f"        mask = rmask & (cols < {program.row_size})"]
     else:
         head += [f"    rows = pid * {br} + tl.arange(0, {br})[:, None]", f"    cols = tl.arange(0, {bn})[None, :]",
                  f"    rmask = rows < {program.rows}", f"    mask = rmask & (cols < {program.row_size})"]
     body = []
-    kinds = program.kinds()
+    kinds, live = program.kinds(), program.live()
     for st in program.steps:
+        if st.name not in live:
+            continue
         if st.op == "load":
             spec = program.inputs[st.index]
             row = bool(k) and spec.kind == "row"
@@ -186,12 +212,20 @@ def triton_source(program: Program, layout: Layout, in_dtypes: list[str], out_dt
         else:
             body.append(f"    {st.name} = {print_expr(st.expr, 'triton').replace('CT', ct)}")
     for j, (value, spec) in enumerate(program.outputs):
+        if spec.kind == "col":
+            body.append(f"    acc{j} += tl.sum(tl.where(mask, {value}, 0.0), axis=0)[None, :]")
+            continue
         row = bool(k) and spec.kind == "row"
         off = idx.offset(layout.out_strides[j], row_only=row)
         zeros = f"tl.zeros([{br}, {1 if row else bn}], {ct})"
         full_value = value if kinds.get(value) == ("row" if row else "full") else f"({value} + {zeros})"
         body.append(f"    tl.store(out{j} + ({off}), {full_value}.to(out{j}.dtype.element_ty), "
                     f"mask={'rmask' if row else 'mask'})")
+    if cols_out:   # the loop body is indented once more; partial sums are stored after it
+        body = ["    " + line for line in idx.lines + body]
+        idx.lines = []
+        body += [f"    tl.store(out{j} + pid * {program.row_size} + cols, acc{j}.to(out{j}.dtype.element_ty), "
+                 f"mask=cols < {program.row_size})" for j in cols_out]
     params = [f"in{i}" for i in range(len(program.inputs))] + [f"out{j}" for j in range(len(program.outputs))]
     text = "\n".join("# " + line for line in program.text().splitlines())
     return (f"# fxopt fused kernel {name}\n# layout: {layout.signature()}\n{text}\n"
@@ -264,5 +298,9 @@ def run_reference(program: Program, inputs: list, outputs: list) -> None:
     for (value, spec), out in zip(program.outputs, outputs):
         v = env[value]
         v = v if torch.is_tensor(v) else torch.tensor(float(v), dtype=ct)
+        if spec.kind == "col":   # all rows' sum in the first partial, zeros in the rest
+            out.zero_()
+            out[0].copy_(v.expand(S).sum(dim=tuple(range(rank - k))).reshape(out.shape[1:]))
+            continue
         v = v.expand(S) if spec.kind == "full" else v.expand(keep).reshape(spec.shape)
         out.copy_(v)

@@ -250,7 +250,8 @@ def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
     out_specs = []
     for n in outputs:
         v = _val(n)
-        out_specs.append((env[n].name, TensorSpec(kind(v.shape), tuple(v.shape), str(v.dtype))))
+        out_specs.append((env[n].name, TensorSpec(kind(v.shape), tuple(v.shape), str(v.dtype),
+                                                  _static(v.stride()))))
     for value, spec in out_specs:
         if value not in b.kinds:
             raise Unfusible("a result of the region is one of its inputs, unchanged")

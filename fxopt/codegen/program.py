@@ -35,16 +35,18 @@ class TensorSpec:
     """One tensor crossing the region boundary: its kind, shape (as the program sees it: the
     input's broadcast view, the output's own shape) and dtype."""
 
-    kind: str          # "full" | "row"
+    kind: str          # "full" | "row" | "col" (an output summed over the rows: per-program partials)
     shape: tuple
     dtype: str         # "torch.float32", ...
+    strides: tuple | None = None   # an output's strides (those of the node it replaces), if fixed
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * _ITEMSIZE.get(self.dtype, 4)
 
     def text(self) -> str:
-        return f"{self.kind} {tuple(self.shape)} {self.dtype.replace('torch.', '')}"
+        st = "" if self.strides is None else f" strides={tuple(self.strides)}"
+        return f"{self.kind} {tuple(self.shape)} {self.dtype.replace('torch.', '')}{st}"
 
 
 @dataclass(frozen=True)
@@ -99,13 +101,27 @@ class Program:
     def flops(self) -> int:
         """Arithmetic per launch: each expression once per element of its kind, each reduction once
         per element reduced."""
-        per = {"full": math.prod(self.shape), "row": self.rows}
+        per, live = {"full": math.prod(self.shape), "row": self.rows}, self.live()
         return sum(flop_count(s.expr) * per[s.kind] if s.op == "expr" else
-                   per["full"] if s.op == "reduce" else 0 for s in self.steps)
+                   per["full"] if s.op == "reduce" else 0 for s in self.steps if s.name in live)
+
+    def live(self) -> set[str]:
+        """The values the outputs depend on (the kernel computes only these)."""
+        deps = {s.name: ({s.src} if s.op == "reduce" else
+                         {x.name for x in s.expr.free_symbols} if s.op == "expr" else set()) for s in self.steps}
+        live, stack = set(), [v for v, _ in self.outputs]
+        while stack:
+            v = stack.pop()
+            if v not in live:
+                live.add(v)
+                stack.extend(deps.get(v, ()))
+        return live
 
     def boundary_bytes(self) -> int:
-        """Bytes one launch moves: each input read once, each output written once."""
-        return sum(s.nbytes for s in self.inputs) + sum(s.nbytes for _, s in self.outputs)
+        """Bytes one launch moves: each input it reads once, each output written once."""
+        live = self.live()
+        read = {s.index for s in self.steps if s.op == "load" and s.name in live}
+        return sum(self.inputs[i].nbytes for i in read) + sum(s.nbytes for _, s in self.outputs)
 
 
 class _Builder:
@@ -235,7 +251,10 @@ def _in_space(forward: Program, spec: TensorSpec) -> TensorSpec:
 class BackwardPlan:
     program: Program
     saved: list[tuple[str, int]]             # forward tensors the backward reads, in its input order
-    grads_for: list[int] = field(default_factory=list)  # forward input index of each output
+    grads_for: list[int] = field(default_factory=list)  # forward inputs that get a gradient
+    # per entry of grads_for: ("out", m) the program's output m, or ("grad", j) the gradient of
+    # forward output j passed through unchanged (a residual add's backward launches nothing)
+    route: list[tuple[str, int]] = field(default_factory=list)
 
 
 def derive_backward(forward: Program, needs: tuple[bool, ...], saved: list[tuple[str, int]]) -> BackwardPlan:
@@ -276,7 +295,7 @@ def derive_backward(forward: Program, needs: tuple[bool, ...], saved: list[tuple
         raise ValueError(f"saved tensors {saved} do not determine {sorted(missing)}")
     used = _needed(forward, [st.expr if st.op == "expr" else symbol(st.src) for st in recompute]) | want
     steps = b.steps + [s for s in recompute if s.name in used] + ad.steps
-    outputs = []
+    outputs, route, seen = [], [], {}
     for i in [i for i, n in enumerate(needs) if n]:
         spec = forward.inputs[i]
         value = grads.get(i)
@@ -287,8 +306,17 @@ def derive_backward(forward: Program, needs: tuple[bool, ...], saved: list[tuple
         rank, S = len(forward.shape), tuple(forward.shape)
         whole = S if spec.kind == "full" else S[:rank - forward.k] + (1,) * forward.k
         broadcast = tuple(spec.shape) != whole   # the caller sums this gradient down to the input
-        out = TensorSpec(spec.kind, whole,
-                         "torch.float32" if broadcast and spec.dtype != "torch.float64" else spec.dtype)
-        outputs.append((value.name, out))
+        wide = "torch.float32" if broadcast and spec.dtype != "torch.float64" else spec.dtype
+        column = forward.k and spec.kind == "full" and spec.shape == (1,) * (rank - forward.k) + S[rank - forward.k:]
+        # a per-column input (a norm's weight): the kernel sums its gradient over the rows it
+        # visits and writes one partial row per program; the caller adds the partials
+        out = TensorSpec("col", S[rank - forward.k:], wide) if column else TensorSpec(spec.kind, whole, wide)
+        if value.name.startswith("gy") and value.name[2:].isdigit():
+            route.append(("grad", int(value.name[2:])))
+            continue
+        if (value.name, out) not in seen:
+            seen[(value.name, out)] = len(outputs)
+            outputs.append((value.name, out))
+        route.append(("out", seen[(value.name, out)]))
     prog = Program(forward.shape, forward.k, inputs, steps, outputs, label=forward.label + "_bwd")
-    return BackwardPlan(prog, list(saved), [i for i, n in enumerate(needs) if n])
+    return BackwardPlan(prog, list(saved), [i for i, n in enumerate(needs) if n], route)

@@ -9,6 +9,7 @@ ATen ops and warns once: slower, same numbers.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -153,13 +154,17 @@ def region_op(program: Program):
         if not any(needs):
             return (None,) * n_in
         plan, bwd_op = _backward_op(region, name, needs)
-        results = bwd_op(*ctx.saved_tensors, *grads)
+        results = bwd_op(*ctx.saved_tensors, *grads) if plan.program.outputs else ()
         results = results if isinstance(results, tuple) else (results,)
         out = [None] * n_in
-        for i, g, (_, spec) in zip(plan.grads_for, results, plan.program.outputs):
+        for i, (where, m) in zip(plan.grads_for, plan.route):
+            # a passed-through gradient comes in its output's shape: view it in the iteration space
+            g = results[m] if where == "out" else grads[m].reshape(plan.program.inputs[len(plan.saved) + m].shape)
+            if where == "out" and plan.program.outputs[m][1].kind == "col":
+                g = g.sum(0)   # the per-program partial sums
             shape, dtype = ctx.input_meta[i]
             want = tuple(program.inputs[i].shape)
-            if tuple(g.shape) != want:
+            if g.numel() != math.prod(want):
                 g = g.sum_to_size(want)
             out[i] = g.reshape(shape).to(dtype)
         return tuple(out)
@@ -173,9 +178,12 @@ def _backward_op(region: FusedRegion, name: str, needs: tuple) -> tuple[Backward
     if needs not in region.backward:
         plan = derive_backward(region.program, needs, region.saved)
         mask = "".join("1" if n else "0" for n in needs)
-        op = _define(f"fxopt::{name}_bwd{mask}", plan.program, lambda: region)
-        _register_cost(op._opoverload, plan.program)
-        region.backward[needs] = (plan, op._opoverload)
+        op = None
+        if plan.program.outputs:
+            op = _define(f"fxopt::{name}_bwd{mask}", plan.program, lambda: region)
+            _register_cost(op._opoverload, plan.program)
+            op = op._opoverload
+        region.backward[needs] = (plan, op)
     return region.backward[needs]
 
 
