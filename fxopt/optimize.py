@@ -53,6 +53,9 @@ class OptimizeReport:
                  f"predicted step: {_ms(self.step_time_before_s)} ms -> {_ms(self.step_time_after_s)} ms; "
                  f"final verification: {_verdict(self.verification)}"]
         lines += [f"  {r.name}: {r.note}" for r in self.records if r.note]
+        from .passes import region_table
+        lines += [region_table(r.stats["regions"]) for r in self.records
+                  if r.name == "fuse" and r.stats.get("regions") and not r.rolled_back]
         changes = [d for d in self.decisions() if d.action != "keep"]
         lines += [f"  - {d}" for d in changes[:30]]
         if len(self.decisions()) > 30:

@@ -44,6 +44,8 @@ from .rewrite import GraphFacts
 
 __all__ = ["Fuse", "RegionRecord", "region_table"]
 
+_NOT_IN_TABLE = "is not in the fusible op table"
+
 
 @dataclass
 class RegionRecord:
@@ -118,17 +120,23 @@ class _Former:
         self.group_of: dict = {}
 
     def _fusible(self, n: fx.Node):
-        """(kind, domain) or the reason it cannot join a region."""
+        """(kind, domain) or the reason it cannot join a region (logged for the ops fxopt knows)."""
         if n.op != "call_function":
             return None
         try:
             kind, dom = classify(n)
         except Unfusible as e:
+            if not str(e).endswith(_NOT_IN_TABLE) and str(e) != "does not return one tensor":
+                self.ctx.decide(n, "keep", str(e))
             return str(e)
+        why = None
         if any(self.facts.is_written(a) for a in [n, *n.all_input_nodes]):
-            return "reads or produces a tensor written in place"
-        if dom is not None and dom.k and math.prod(dom.shape[len(dom.shape) - dom.k:]) > self.opts["max_row"]:
-            return f"row of {math.prod(dom.shape[len(dom.shape) - dom.k:])} elements > max_row={self.opts['max_row']}"
+            why = "reads or produces a tensor written in place"
+        elif dom is not None and dom.k and math.prod(dom.shape[len(dom.shape) - dom.k:]) > self.opts["max_row"]:
+            why = f"row of {math.prod(dom.shape[len(dom.shape) - dom.k:])} elements > max_row={self.opts['max_row']}"
+        if why:
+            self.ctx.decide(n, "keep", why)
+            return why
         return kind, dom
 
     def convex(self, members: set) -> bool:

@@ -1,0 +1,201 @@
+"""``fuse`` + the triton backend: goldens (which ops are grouped, which refused and why), training
+and eval of the tiny zoo models with ``backend="triton"`` verified against float64, the cost model
+on fused graphs, the fallback where Triton cannot run, and re-export of the fused graph.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+``FXOPT_ACCEPT=1 pytest tests/test_fuse.py`` rewrites the goldens in ``tests/golden/fuse``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+from fxopt import zoo
+from fxopt.codegen import runtime
+from fxopt.passes import PassManager, region_table
+
+import goldens  # noqa: E402  (tests/goldens.py)
+
+GOLDEN = Path(__file__).parent / "golden" / "fuse"
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, inputs, pipeline="fuse", **kw):
+    return goldens.run_with_decisions(model, inputs, pipeline, **kw)
+
+
+class Residual(nn.Module):
+    """conv -> residual add -> relu: add and relu fuse, the conv stays (not in the table)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+class AttentionTail(nn.Module):
+    """residual add + LayerNorm (two outputs: the sum feeds the next residual), and a scaled
+    softmax: two row regions."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x, y, scores):
+        h = x + y
+        return self.norm(h), h, torch.softmax(scores * 0.25, dim=-1)
+
+
+class Refusals(nn.Module):
+    """softmax over a middle dim, a path leaving and re-entering (non-convex), training BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a = torch.softmax(x, dim=1)
+        r = torch.relu(x)
+        return self.bn(a) + self.conv(r) * r   # relu -> conv -> mul: {relu, mul} is not convex
+
+
+def test_residual_golden():
+    text, record, gm = run(Residual().train(), _x(2, 4, 6, 6))
+    goldens.check(GOLDEN / "residual.diff", text)
+    assert record.stats["fused"] == 1
+
+
+def test_attention_tail_golden():
+    text, record, gm = run(AttentionTail().eval(), (_x(2, 5, 16), _x(2, 5, 16, seed=1), _x(2, 3, 5, 5, seed=2)),
+                           verify=True)
+    goldens.check(GOLDEN / "attention_tail.diff", text)
+    assert not record.rolled_back
+    fused = [r for r in record.stats["regions"] if r.fused]
+    assert sorted(" ".join(r.ops) for r in fused) == ["add layer_norm", "mul softmax"]
+
+
+def test_refusals_golden():
+    text, record, gm = run(Refusals().train(), _x(2, 4, 5, 5), verify=True)
+    goldens.check(GOLDEN / "refusals.diff", text)
+    reasons = "\n".join(str(d) for d in record.decisions)
+    assert "softmax over a dim that is not the last" in reasons
+    assert "batch norm in training" in reasons
+    # relu -> conv -> mul: relu cannot join {mul, add} (the region would not be convex)
+    assert [r.ops for r in record.stats["regions"] if r.fused] == [["mul", "add"]]
+    assert "region r0: one op" in reasons
+
+
+def test_options_bound_regions():
+    x = (_x(2, 5, 16), _x(2, 5, 16, seed=1), _x(2, 3, 5, 5, seed=2))
+    _, record, _ = run(AttentionTail().eval(), x, pipeline="fuse{max_row=8}")
+    assert "row of 16 elements > max_row=8" in "\n".join(str(d) for d in record.decisions)
+    _, record, _ = run(AttentionTail().eval(), x, pipeline="fuse{max_ops=1}")
+    assert record.stats["fused"] == 0
+
+
+@pytest.mark.parametrize("name", ["resnet50", "driving", "vit_b16", "convnext_t"])
+@pytest.mark.parametrize("training", [True, False])
+def test_zoo_trains_with_triton_backend(name, training):
+    """optimize(backend="triton") verifies the whole graph against float64 (outputs, input and
+    parameter grads, parameters after an SGD step, BN buffers) and raises if it differs."""
+    torch.manual_seed(0)
+    model = zoo.build(name, tiny=True).train(training)
+    x = zoo.example_inputs(name, 2, tiny=True)
+    before = runtime.LAUNCHES["triton"]
+    opt = fxopt.optimize(model, x, backend="triton")
+    record = next(r for r in opt.report.records if r.name == "fuse")
+    assert not record.rolled_back, record.note
+    assert opt.report.verification
+    assert record.stats["fused"] >= 1
+    ops = [str(n.target) for n in opt.graph_module.graph.nodes if n.op == "call_function"]
+    assert any(o.startswith("fxopt.") for o in ops)
+    if training:   # a further training step runs through the fused kernels' backward
+        out = opt(*x) if isinstance(x, tuple) else opt(x)
+        sum(t.float().pow(2).mean() for t in torch.utils._pytree.tree_leaves(out)).backward()
+        assert all(p.grad is not None for p in opt.parameters() if p.requires_grad)
+    assert runtime.LAUNCHES["triton"] > before   # the kernels ran, not the ATen fallback
+    assert region_table(record.stats["regions"]) in opt.report.table()
+
+
+def test_fused_graph_is_costed_as_one_kernel_per_region():
+    """A fused add+relu moves its boundary bytes in one launch forward and one backward."""
+    model, x = Residual().train(), torch.randn(8, 4, 32, 32, device="meta")
+    captured = fxopt.capture(model.to("meta"), x)
+    gm, (record,) = PassManager("fuse", cost=True).run(captured)
+    assert record.stats["fused"] == 1 and record.step_time_after_s < record.step_time_before_s
+    report = fxopt.analyze(fxopt.capture(_Wrap(gm), x))
+    fused = [r for r in report.rows("node") if r["op_class"] == "fused"]
+    assert len(fused) == 1, [(r["node"], r["op_class"]) for r in report.rows("node")]
+    assert fused[0]["kernels"] == 2
+    n = 8 * 4 * 32 * 32 * 4
+    # forward: read conv out + x, write y; backward: read y and dy, write dx (passed through to both inputs)
+    assert fused[0]["bytes"] == 3 * n + 3 * n
+
+
+class _Wrap(nn.Module):
+    def __init__(self, gm):
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, x):
+        return self.gm(x)
+
+
+def test_without_triton_regions_stay_aten_ops(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    text, record, gm = run(Residual().train(), _x(2, 4, 6, 6))
+    assert not record.modified
+    assert "TRITON_INTERPRET" in str(record.decisions[0])
+    # fallback=reference fuses anyway and runs the same program with ATen ops, saying so
+    model = Residual().train()
+    _, record, gm = run(model, _x(2, 4, 6, 6), pipeline="fuse{fallback=reference}")
+    assert record.stats["fused"] == 1
+    before = runtime.LAUNCHES["reference"]
+    x = _x(2, 4, 6, 6, seed=3)
+    with pytest.warns(UserWarning, match="runs as ATen ops"):
+        out = gm(x)
+    torch.testing.assert_close(out, model(x))
+    assert runtime.LAUNCHES["reference"] > before
+
+
+def test_fused_graph_exports_and_trains():
+    model, x = AttentionTail().train(), (_x(2, 5, 16), _x(2, 5, 16, seed=1), _x(2, 3, 5, 5, seed=2))
+    opt = fxopt.optimize(model, x, pipeline="fuse")
+    ep = torch.export.export(opt.graph_module, x)
+    fused = lambda g: sum(str(n.target).startswith("fxopt.") for n in g.graph.nodes)  # noqa: E731
+    assert fused(ep.graph_module) == fused(opt.graph_module) >= 1
+    out = ep.module()(*x)
+    ref = model(*x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(sum(o.sum() for o in opt(*x)), list(opt.parameters()))
+    ref_grads = torch.autograd.grad(sum(o.sum() for o in model(*x)), list(model.parameters()))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_model_passed_in_is_not_changed():
+    model = Residual().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fxopt.optimize(model, _x(2, 4, 6, 6), backend="triton")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_cli_optimize_triton_backend(capsys):
+    from fxopt.cli import main
+    assert main(["optimize", "driving", "--tiny", "--backend", "triton", "--eval"]) == 0
+    out = capsys.readouterr().out
+    assert "fuse: backend triton" in out and "batch_norm relu" in out and "fused" in out
