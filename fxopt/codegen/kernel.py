@@ -218,7 +218,10 @@ def triton_source(program: Program, layout: Layout, in_dtypes: list[str], out_dt
         row = bool(k) and spec.kind == "row"
         off = idx.offset(layout.out_strides[j], row_only=row)
         zeros = f"tl.zeros([{br}, {1 if row else bn}], {ct})"
-        full_value = value if kinds.get(value) == ("row" if row else "full") else f"({value} + {zeros})"
+        step = next(s for s in program.steps if s.name == value)
+        constant = step.op == "expr" and not step.expr.free_symbols   # a python float in the kernel
+        same = kinds.get(value) == ("row" if row else "full") and not constant
+        full_value = value if same else f"({value} + {zeros})"
         body.append(f"    tl.store(out{j} + ({off}), {full_value}.to(out{j}.dtype.element_ty), "
                     f"mask={'rmask' if row else 'mask'})")
     if cols_out:   # the loop body is indented once more; partial sums are stored after it
