@@ -165,7 +165,9 @@ class _Index:
         terms = [f"i{d} * {strides[d]}" for d in dims if strides[d]]
         if terms:
             self._decompose()
-        return " + ".join(terms) or "0"
+            return " + ".join(terms)
+        # one element for the whole block: a zero offset of the block's shape (the mask needs one)
+        return "lin * 0" if not self.k else "rows * 0" if row_only else "rows * 0 + cols * 0"
 
 
 def triton_source(program: Program, layout: Layout, in_dtypes: list[str], out_dtypes: list[str],

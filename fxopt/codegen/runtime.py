@@ -164,8 +164,8 @@ def region_op(program: Program):
                 g = g.sum(0)   # the per-program partial sums
             shape, dtype = ctx.input_meta[i]
             want = tuple(program.inputs[i].shape)
-            if g.numel() != math.prod(want):
-                g = g.sum_to_size(want)
+            if tuple(g.shape) != want and g.numel() != math.prod(want):   # broadcast, then sum, to the input
+                g = g.expand(torch.broadcast_shapes(g.shape, want)).sum_to_size(want)
             out[i] = g.reshape(shape).to(dtype)
         return tuple(out)
 

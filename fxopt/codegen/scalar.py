@@ -18,7 +18,7 @@ import sympy as sp
 from sympy.printing.str import StrPrinter
 
 __all__ = ["POINTWISE", "symbol", "print_expr", "flop_count", "Relu", "Step", "Sigmoid", "Tanh", "Where",
-           "Gt", "IsEq", "Clamp", "InRange", "Abs", "Sign", "Round"]
+           "Gt", "IsEq", "Clamp", "ClampOpen", "InRange", "InOpen", "Abs", "Sign", "Round"]
 
 
 class _Fn(sp.Function):
@@ -94,6 +94,22 @@ class Clamp(_Fn):
         return InRange(*self.args) if argindex == 1 else sp.S.Zero
 
 
+class InOpen(_Fn):
+    """1 where lo < x < hi (hardtanh, relu6, hardsigmoid and hardswish give 0 on their bounds)."""
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+
+class ClampOpen(_Fn):
+    """clamp whose gradient is 0 on the bounds, as torch's hardtanh family."""
+    nargs = 3
+
+    def fdiff(self, argindex=1):
+        return InOpen(*self.args) if argindex == 1 else sp.S.Zero
+
+
 class Sign(_Fn):
     nargs = 1
 
@@ -144,8 +160,12 @@ def _gelu(x, approximate="none"):
     return x / 2 * (1 + sp.erf(x / sp.sqrt(2)))
 
 
-def _clamp(x, lo=None, hi=None):
-    return Clamp(x, -sp.oo if lo is None else _num(lo), sp.oo if hi is None else _num(hi))
+def _clamp(x, lo=None, hi=None, fn=Clamp):
+    return fn(x, -sp.oo if lo is None else _num(lo), sp.oo if hi is None else _num(hi))
+
+
+def _hard(x, lo, hi):
+    return _clamp(x, lo, hi, ClampOpen)
 
 
 def _cast(x, dtype=None, **kw):
@@ -184,11 +204,11 @@ POINTWISE = {
     "aten.clamp.default": _clamp,
     "aten.clamp_min.default": lambda a, lo: _clamp(a, lo, None),
     "aten.clamp_max.default": lambda a, hi: _clamp(a, None, hi),
-    "aten.hardtanh.default": lambda a, lo=-1.0, hi=1.0: _clamp(a, lo, hi),
-    "aten.relu6.default": lambda a: _clamp(a, 0.0, 6.0),
+    "aten.hardtanh.default": lambda a, lo=-1.0, hi=1.0: _hard(a, lo, hi),
+    "aten.relu6.default": lambda a: _hard(a, 0.0, 6.0),
     "aten.leaky_relu.default": lambda a, slope=0.01: Where(Gt(a, 0), a, _num(slope) * a),
-    "aten.hardswish.default": lambda a: a * _clamp(a + 3, 0.0, 6.0) / 6,
-    "aten.hardsigmoid.default": lambda a: _clamp(a + 3, 0.0, 6.0) / 6,
+    "aten.hardswish.default": lambda a: a * _hard(a + 3, 0.0, 6.0) / 6,
+    "aten.hardsigmoid.default": lambda a: _hard(a + 3, 0.0, 6.0) / 6,
     "aten.where.self": lambda c, a, b: Where(c, a, b),
     "aten._to_copy.default": _cast,
     "aten.to.dtype": lambda x, dtype, *a, **kw: _cast(x, dtype),
@@ -214,8 +234,9 @@ _CALLS = {
         "Tanh": "(2.0 * tl.sigmoid(2.0 * ({0})) - 1.0)",
         "Relu": "tl.maximum({0}, 0.0)", "Step": "tl.where(({0}) > 0, 1.0, 0.0)",
         "Gt": "tl.where(({0}) > ({1}), 1.0, 0.0)", "IsEq": "tl.where(({0}) == ({1}), 1.0, 0.0)", "Where": "tl.where(({0}) != 0, {1}, {2})",
-        "Clamp": "tl.minimum(tl.maximum({0}, {1}), {2})",
+        "Clamp": "tl.minimum(tl.maximum({0}, {1}), {2})", "ClampOpen": "tl.minimum(tl.maximum({0}, {1}), {2})",
         "InRange": "tl.where((({0}) >= ({1})) & (({0}) <= ({2})), 1.0, 0.0)",
+        "InOpen": "tl.where((({0}) > ({1})) & (({0}) < ({2})), 1.0, 0.0)",
         "Abs": "tl.abs({0})", "Sign": "tl.where(({0}) > 0, 1.0, tl.where(({0}) < 0, -1.0, 0.0))",
         "Round16": "({0}).to(tl.float16).to(CT)", "Round8": "({0}).to(tl.bfloat16).to(CT)",
         "pow": "tl.exp2(({1}) * tl.log2({0}))",
@@ -225,8 +246,9 @@ _CALLS = {
         "rsqrt": "torch.rsqrt({0})", "Sigmoid": "torch.sigmoid({0})", "Tanh": "torch.tanh({0})",
         "Relu": "torch.clamp_min({0}, 0.0)", "Step": "_where(({0}) > 0, 1.0, 0.0)",
         "Gt": "_where(({0}) > ({1}), 1.0, 0.0)", "IsEq": "_where(({0}) == ({1}), 1.0, 0.0)", "Where": "_where(({0}) != 0, {1}, {2})",
-        "Clamp": "torch.clamp({0}, {1}, {2})",
+        "Clamp": "torch.clamp({0}, {1}, {2})", "ClampOpen": "torch.clamp({0}, {1}, {2})",
         "InRange": "_where((({0}) >= ({1})) & (({0}) <= ({2})), 1.0, 0.0)",
+        "InOpen": "_where((({0}) > ({1})) & (({0}) < ({2})), 1.0, 0.0)",
         "Abs": "torch.abs({0})", "Sign": "torch.sign({0})",
         "Round16": "({0}).to(torch.float16).to(CT)", "Round8": "({0}).to(torch.bfloat16).to(CT)",
         "pow": "torch.pow({0}, {1})",
