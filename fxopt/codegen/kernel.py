@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .program import Program
+from .program import Program, iteration_order
 from .scalar import print_expr
 
 __all__ = ["Layout", "plan_layout", "triton_source", "run_reference", "load_kernel", "cache_dir",
@@ -66,16 +66,11 @@ def plan_layout(program: Program, inputs: list) -> Layout:
     S, k = tuple(program.shape), program.k
     rank = len(S)
     in_strides = tuple(_iter_strides(S, spec.shape, t.stride()) for spec, t in zip(program.inputs, inputs))
-    outer = list(range(rank - k))
-    # walk memory in the order of the first full output with fixed strides, else of the first
-    # full-size input
-    primary = next((spec.strides for _, spec in program.outputs if spec.kind == "full" and spec.strides), None)
-    if primary is None:
-        primary = next((st for spec, st in zip(program.inputs, in_strides)
-                        if spec.kind == "full" and tuple(spec.shape) == S), None)
-    if primary is not None:
-        outer.sort(key=lambda d: -primary[d])  # stable: ties (and size-1 dims) keep their order
-    order = tuple(outer) + tuple(range(rank - k, rank))
+    # walk memory in the program's fixed order (that of the output it replaces), else in the
+    # order of the first full-size input
+    primary = next((st for spec, st in zip(program.inputs, in_strides)
+                    if spec.kind == "full" and tuple(spec.shape) == S), None)
+    order = program.order or iteration_order(S, k, primary)
     out_strides, out_alloc = [], []
     for _, spec in program.outputs:
         shape = tuple(spec.shape)
@@ -104,7 +99,7 @@ def _ct(dtypes) -> str:
 
 def _blocks(program: Program) -> tuple[int, int, int]:
     """(rows per program, row block, warps)."""
-    if not program.k:
+    if not program.inner:
         return 1, POINTWISE_BLOCK, 4
     bn = 1 << max(0, (program.row_size - 1).bit_length())
     br = max(1, min(64, 2048 // bn, 1 << max(0, (program.rows - 1).bit_length())))
@@ -120,8 +115,8 @@ def _has_cols(program: Program) -> bool:
 
 def grid_and_warps(program: Program) -> tuple[int, int]:
     br, bn, warps = _blocks(program)
-    n = math.prod(program.shape) if not program.k else program.rows
-    blocks = max(1, -(-n // (bn if not program.k else br)))
+    n = math.prod(program.shape) if not program.inner else program.rows
+    blocks = max(1, -(-n // (bn if not program.inner else br)))
     return (min(blocks, COL_PROGRAMS) if _has_cols(program) else blocks), warps
 
 
@@ -129,11 +124,10 @@ class _Index:
     """Emits index arithmetic lazily: the multi-index is only computed if some tensor needs it."""
 
     def __init__(self, program: Program, order: tuple):
-        S, k = program.shape, program.k
-        rank = len(S)
-        self.S, self.k = S, k
-        self.outer = [d for d in order[:rank - k] if S[d] > 1] if k else [d for d in order if S[d] > 1]
-        self.inner = [d for d in range(rank - k, rank) if S[d] > 1] if k else []
+        S, inner = program.shape, program.inner
+        self.S, self.k = S, bool(inner)   # k: tiled rows x cols (a reduction, or column sums)
+        self.outer = [d for d in order if S[d] > 1 and d not in inner]
+        self.inner = [d for d in inner if S[d] > 1]
         self.lines: list[str] = []
         self.done = False
 
@@ -183,7 +177,7 @@ def triton_source(program: Program, layout: Layout, in_dtypes: list[str], out_dt
     pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
     head = [f"    pid = {pid}"]
     cols_out = [j for j, (_, spec) in enumerate(program.outputs) if spec.kind == "col"]
-    if not k:
+    if not program.inner:
         head += [f"    lin = pid * {bn} + tl.arange(0, {bn})[None, :]", f"    mask = lin < {numel}",
                  "    rmask = mask"]
     elif cols_out:   # loop over row blocks, summing the column outputs in registers
@@ -305,7 +299,8 @@ def run_reference(program: Program, inputs: list, outputs: list) -> None:
         v = v if torch.is_tensor(v) else torch.tensor(float(v), dtype=ct)
         if spec.kind == "col":   # all rows' sum in the first partial, zeros in the rest
             out.zero_()
-            out[0].copy_(v.expand(S).sum(dim=tuple(range(rank - k))).reshape(out.shape[1:]))
+            rows = tuple(d for d in range(rank) if d not in program.inner)
+            out[0].copy_(v.expand(S).sum(dim=rows).reshape(out.shape[1:]))
             continue
         v = v.expand(S) if spec.kind == "full" else v.expand(keep).reshape(spec.shape)
         out.copy_(v)

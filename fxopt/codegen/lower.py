@@ -16,7 +16,7 @@ from torch import fx
 
 from fxopt.errors import FxoptError
 
-from .program import Program, TensorSpec, _Builder
+from .program import Program, TensorSpec, _Builder, iteration_order
 from .scalar import POINTWISE
 
 aten = torch.ops.aten
@@ -255,7 +255,9 @@ def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
     for value, spec in out_specs:
         if value not in b.kinds:
             raise Unfusible("a result of the region is one of its inputs, unchanged")
-    program = Program(S, k, specs, b.steps, out_specs, _label(nodes))
+    first_full = next((s.strides for _, s in out_specs if s.kind == "full"), None)
+    order = iteration_order(S, k, first_full) if first_full else None
+    program = Program(S, k, specs, b.steps, out_specs, _label(nodes), order=order)
     return Lowered(program, inputs, outputs)
 
 

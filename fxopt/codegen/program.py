@@ -76,9 +76,18 @@ class Program:
     steps: list[Step]
     outputs: list[tuple[str, TensorSpec]]   # (value, spec)
     label: str = "fused"         # short human name (op names), for kernel and op names
+    order: tuple | None = None   # a fixed iteration order (dims outermost first), else chosen per call
+    cols: tuple | None = None    # pointwise program tiled rows x cols: the (innermost) column dims
+
+    @property
+    def inner(self) -> tuple:
+        """The dims a tile's columns span: the reduced dims, or ``cols``; () for flat blocks."""
+        rank = len(self.shape)
+        return tuple(range(rank - self.k, rank)) if self.k else tuple(self.cols or ())
 
     def text(self) -> str:
-        lines = [f"program {self.label} S={tuple(self.shape)} k={self.k}"]
+        lines = [f"program {self.label} S={tuple(self.shape)} k={self.k}"
+                 + (f" order={self.order}" if self.order else "") + (f" cols={self.cols}" if self.cols else "")]
         lines += [f"in{i}: {s.text()}" for i, s in enumerate(self.inputs)]
         lines += [s.text() for s in self.steps]
         lines += [f"out{j} = {v}: {s.text()}" for j, (v, s) in enumerate(self.outputs)]
@@ -89,11 +98,13 @@ class Program:
 
     @property
     def rows(self) -> int:
-        return math.prod(self.shape[:len(self.shape) - self.k]) if self.k else 1
+        inner = self.inner
+        return math.prod(s for d, s in enumerate(self.shape) if d not in inner) if inner else 1
 
     @property
     def row_size(self) -> int:
-        return math.prod(self.shape[len(self.shape) - self.k:]) if self.k else math.prod(self.shape)
+        inner = self.inner
+        return math.prod(self.shape[d] for d in inner) if inner else math.prod(self.shape)
 
     def kinds(self) -> dict:
         return {s.name: s.kind for s in self.steps}
@@ -122,6 +133,29 @@ class Program:
         live = self.live()
         read = {s.index for s in self.steps if s.op == "load" and s.name in live}
         return sum(self.inputs[i].nbytes for i in read) + sum(s.nbytes for _, s in self.outputs)
+
+
+def iteration_order(shape: tuple, k: int, strides) -> tuple:
+    """Dims outermost first: the reduced dims last, the others by decreasing ``strides`` (a
+    memory layout to follow; ties and size-1 dims keep their order)."""
+    rank = len(shape)
+    outer = list(range(rank - k))
+    if strides is not None:
+        outer.sort(key=lambda d: -strides[d])
+    return tuple(outer) + tuple(range(rank - k, rank))
+
+
+def _column_dims(forward: "Program", spec: TensorSpec) -> tuple | None:
+    """For a pointwise program walked in a fixed order: the dims a per-channel input spans, when
+    they are the innermost ones (then its gradient is summed over rows in the kernel)."""
+    S, order = tuple(forward.shape), forward.order
+    if forward.k or order is None or spec.kind != "full":
+        return None
+    walk = [d for d in order if S[d] > 1]
+    full = [d for d in walk if spec.shape[d] == S[d]]
+    if not full or len(full) == len(walk) or walk[len(walk) - len(full):] != full or full != sorted(full):
+        return None
+    return tuple(full)
 
 
 class _Builder:
@@ -209,8 +243,10 @@ def _adjoints(forward: Program, needs: tuple[bool, ...], b: _Builder) -> dict[in
             if d == 0:
                 continue
             c = a * d
-            if b.kinds.get(s.name) == "row" and b.kind_of(c) == "full":
-                c = b.reduce(b.expr(c, "full"))
+            # a row operand of a full value gets the sum of the contributions of all the row's
+            # elements, even where the contribution itself is constant along the row
+            if b.kinds.get(s.name) == "row" and step.kind == "full":
+                c = b.reduce(b.expr(c, "full") if not c.is_Symbol else c)
             adj.setdefault(s.name, []).append(c)
     return grads
 
@@ -296,6 +332,8 @@ def derive_backward(forward: Program, needs: tuple[bool, ...], saved: list[tuple
     used = _needed(forward, [st.expr if st.op == "expr" else symbol(st.src) for st in recompute]) | want
     steps = b.steps + [s for s in recompute if s.name in used] + ad.steps
     outputs, route, seen = [], [], {}
+    tile = next((c for i, n in enumerate(needs) if n
+                 for c in [_column_dims(forward, forward.inputs[i])] if c), None)
     for i in [i for i, n in enumerate(needs) if n]:
         spec = forward.inputs[i]
         value = grads.get(i)
@@ -308,9 +346,15 @@ def derive_backward(forward: Program, needs: tuple[bool, ...], saved: list[tuple
         broadcast = tuple(spec.shape) != whole   # the caller sums this gradient down to the input
         wide = "torch.float32" if broadcast and spec.dtype != "torch.float64" else spec.dtype
         column = forward.k and spec.kind == "full" and spec.shape == (1,) * (rank - forward.k) + S[rank - forward.k:]
-        # a per-column input (a norm's weight): the kernel sums its gradient over the rows it
-        # visits and writes one partial row per program; the caller adds the partials
-        out = TensorSpec("col", S[rank - forward.k:], wide) if column else TensorSpec(spec.kind, whole, wide)
+        # a per-column input (a norm's weight, a per-channel scale in a channels-last walk): the
+        # kernel sums its gradient over the rows it visits and writes one partial row per program;
+        # the caller adds the partials
+        if column:
+            out = TensorSpec("col", S[rank - forward.k:], wide)
+        elif tile and _column_dims(forward, spec) == tile:
+            out = TensorSpec("col", tuple(S[d] for d in tile), wide)
+        else:
+            out = TensorSpec(spec.kind, whole, wide)
         if value.name.startswith("gy") and value.name[2:].isdigit():
             route.append(("grad", int(value.name[2:])))
             continue
@@ -318,5 +362,7 @@ def derive_backward(forward: Program, needs: tuple[bool, ...], saved: list[tuple
             seen[(value.name, out)] = len(outputs)
             outputs.append((value.name, out))
         route.append(("out", seen[(value.name, out)]))
-    prog = Program(forward.shape, forward.k, inputs, steps, outputs, label=forward.label + "_bwd")
+    uses_tile = any(s.kind == "col" for _, s in outputs) and not forward.k
+    prog = Program(forward.shape, forward.k, inputs, steps, outputs, label=forward.label + "_bwd",
+                   order=forward.order, cols=tile if uses_tile else None)
     return BackwardPlan(prog, list(saved), [i for i, n in enumerate(needs) if n], route)
