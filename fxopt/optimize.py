@@ -131,8 +131,11 @@ class OptimizedModule(nn.Module):
         return gm, run, report
 
     def _bind(self, gm: fx.GraphModule) -> None:
-        """Point the graph's parameters and buffers at this module's own tensors (after .to() too)."""
-        for name, tensor in list(self._source.named_parameters()) + list(self._source.named_buffers()):
+        """Point the graph's parameters and buffers at this module's own tensors (after .to() too).
+        Every name of a tied parameter (an LM head sharing the embedding) is bound, so the graph's
+        uses of both names update and accumulate into the one tensor."""
+        for name, tensor in list(self._source.named_parameters(remove_duplicate=False)) + \
+                list(self._source.named_buffers(remove_duplicate=False)):
             prefix, _, leaf = name.rpartition(".")
             try:
                 owner = gm.get_submodule(prefix)

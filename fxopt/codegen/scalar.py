@@ -150,6 +150,13 @@ def _num(v):
     return v
 
 
+def _exponent(e):
+    """An integral or half exponent exactly (``x ** 3.0`` is ``x*x*x``: defined for negative x)."""
+    if isinstance(e, float) and (2 * e).is_integer():
+        return sp.Rational(int(2 * e), 2)
+    return _num(e)
+
+
 def _maximum(a, b):
     return Where(Gt(a, b), a, Where(Gt(b, a), b, (a + b) / 2))
 
@@ -198,7 +205,7 @@ POINTWISE = {
     "aten.square.default": lambda a: a ** 2,
     "aten.abs.default": lambda a: Abs(a),
     "aten.erf.default": lambda a: sp.erf(a),
-    "aten.pow.Tensor_Scalar": lambda a, e: a ** _num(e),
+    "aten.pow.Tensor_Scalar": lambda a, e: a ** _exponent(e),
     "aten.maximum.default": _maximum,
     "aten.minimum.default": lambda a, b: -_maximum(-a, -b),
     "aten.clamp.default": _clamp,
