@@ -35,7 +35,7 @@ import torch
 from torch import fx
 
 from fxopt.codegen.kernel import MAX_ROW
-from fxopt.codegen.lower import VIEWS, Domain, Unfusible, classify, lower
+from fxopt.codegen.lower import FREE, Domain, Unfusible, classify, lower
 from fxopt.codegen.program import choose_saved, derive_backward
 from fxopt.codegen.runtime import region_op, triton_status
 
@@ -97,14 +97,23 @@ def _short(n: fx.Node) -> str:
     return str(getattr(n.target, "overloadpacket", n.target)).split(".")[-1]
 
 
-def _view_ok(n: fx.Node, dom: Domain) -> bool:
-    """A view that is free in the row layout of ``dom`` (see the module docstring)."""
-    if dom is None or not dom.k:
-        return False
-    rows = set(dom.row_shapes)
+def _view_domain(n: fx.Node, group: "_Group") -> Domain | None:
+    """The group's domain once view ``n`` of one of its values joins, or None: views free in the
+    row layout (keepdim <-> squeezed rows, a row expanded to the full shape), or one permute of a
+    pointwise region's full value (the region then runs in the permute's output space)."""
+    dom = group.domain
+    if dom is None:
+        return None
     src, out = tuple(n.args[0].meta["val"].shape), tuple(n.meta["val"].shape)
-    return (src in rows and out in rows) or (n.target is torch.ops.aten.expand.default and src in rows
-                                             and out == tuple(dom.shape))
+    if n.target is torch.ops.aten.permute.default:
+        first = not any(m.target is torch.ops.aten.permute.default for m in group.nodes)
+        return Domain(out) if first and not dom.k and src == tuple(dom.shape) else None
+    if not dom.k:
+        return None
+    rows = set(dom.row_shapes)
+    ok = (src in rows and out in rows) or (n.target is torch.ops.aten.expand.default and src in rows
+                                           and out == tuple(dom.shape))
+    return dom if ok else None
 
 
 class _Former:
@@ -170,12 +179,15 @@ class _Former:
                                key=lambda g: self.order[g.nodes[0]], reverse=True)
             for pg in producers:
                 if kind == "view" and group.domain is None:
-                    merged = pg.domain if _view_ok(n, pg.domain) else None
+                    merged = _view_domain(n, pg)
                 elif group.domain is None or pg.domain is None:
                     merged = None
                 else:
                     merged = pg.domain.merge(group.domain)
                 members = pg.members | group.members
+                if merged is not None and merged.k and any(m.target is torch.ops.aten.permute.default
+                                                           for m in members):
+                    merged = None   # a permute only in a pointwise region (lower's rule)
                 if merged is None or len(members) > self.opts["max_ops"] or \
                         self._inputs(members) > self.opts["max_inputs"] or not self.convex(members):
                     continue
@@ -239,7 +251,7 @@ def _unfused_bytes(nodes: list, training: bool) -> int:
     backward that reads and writes about as much."""
     total = 0
     for n in nodes:
-        if n.target in VIEWS:
+        if n.target in FREE:
             continue
         for t in [a.meta.get("val") for a in n.all_input_nodes] + [n.meta.get("val")]:
             if isinstance(t, torch.Tensor):
@@ -274,7 +286,7 @@ class Fuse(Pass):
 
     def _consider(self, gm, group: _Group, ctx: PassContext, hw, name: str, opts) -> RegionRecord:
         nodes = group.nodes
-        ops = [_short(n) for n in nodes if n.target not in VIEWS]
+        ops = [_short(n) for n in nodes if n.target not in FREE]
         rec = RegionRecord(name, ops, [n.name for n in nodes], False, "")
         if len(ops) < 2:
             rec.reason = "one op: nothing to fuse"

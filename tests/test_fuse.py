@@ -71,6 +71,34 @@ class Refusals(nn.Module):
         return self.bn(a) + self.conv(r) * r   # relu -> conv -> mul: {relu, mul} is not convex
 
 
+class LayerScale(nn.Module):
+    """ConvNeXt's block tail: a per-channel scale in NHWC, a permute back to NCHW, the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 6))
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        y = self.fc(x.permute(0, 2, 3, 1))
+        return x + (self.gamma * y).permute(0, 3, 1, 2)
+
+
+def test_layer_scale_across_a_permute_golden():
+    """The region runs in the permute's output space; gamma and the linear's output are read
+    through the permute, gamma's gradient is summed in-kernel (channels innermost in memory)."""
+    model = LayerScale().train()
+    x = _x(2, 6, 3, 4).to(memory_format=torch.channels_last)
+    text, record, gm = run(model, x, verify=True)
+    goldens.check(GOLDEN / "layer_scale.diff", text)
+    assert not record.rolled_back
+    assert [r.ops for r in record.stats["regions"] if r.fused] == [["mul", "add"]]
+    from fxopt.codegen.runtime import regions
+    region = regions()[next(r.op for r in record.stats["regions"] if r.fused).split(".")[1]]
+    plans = [plan for plan, _ in region.backward.values()]
+    assert plans and any(spec.kind == "col" for plan in plans for _, spec in plan.program.outputs)
+
+
 def test_residual_golden():
     text, record, gm = run(Residual().train(), _x(2, 4, 6, 6))
     goldens.check(GOLDEN / "residual.diff", text)

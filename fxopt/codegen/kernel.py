@@ -81,7 +81,7 @@ def plan_layout(program: Program, inputs: list) -> Layout:
         elif spec.kind == "full":
             st = tuple(spec.strides) if spec.strides else tuple(_dense(S, order))
             out_alloc.append((shape, st))
-            out_strides.append(_iter_strides(S, S, st))
+            out_strides.append(_iter_strides(S, S, tuple(st[p] for p in spec.perm) if spec.perm else st))
         else:
             own = tuple(spec.strides) if spec.strides else torch.empty(shape, device="meta").stride()
             keep = S[:rank - k] + (1,) * k

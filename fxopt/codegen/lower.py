@@ -21,7 +21,7 @@ from .scalar import POINTWISE
 
 aten = torch.ops.aten
 
-__all__ = ["Domain", "Unfusible", "classify", "lower", "Lowered", "VIEWS"]
+__all__ = ["Domain", "Unfusible", "classify", "lower", "Lowered", "VIEWS", "FREE"]
 
 
 class Unfusible(FxoptError):
@@ -59,6 +59,7 @@ SOFTMAX = {aten.softmax.int: False, aten._softmax.default: False, aten.log_softm
 NORMS = {aten.layer_norm.default, aten.rms_norm.default}
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
          aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.expand.default}
+FREE = VIEWS | {aten.permute.default}   # views that can sit inside a region (they move no data)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -88,7 +89,7 @@ def classify(node: fx.Node) -> tuple[str, Domain | None]:
     if node.op != "call_function":
         raise Unfusible("not an op")
     out = _val(node)
-    if node.target in VIEWS:
+    if node.target in FREE:
         return "view", None
     if not isinstance(out, torch.Tensor):
         raise Unfusible("does not return one tensor")
@@ -143,7 +144,7 @@ class Lowered:
 def _label(nodes) -> str:
     names = []
     for n in nodes:
-        if n.target in VIEWS:
+        if n.target in FREE:
             continue
         name = str(n.target.overloadpacket).split(".")[-1].strip("_")
         if name not in names:
@@ -161,6 +162,11 @@ def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
     inputs: list = []
     specs: list[TensorSpec] = []
     loads: dict = {}
+    space = _permuted_space(nodes, region, k)   # node -> permute into the region's space
+
+    def rshape(n: fx.Node) -> tuple:
+        own = tuple(_val(n).shape)
+        return tuple(own[p] for p in space[n]) if n in space else own
 
     def kind(shape) -> str:
         shape = tuple(shape)
@@ -170,17 +176,17 @@ def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
             return "row"
         raise Unfusible(f"shape {list(shape)} is neither the region's {list(S)} nor its rows")
 
-    def load(arg: fx.Node, view: tuple):
+    def load(arg: fx.Node, view: tuple, perm: tuple | None):
         v = _val(arg)
-        if (arg, view) not in loads:
+        if (arg, view, perm) not in loads:
             kd = "row" if k and all(d == 1 for d in view[rank - k:]) else "full"
             idx = len(inputs)
             inputs.append((arg, view))
-            specs.append(TensorSpec(kd, view, str(v.dtype)))
-            loads[(arg, view)] = b.load(f"x{idx}", idx, kd)
-        return loads[(arg, view)]
+            specs.append(TensorSpec(kd, view, str(v.dtype), perm=perm))
+            loads[(arg, view, perm)] = b.load(f"x{idx}", idx, kd)
+        return loads[(arg, view, perm)]
 
-    def operand(arg, shape: tuple, view: tuple | None = None):
+    def operand(arg, shape: tuple, view: tuple | None = None, perm: tuple | None = None):
         if isinstance(arg, fx.Node) and arg in region:
             ashape = tuple(_val(arg).shape)
             if ashape != shape and not (shape == S and ashape == keep):
@@ -194,9 +200,11 @@ def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
             if view is None:
                 view = _pad(v.shape, rank) if shape != flat or k == 0 else _pad(v.shape, rank - k) + (1,) * k
             view = _static(view)
+            if perm:   # the operand of a node upstream of the region's permute
+                view = tuple(view[p] for p in perm)
             if len(view) != rank or any(a not in (1, s) for a, s in zip(view, S)):
                 raise Unfusible(f"operand {arg.name} {list(v.shape)} does not broadcast to {list(S)}")
-            return load(arg, view)
+            return load(arg, view, perm)
         if isinstance(arg, (int, float, bool)):
             return arg
         raise Unfusible(f"argument {arg!r} is neither a tensor nor a number")
@@ -204,6 +212,9 @@ def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
     for n in nodes:
         out = _val(n)
         shape = tuple(out.shape)
+        if n.target is aten.permute.default:   # the region's one permute: free in its index space
+            env[n] = env[n.args[0]]
+            continue
         if n.target in VIEWS:
             src = n.args[0]
             sshape = tuple(_val(src).shape)
@@ -237,28 +248,55 @@ def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
                 y = y + operand(bias, S, cview)
             env[n] = b.expr(y, "full")
         else:
-            args = [operand(a, shape) for a in n.args]
+            args = [operand(a, shape, perm=space.get(n)) for a in n.args]
             kwargs = {key: v for key, v in n.kwargs.items() if key not in ("memory_format",)}
             if t in (aten._to_copy.default, aten.to.dtype, aten.type_as.default):
                 kwargs = {"dtype": out.dtype}
                 args = args[:1]
             expr = POINTWISE[str(t)](*args, **kwargs)
-            env[n] = b.expr(expr, kind(shape))
+            env[n] = b.expr(expr, kind(rshape(n)))
     outputs = [n for n in nodes if any(u not in region for u in n.users)]
     if not outputs:
         raise Unfusible("the region's results are not used")
     out_specs = []
     for n in outputs:
         v = _val(n)
-        out_specs.append((env[n].name, TensorSpec(kind(v.shape), tuple(v.shape), str(v.dtype),
-                                                  _static(v.stride()))))
+        out_specs.append((env[n].name, TensorSpec(kind(rshape(n)), tuple(v.shape), str(v.dtype),
+                                                  _static(v.stride()), perm=space.get(n))))
     for value, spec in out_specs:
         if value not in b.kinds:
             raise Unfusible("a result of the region is one of its inputs, unchanged")
-    first_full = next((s.strides for _, s in out_specs if s.kind == "full"), None)
+    first_full = next((tuple(s.strides[p] for p in s.perm) if s.perm else s.strides
+                       for _, s in out_specs if s.kind == "full"), None)
     order = iteration_order(S, k, first_full) if first_full else None
     program = Program(S, k, specs, b.steps, out_specs, _label(nodes), order=order)
     return Lowered(program, inputs, outputs)
+
+
+def _permuted_space(nodes: list, region: set, k: int) -> dict:
+    """A region may hold one permute (ConvNeXt: layer-scale mul, permute, residual add): the
+    region runs in the permute's output space, and every region node upstream of it reads and
+    writes through the permute. Returns node -> permute dims for those upstream nodes."""
+    perms = [n for n in nodes if n.target is aten.permute.default]
+    if not perms:
+        return {}
+    if len(perms) > 1 or k:
+        raise Unfusible("more than one permute, or a permute in a row region")
+    p = perms[0]
+    rank = _val(p).dim()
+    dims = tuple(d % rank for d in p.args[1])
+    upstream, stack = set(), [p.args[0]]
+    while stack:
+        n = stack.pop()
+        if n in region and n not in upstream:
+            upstream.add(n)
+            stack.extend(n.all_input_nodes)
+    for n in upstream:
+        if n.target in REDUCTIONS or n.target in SOFTMAX or n.target in NORMS or n.target is aten.batch_norm.default:
+            raise Unfusible(f"{n.name} before the permute is not pointwise")
+        if any(u in region and u not in upstream and u is not p for u in n.users):
+            raise Unfusible(f"{n.name} is used on both sides of the permute")
+    return {n: dims for n in upstream}
 
 
 def _norm(n: fx.Node, b: _Builder, operand, S: tuple, k: int):

@@ -39,6 +39,19 @@ class TensorSpec:
     shape: tuple
     dtype: str         # "torch.float32", ...
     strides: tuple | None = None   # an output's strides (those of the node it replaces), if fixed
+    # the tensor is seen through a permute: ``shape`` is in the region's space, the tensor is
+    # ``t.view(own shape).permute(perm)`` (an input) or has its own shape (an output)
+    perm: tuple | None = None
+
+    @property
+    def own_shape(self) -> tuple:
+        """The shape of the tensor itself (before the permute into the region's space)."""
+        if not self.perm:
+            return tuple(self.shape)
+        own = [0] * len(self.shape)
+        for d, p in enumerate(self.perm):
+            own[p] = self.shape[d]
+        return tuple(own)
 
     @property
     def nbytes(self) -> int:
@@ -46,7 +59,8 @@ class TensorSpec:
 
     def text(self) -> str:
         st = "" if self.strides is None else f" strides={tuple(self.strides)}"
-        return f"{self.kind} {tuple(self.shape)} {self.dtype.replace('torch.', '')}{st}"
+        pm = "" if self.perm is None else f" perm={tuple(self.perm)}"
+        return f"{self.kind} {tuple(self.shape)} {self.dtype.replace('torch.', '')}{st}{pm}"
 
 
 @dataclass(frozen=True)
@@ -278,6 +292,8 @@ def choose_saved(forward: Program) -> list[tuple[str, int]]:
 def _in_space(forward: Program, spec: TensorSpec) -> TensorSpec:
     """An output read back as an input: a row result without its kept dims is viewed with them."""
     rank = len(forward.shape)
+    if spec.perm:   # an output in a permuted space: read back through the same permute
+        return TensorSpec(spec.kind, tuple(spec.shape[p] for p in spec.perm), spec.dtype, perm=spec.perm)
     if len(spec.shape) == rank:
         return spec
     return TensorSpec(spec.kind, tuple(forward.shape[:rank - forward.k]) + (1,) * forward.k, spec.dtype)

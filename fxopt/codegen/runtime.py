@@ -57,9 +57,15 @@ def regions() -> dict[str, FusedRegion]:
     return dict(_REGIONS)
 
 
+def _to_space(t, spec):
+    """An input as the program sees it: viewed to its broadcast shape (and permuted)."""
+    if spec.perm:
+        return t.view(spec.own_shape).permute(spec.perm)
+    return t if tuple(t.shape) == tuple(spec.shape) else t.view(spec.shape)
+
+
 def _views(program: Program, tensors) -> list:
-    return [t if tuple(t.shape) == tuple(spec.shape) else t.view(spec.shape)
-            for spec, t in zip(program.inputs, tensors)]
+    return [_to_space(t, spec) for spec, t in zip(program.inputs, tensors)]
 
 
 _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool)}
@@ -159,13 +165,17 @@ def region_op(program: Program):
         out = [None] * n_in
         for i, (where, m) in zip(plan.grads_for, plan.route):
             # a passed-through gradient comes in its output's shape: view it in the iteration space
-            g = results[m] if where == "out" else grads[m].reshape(plan.program.inputs[len(plan.saved) + m].shape)
+            g = results[m] if where == "out" else _to_space(grads[m], plan.program.inputs[len(plan.saved) + m])
             if where == "out" and plan.program.outputs[m][1].kind == "col":
                 g = g.sum(0)   # the per-program partial sums
             shape, dtype = ctx.input_meta[i]
-            want = tuple(program.inputs[i].shape)
-            if tuple(g.shape) != want and g.numel() != math.prod(want):   # broadcast, then sum, to the input
-                g = g.expand(torch.broadcast_shapes(g.shape, want)).sum_to_size(want)
+            spec = program.inputs[i]
+            want = tuple(spec.shape)
+            if tuple(g.shape) != want:   # broadcast and sum to the input's view (or just view)
+                g = g.reshape(want) if g.numel() == math.prod(want) else \
+                    g.expand(torch.broadcast_shapes(g.shape, want)).sum_to_size(want)
+            if spec.perm:   # back through the permute
+                g = g.permute([spec.perm.index(d) for d in range(len(spec.perm))])
             out[i] = g.reshape(shape).to(dtype)
         return tuple(out)
 
