@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -227,7 +227,9 @@ def _needs(program, inputs, training: bool) -> tuple:
 def _fused_time(low, training: bool, hw) -> tuple[int, float]:
     """Bytes and predicted seconds of the fused kernels: forward, backward and gradient sums."""
     from fxopt.cost_models.roofline import call_time
-    prog = low.program
+    from fxopt.codegen.kernel import output_order
+    prog = low.program   # walked in the order of the replaced nodes' layout
+    prog = replace(prog, order=output_order(prog, [tuple(n.meta["val"].stride()) for n in low.outputs]))
     dtype = prog.inputs[0].dtype.replace("torch.", "") if prog.inputs else None
     nbytes, t = prog.boundary_bytes(), 0.0
     t += call_time("fused", dtype, prog.flops(), prog.boundary_bytes(), 1, hw).total_s
@@ -314,7 +316,7 @@ class Fuse(Pass):
             rec.reason = "no predicted gain"
             ctx.decide(nodes[-1], "keep", f"{what}: no predicted gain", gain)
             return rec
-        op = region_op(low.program)
+        op = region_op(low.program, low.oracle)
         rec.fused, rec.reason, rec.op = True, "fused", str(op)
         _replace(gm, nodes, low, op)
         ctx.decide(nodes[-1], "fuse", f"{what} as {op}", gain)

@@ -125,6 +125,19 @@ def test_refusals_golden():
     assert "region r0: one op" in reasons
 
 
+def test_outputs_take_the_strides_eager_gives_the_actual_inputs():
+    """A graph captured (or propagated on meta, whose convs drop channels-last) with one layout and
+    run with another: the fused op's outputs are laid out as the unfused ops' would be, so the
+    convs after it see the layout they would in eager (and views after it stay valid)."""
+    model = Residual().train()
+    _, record, gm = run(model, _x(2, 4, 6, 6))
+    assert record.stats["fused"] == 1
+    for x in (_x(2, 4, 6, 6), _x(2, 4, 6, 6).to(memory_format=torch.channels_last)):
+        out, ref = gm(x), model(x)
+        assert out.stride() == ref.stride()
+        torch.testing.assert_close(out, ref)
+
+
 def test_options_bound_regions():
     x = (_x(2, 5, 16), _x(2, 5, 16, seed=1), _x(2, 3, 5, 5, seed=2))
     _, record, _ = run(AttentionTail().eval(), x, pipeline="fuse{max_row=8}")

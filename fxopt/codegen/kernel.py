@@ -17,7 +17,7 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,18 +61,31 @@ def _iter_strides(S, view, strides) -> tuple:
     return tuple(0 if (v == 1 or s == 1) else st for s, v, st in zip(S, view, strides))
 
 
-def plan_layout(program: Program, inputs: list) -> Layout:
-    """The layout for these input tensors (already viewed to the program's input shapes)."""
+def output_order(program: Program, strides: list | None) -> tuple | None:
+    """The walk that writes the first full output (given its strides) in memory order."""
+    for (_, spec), st in zip(program.outputs, strides or []):
+        if spec.kind == "full" and st is not None:
+            return iteration_order(tuple(program.shape), program.k, tuple(st[p] for p in spec.perm) if spec.perm else st)
+    return None
+
+
+def plan_layout(program: Program, inputs: list, strides: list | None = None) -> Layout:
+    """The layout for these input tensors (already viewed to the program's input shapes);
+    ``strides``: each output's strides (those eager gives the replaced nodes for these inputs),
+    else outputs are dense in the walk's order."""
     S, k = tuple(program.shape), program.k
     rank = len(S)
     in_strides = tuple(_iter_strides(S, spec.shape, t.stride()) for spec, t in zip(program.inputs, inputs))
-    # walk memory in the program's fixed order (that of the output it replaces), else in the
-    # order of the first full-size input
+    # walk memory in the program's fixed order, else in that of the first full output, else in
+    # that of the first full-size input
     primary = next((st for spec, st in zip(program.inputs, in_strides)
                     if spec.kind == "full" and tuple(spec.shape) == S), None)
-    order = program.order or iteration_order(S, k, primary)
+    order = program.order or output_order(program, strides) or iteration_order(S, k, primary)
+    given = list(strides) if strides else [None] * len(program.outputs)
     out_strides, out_alloc = [], []
-    for _, spec in program.outputs:
+    for j, (_, spec) in enumerate(program.outputs):
+        if given[j] is not None:
+            spec = replace(spec, strides=tuple(given[j]))
         shape = tuple(spec.shape)
         if spec.kind == "col":   # (programs, *columns), contiguous: one partial sum per program
             shape = (grid_and_warps(program)[0],) + shape

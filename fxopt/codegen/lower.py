@@ -16,7 +16,7 @@ from torch import fx
 
 from fxopt.errors import FxoptError
 
-from .program import Program, TensorSpec, _Builder, iteration_order
+from .program import Program, TensorSpec, _Builder
 from .scalar import POINTWISE
 
 aten = torch.ops.aten
@@ -139,6 +139,7 @@ class Lowered:
     program: Program
     inputs: list          # (fx.Node, view shape) per program input
     outputs: list         # fx.Node per program output
+    oracle: object = None  # the nodes as an fx.GraphModule of the inputs (see ``_oracle``)
 
 
 def _label(nodes) -> str:
@@ -262,15 +263,25 @@ def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
     for n in outputs:
         v = _val(n)
         out_specs.append((env[n].name, TensorSpec(kind(rshape(n)), tuple(v.shape), str(v.dtype),
-                                                  _static(v.stride()), perm=space.get(n))))
+                                                  perm=space.get(n))))
     for value, spec in out_specs:
         if value not in b.kinds:
             raise Unfusible("a result of the region is one of its inputs, unchanged")
-    first_full = next((tuple(s.strides[p] for p in s.perm) if s.perm else s.strides
-                       for _, s in out_specs if s.kind == "full"), None)
-    order = iteration_order(S, k, first_full) if first_full else None
-    program = Program(S, k, specs, b.steps, out_specs, _label(nodes), order=order)
-    return Lowered(program, inputs, outputs)
+    program = Program(S, k, specs, b.steps, out_specs, _label(nodes))
+    return Lowered(program, inputs, outputs, _oracle(nodes, inputs, outputs))
+
+
+def _oracle(nodes: list, inputs: list, outputs: list) -> fx.GraphModule:
+    """The region's nodes as a module of the op's inputs: run on meta tensors, it tells the strides
+    eager gives their results for given input layouts."""
+    graph, env = fx.Graph(), {}
+    for i, (node, _) in enumerate(inputs):
+        ph = graph.placeholder(f"x{i}")
+        env.setdefault(node, ph)
+    for n in nodes:
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(torch.nn.Module(), graph)
 
 
 def _permuted_space(nodes: list, region: set, k: int) -> dict:

@@ -13,11 +13,12 @@ import math
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from .kernel import grid_and_warps, kernel_name, load_kernel, plan_layout, run_reference, triton_source
+from .kernel import (grid_and_warps, kernel_name, load_kernel, output_order, plan_layout, run_reference,
+                     triton_source)
 from .program import BackwardPlan, Program, choose_saved, derive_backward
 
 __all__ = ["FusedRegion", "region_op", "triton_status", "regions", "execute", "LAUNCHES"]
@@ -45,8 +46,24 @@ class FusedRegion:
     program: Program
     op: object
     saved: list
-    backward: dict = field(default_factory=dict)   # needs mask -> (BackwardPlan, op)
+    backward: dict = field(default_factory=dict)   # (needs mask, walk order) -> (BackwardPlan, op)
     warned: bool = False
+    oracle: object = None     # the unfused nodes (an fx.GraphModule): what strides eager gives
+    strides: dict = field(default_factory=dict)    # input layouts -> output strides
+
+    def output_strides(self, tensors) -> list | None:
+        """The strides eager gives the replaced nodes' results for these inputs (their layout is
+        what downstream views and convs expect): the unfused nodes run once on meta tensors."""
+        if self.oracle is None:
+            return None
+        key = tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
+        if key not in self.strides:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+            with unset_fake_temporarily():
+                metas = [torch.empty_strided(k[0], k[1], dtype=k[2], device="meta") for k in key]
+                outs = self.oracle(*metas)
+            self.strides[key] = [tuple(o.stride()) for o in outs]
+        return self.strides[key]
 
 
 _REGIONS: dict[str, FusedRegion] = {}
@@ -72,18 +89,19 @@ _DTYPES = {str(d): d for d in (torch.float32, torch.float64, torch.float16, torc
 _COMPILED: dict = {}
 
 
-def _allocate(program: Program, views: list):
-    layout = plan_layout(program, views)
+def _allocate(program: Program, views: list, strides=None):
+    layout = plan_layout(program, views, strides)
     device = views[0].device
     outs = [torch.empty_strided(shape, strides, dtype=_DTYPES[spec.dtype], device=device)
             for (shape, strides), (_, spec) in zip(layout.out_alloc, program.outputs)]
     return layout, outs
 
 
-def execute(program: Program, tensors, region: FusedRegion | None = None) -> list:
-    """Run the program on real tensors: its Triton kernel where Triton runs, else the reference."""
+def execute(program: Program, tensors, region: FusedRegion | None = None, forward: bool = False) -> list:
+    """Run the program on real tensors: its Triton kernel where Triton runs, else the reference.
+    A forward program's outputs get the strides eager would give them."""
     views = _views(program, tensors)
-    layout, outs = _allocate(program, views)
+    layout, outs = _allocate(program, views, region.output_strides(tensors) if forward and region else None)
     if all(o.numel() == 0 for o in outs):
         return outs
     ok, why = triton_status(views[0].device.type)
@@ -107,9 +125,9 @@ def execute(program: Program, tensors, region: FusedRegion | None = None) -> lis
     return outs
 
 
-def _fake(program: Program, tensors) -> list:
+def _fake(program: Program, tensors, region: FusedRegion | None = None) -> list:
     views = _views(program, tensors)
-    return _allocate(program, views)[1]
+    return _allocate(program, views, region.output_strides(tensors) if region else None)[1]
 
 
 def _schema(n_in: int, n_out: int, prefix: str = "x") -> str:
@@ -118,15 +136,15 @@ def _schema(n_in: int, n_out: int, prefix: str = "x") -> str:
     return f"({args}) -> {outs}"
 
 
-def _define(qualname: str, program: Program, region_ref) -> object:
+def _define(qualname: str, program: Program, region_ref, forward: bool) -> object:
     n_out = len(program.outputs)
 
     def impl(*xs):
-        outs = execute(program, xs, region_ref())
+        outs = execute(program, xs, region_ref(), forward)
         return outs[0] if n_out == 1 else tuple(outs)
 
     def fake(*xs):
-        outs = _fake(program, xs)
+        outs = _fake(program, xs, region_ref() if forward else None)
         return outs[0] if n_out == 1 else tuple(outs)
 
     op = torch.library.custom_op(qualname, impl, mutates_args=(), schema=_schema(len(program.inputs), n_out))
@@ -138,14 +156,18 @@ def _op_name(program: Program) -> str:
     return re.sub(r"[^0-9a-zA-Z_]", "_", program.label)[:40] + "_" + program.key()
 
 
-def region_op(program: Program):
-    """The custom op (an OpOverload) computing ``program``; defined once per process."""
+def region_op(program: Program, oracle=None):
+    """The custom op (an OpOverload) computing ``program``; defined once per process.
+    ``oracle``: the unfused nodes as a module of the op's inputs (their outputs' strides are the
+    op's); without it outputs are dense in the memory order of the first full-size input."""
     name = _op_name(program)
     if name in _REGIONS:
+        if _REGIONS[name].oracle is None:
+            _REGIONS[name].oracle = oracle
         return _REGIONS[name].op._opoverload
     holder: dict = {}
-    op = _define(f"fxopt::{name}", program, lambda: holder.get("r"))
-    region = holder["r"] = FusedRegion(program, op, choose_saved(program))
+    op = _define(f"fxopt::{name}", program, lambda: holder.get("r"), forward=True)
+    region = holder["r"] = FusedRegion(program, op, choose_saved(program), oracle=oracle)
     _REGIONS[name] = region
     n_in = len(program.inputs)
 
@@ -153,13 +175,14 @@ def region_op(program: Program):
         outs = output if isinstance(output, tuple) else (output,)
         ctx.save_for_backward(*[inputs[i] if where == "in" else outs[i] for where, i in region.saved])
         ctx.input_meta = [(tuple(t.shape), t.dtype) for t in inputs]
+        ctx.order = output_order(program, [o.stride() for o in outs])   # the backward walks the same way
 
     def backward(ctx, *grads):
         needs = tuple(bool(ctx.needs_input_grad[i]) and program.inputs[i].dtype != "torch.bool"
                       for i in range(n_in))
         if not any(needs):
             return (None,) * n_in
-        plan, bwd_op = _backward_op(region, name, needs)
+        plan, bwd_op = _backward_op(region, name, needs, ctx.order)
         results = bwd_op(*ctx.saved_tensors, *grads) if plan.program.outputs else ()
         results = results if isinstance(results, tuple) else (results,)
         out = [None] * n_in
@@ -184,17 +207,20 @@ def region_op(program: Program):
     return op._opoverload
 
 
-def _backward_op(region: FusedRegion, name: str, needs: tuple) -> tuple[BackwardPlan, object]:
-    if needs not in region.backward:
-        plan = derive_backward(region.program, needs, region.saved)
+def _backward_op(region: FusedRegion, name: str, needs: tuple, order) -> tuple[BackwardPlan, object]:
+    """The backward of ``region`` for this set of inputs needing a gradient, walking the space in
+    the forward's ``order`` (so per-channel gradients of a channels-last region sum in-kernel)."""
+    if (needs, order) not in region.backward:
+        plan = derive_backward(replace(region.program, order=order), needs, region.saved)
         mask = "".join("1" if n else "0" for n in needs)
+        walk = "" if order is None else "_o" + "".join(map(str, order))
         op = None
         if plan.program.outputs:
-            op = _define(f"fxopt::{name}_bwd{mask}", plan.program, lambda: region)
+            op = _define(f"fxopt::{name}_bwd{mask}{walk}", plan.program, lambda: region, forward=False)
             _register_cost(op._opoverload, plan.program)
             op = op._opoverload
-        region.backward[needs] = (plan, op)
-    return region.backward[needs]
+        region.backward[(needs, order)] = (plan, op)
+    return region.backward[(needs, order)]
 
 
 def _register_cost(overload, program: Program) -> None:
