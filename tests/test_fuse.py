@@ -136,6 +136,21 @@ def test_outputs_take_the_strides_eager_gives_the_actual_inputs():
         out, ref = gm(x), model(x)
         assert out.stride() == ref.stride()
         torch.testing.assert_close(out, ref)
+    # eager's rule, not a heuristic: ``b + 2a`` follows b's layout though a is read first
+    scale_add = lambda a, b: b + a * 2  # noqa: E731
+    a, b = _x(2, 4, 6, 6).to(memory_format=torch.channels_last), _x(2, 4, 6, 6, seed=1)
+    _, record, gm = run(_Fn(scale_add), (a, b), pipeline="fuse{min_gain_us=-1}")
+    assert record.stats["fused"] == 1
+    assert gm(a, b).stride() == scale_add(a, b).stride() == b.stride()
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
 
 
 def test_options_bound_regions():
