@@ -19,6 +19,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fxopt report driving --batch 8 --by block --depth 1
 	$(VENV)/bin/fxopt optimize driving-tiny
+	# fxopt's own fused kernels (Triton's interpreter on a CPU; drop TRITON_INTERPRET on a GPU)
+	TRITON_INTERPRET=1 $(VENV)/bin/fxopt optimize driving-tiny --eval --backend triton
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

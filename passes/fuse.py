@@ -68,10 +68,11 @@ class RegionRecord:
                 us(self.time_before_s), us(self.time_after_s), "fused" if self.fused else self.reason]
 
 
-def region_table(records: list[RegionRecord]) -> str:
-    """The regions of a ``fuse`` run as a table (bytes are forward + backward)."""
+def region_table(records: list[RegionRecord], singles: bool = False) -> str:
+    """The regions of a ``fuse`` run as a table (bytes are forward + backward); one-op regions
+    (nothing to fuse) only with ``singles``."""
     from tabulate import tabulate
-    return tabulate([r.row() for r in records],
+    return tabulate([r.row() for r in records if singles or len(r.ops) > 1],
                     headers=["region", "ops", "MB before", "MB after", "us before", "us after", "decision"])
 
 
