@@ -299,8 +299,10 @@ class _Printer(StrPrinter):
             return self._call("sqrt", base)
         if ex == -sp.S.Half:
             return self._call("rsqrt", base)
-        if ex.is_Integer and 1 <= abs(int(ex)) <= 4:
-            prod = " * ".join([f"({self._print(base)})"] * abs(int(ex)))
+        if (2 * ex).is_Integer and 1 <= abs(int(2 * ex)) <= 8:   # x**3, x**-2, x**1.5: mul and sqrt
+            whole, half = divmod(abs(int(2 * ex)), 2)
+            factors = [f"({self._print(base)})"] * whole + ([self._call("sqrt", base)] if half else [])
+            prod = " * ".join(factors)
             return f"({prod})" if ex > 0 else f"(1.0 / ({prod}))"
         return self._call("pow", base, ex)
 
