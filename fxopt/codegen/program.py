@@ -74,6 +74,12 @@ class Step:
     index: int | None = None  # load: the input
     nograd: bool = False      # no gradient flows through this value (softmax's row max)
 
+    def deps(self) -> set[str]:
+        """The values this step reads."""
+        if self.op == "reduce":
+            return {self.src}
+        return {x.name for x in self.expr.free_symbols} if self.op == "expr" else set()
+
     def text(self) -> str:
         if self.op == "load":
             return f"{self.name} = load in{self.index} ({self.kind})"
@@ -132,8 +138,7 @@ class Program:
 
     def live(self) -> set[str]:
         """The values the outputs depend on (the kernel computes only these)."""
-        deps = {s.name: ({s.src} if s.op == "reduce" else
-                         {x.name for x in s.expr.free_symbols} if s.op == "expr" else set()) for s in self.steps}
+        deps = {s.name: s.deps() for s in self.steps}
         live, stack = set(), [v for v, _ in self.outputs]
         while stack:
             v = stack.pop()
@@ -211,15 +216,23 @@ def _needed(forward: Program, exprs: list) -> set[str]:
     return {s.name for e in exprs for s in sp.sympify(e).free_symbols if s.name in fwd_names}
 
 
-def _computable(forward: Program, available: set[str]) -> set[str]:
-    have = set(available)
+def _uses(steps: list[Step]) -> list:
+    """What the steps read, as expressions (for :func:`_needed`)."""
+    return [st.expr if st.op == "expr" else symbol(st.src) for st in steps if st.op != "load"]
+
+
+def _recomputable(forward: Program, available: set[str]) -> list[Step]:
+    """The forward steps computable, in order, from the ``available`` values (loads excluded)."""
+    have, steps = set(available), []
     for s in forward.steps:
-        if s.name in have or s.op == "load":
-            continue
-        deps = {s.src} if s.op == "reduce" else {x.name for x in s.expr.free_symbols}
-        if deps <= have:
+        if s.name not in have and s.op != "load" and s.deps() <= have:
             have.add(s.name)
-    return have
+            steps.append(s)
+    return steps
+
+
+def _computable(forward: Program, available: set[str]) -> set[str]:
+    return set(available) | {s.name for s in _recomputable(forward, available)}
 
 
 def _saved_names(forward: Program, saved: list[tuple[str, int]]) -> set[str]:
@@ -271,8 +284,7 @@ def choose_saved(forward: Program) -> list[tuple[str, int]]:
     needs = tuple(s.dtype != "torch.bool" for s in forward.inputs)
     probe = _Builder("g", forward.kinds() | {f"gy{j}": s.kind for j, (_, s) in enumerate(forward.outputs)})
     grads = _adjoints(forward, needs, probe)
-    want = _needed(forward, [st.expr if st.op == "expr" else symbol(st.src) for st in probe.steps]
-                   + list(grads.values()))
+    want = _needed(forward, _uses(probe.steps) + list(grads.values()))
     candidates = [("out", j) for j in range(len(forward.outputs))] + \
                  [("in", i) for i in range(len(forward.inputs))]
     size = {("out", j): s.nbytes for j, (_, s) in enumerate(forward.outputs)}
@@ -331,21 +343,13 @@ def derive_backward(forward: Program, needs: tuple[bool, ...], saved: list[tuple
     ad = _Builder("g", forward.kinds() | b.kinds)
     ad.n = b.n
     grads = _adjoints(forward, needs, ad)
-    want = _needed(forward, [st.expr if st.op == "expr" else symbol(st.src) for st in ad.steps]
-                   + list(grads.values()))
+    want = _needed(forward, _uses(ad.steps) + list(grads.values()))
     # recompute, in forward order, what the backward needs and was not saved
-    have, recompute = set(available), []
-    for s in forward.steps:
-        if s.name in have or s.op == "load":
-            continue
-        deps = {s.src} if s.op == "reduce" else {x.name for x in s.expr.free_symbols}
-        if deps <= have:
-            have.add(s.name)
-            recompute.append(s)
-    missing = want - have
+    recompute = _recomputable(forward, available)
+    missing = want - available - {s.name for s in recompute}
     if missing:
         raise ValueError(f"saved tensors {saved} do not determine {sorted(missing)}")
-    used = _needed(forward, [st.expr if st.op == "expr" else symbol(st.src) for st in recompute]) | want
+    used = _needed(forward, _uses(recompute)) | want
     steps = b.steps + [s for s in recompute if s.name in used] + ad.steps
     outputs, route, seen = [], [], {}
     tile = next((c for i, n in enumerate(needs) if n
