@@ -38,6 +38,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from _cli import add_output_options, refuses_cpu  # noqa: E402  (benchmarks/_cli.py)
+
 
 class Region(nn.Module):
     """A region as a module: ``forward(*xs) = fn(self, *xs)``, with ``children`` (parameters or
@@ -150,7 +152,8 @@ def boundary_bytes(program, needs) -> tuple[int, int]:
     """Forward and backward bytes (each input read once, each output written once)."""
     from fxopt.codegen.runtime import regions
     region = next(r for r in regions().values() if r.program.key() == program.key())
-    return program.boundary_bytes(), region.backward[needs][0].program.boundary_bytes()
+    plan = next(p for (mask, _order), (p, _op) in region.backward.items() if mask == needs)  # the walk used
+    return program.boundary_bytes(), plan.program.boundary_bytes() if plan.program.outputs else 0
 
 
 def rel_err(got: list, ref: list) -> float:
@@ -254,13 +257,9 @@ def main(argv=None) -> int:
     p.add_argument("--sets", type=int, default=3, help="input sets the timed steps rotate through")
     p.add_argument("--warm-caches", action="store_true",
                    help="keep the Triton/inductor/fxopt disk caches (default: fresh ones, so first calls compile)")
-    p.add_argument("--out", default=None, help="write the Markdown here (default: stdout)")
-    p.add_argument("--json", default=None, help="also write every result as JSON")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes, few steps, CPU, no torch.compile")
+    add_output_options(p, "tiny shapes, few steps, CPU, no torch.compile")
     args = p.parse_args(argv)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("fuse_regions.py: no CUDA device; this benchmark is for the GPU machine "
-              "(use --cpu-smoke to check the script on a CPU)", file=sys.stderr)
+    if refuses_cpu(args, "fuse_regions.py"):
         return 2
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"   # before anything imports triton

@@ -22,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from _cli import add_output_options, refuses_cpu  # noqa: E402  (benchmarks/_cli.py)
 from fxopt.bench import DEFAULT_VARIANTS, bench  # noqa: E402
 
 MODELS = ["resnet50", "convnext_t", "vit_b16", "driving",
@@ -36,13 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default 128 (2 with --cpu-smoke)")
     p.add_argument("--steps", type=int, default=None, help="default 50 (2 with --cpu-smoke)")
     p.add_argument("--warmup", type=int, default=None, help="default 5 (1 with --cpu-smoke)")
-    p.add_argument("--out", default=None, help="write the Markdown here (default: stdout)")
-    p.add_argument("--json", default=None, help="also write every result as JSON")
-    p.add_argument("--cpu-smoke", action="store_true", help="tiny models, few steps; runs without a GPU")
+    add_output_options(p, "tiny models, few steps; runs without a GPU")
     args = p.parse_args(argv)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("train_step.py: no CUDA device; this benchmark is for the GPU machine "
-              "(use --cpu-smoke to check the script on a CPU)", file=sys.stderr)
+    if refuses_cpu(args, "train_step.py"):
         return 2
     smoke = args.cpu_smoke
     models = args.models or (SMOKE_MODELS if smoke else MODELS)

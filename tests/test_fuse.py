@@ -288,3 +288,17 @@ def test_zoo_trains_with_compiled_triton_kernels_on_cuda(name, monkeypatch):
     record = next(r for r in opt.report.records if r.name == "fuse")
     assert opt.report.verification and not record.rolled_back and record.stats["fused"] >= 1
     assert runtime.LAUNCHES["triton"] > before
+
+
+def test_region_benchmark_script_runs_on_cpu(tmp_path):
+    """benchmarks/fuse_regions.py --cpu-smoke: every region compiles, checks against float64 and
+    gets a row (the GPU numbers come from the same code)."""
+    import subprocess
+    import sys
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fuse_regions.py"
+    out = tmp_path / "regions.md"
+    done = subprocess.run([sys.executable, str(script), "--cpu-smoke", "--dtype", "fp32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "fp32" in line]
+    assert len(rows) >= 7 and not any("not run" in r for r in rows)
