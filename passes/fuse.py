@@ -73,7 +73,8 @@ def region_table(records: list[RegionRecord], singles: bool = False) -> str:
     (nothing to fuse) only with ``singles``."""
     from tabulate import tabulate
     return tabulate([r.row() for r in records if singles or len(r.ops) > 1],
-                    headers=["region", "ops", "MB before", "MB after", "us before", "us after", "decision"])
+                    headers=["region", "ops", "MB before", "MB after", "us before", "us after", "decision"],
+                    disable_numparse=True)
 
 
 @dataclass(eq=False)
