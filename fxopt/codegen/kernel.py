@@ -172,6 +172,12 @@ class _Index:
         terms = [f"i{d} * {strides[d]}" for d in dims if strides[d]]
         if terms:
             self._decompose()
+            if self.k and not row_only:   # a [BR, BN] offset, like the mask (compiled Triton broadcasts
+                # the mask to the pointer's shape, never the other way)
+                if not any(strides[d] for d in self.outer):
+                    terms.append("rows * 0")
+                if not any(strides[d] for d in self.inner):
+                    terms.append("cols * 0")
             return " + ".join(terms)
         # one element for the whole block: a zero offset of the block's shape (the mask needs one)
         return "lin * 0" if not self.k else "rows * 0" if row_only else "rows * 0 + cols * 0"
