@@ -3,7 +3,9 @@ implementation (so graphs holding it export, trace under FakeTensorMode and get 
 registered autograd (so they train).
 
 The op is ``fxopt::<ops>_<hash>``, the hash being that of the region's program; its backward is a
-second op, ``..._bwd<mask>``, one per set of inputs that need a gradient. Where Triton cannot run
+second op, ``..._bwd<mask>_o<order>``, one per set of inputs that need a gradient and per memory
+order the forward walked (a per-channel gradient is summed in-kernel when its channels are
+innermost). Outputs get the strides eager gives the unfused nodes. Where Triton cannot run
 (no triton, or a CPU tensor without ``TRITON_INTERPRET=1``) the op runs the same program with
 ATen ops and warns once: slower, same numbers.
 """
