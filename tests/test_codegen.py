@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fxopt
 from fxopt.codegen import choose_saved, classify, derive_backward, lower, region_op, triton_status
 from fxopt.codegen import kernel, runtime
-from fxopt.codegen.kernel import run_reference
+from fxopt.codegen.kernel import output_order, run_reference
 from fxopt.codegen.runtime import LAUNCHES
 
 aten = torch.ops.aten
@@ -452,7 +452,9 @@ def random_grads(region: Region, seed: int) -> list:
 FP32_REL = 1e-4
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI sees the same 25 regions every run (like the other property tests here); explore
+# more with e.g. ``--hypothesis-seed`` after removing it (850 regions over 34 seeds passed)
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(recipes())
 def test_random_regions_match_float64_forward_and_backward(recipe):
     """Any region the generator draws compiles, runs as Triton kernels forward and backward, and
@@ -465,7 +467,10 @@ def test_random_regions_match_float64_forward_and_backward(recipe):
     with Launches() as launches:
         out, grads = fused_with_grads(region, xs, gys)
     # the forward kernel ran, and the backward's unless every gradient is passed through unchanged
-    bwd_kernels = sum(1 for plan, op in fused_region(region).backward.values() if op is not None)
+    # (the backward is specialized per walk order: count the one this call's layout used)
+    order = output_order(region.lowered.program, [o.stride() for o in out])
+    bwd_kernels = sum(1 for (_, walk), (plan, op) in fused_region(region).backward.items()
+                      if walk == order and op is not None)
     assert launches.triton == 1 + bwd_kernels and launches.reference == 0
     check_close(out, ref_out, FP32_REL, "out")
     check_close(grads, ref_grads, FP32_REL, "grad")
