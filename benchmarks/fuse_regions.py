@@ -17,11 +17,8 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
-import datetime
-import json
 import operator
 import os
-import shlex
 import shutil
 import statistics
 import sys
@@ -38,7 +35,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from _cli import add_output_options, refuses_cpu  # noqa: E402  (benchmarks/_cli.py)
+from _cli import add_output_options, provenance, refuses_cpu, write_outputs  # noqa: E402  (benchmarks/_cli.py)
 
 
 class Region(nn.Module):
@@ -293,9 +290,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run, not a benchmark)"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    cmd = "python benchmarks/fuse_regions.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    dev, date, cmd = provenance("fuse_regions.py", argv, device.type == "cuda")
     clock_name = "CUDA events" if device.type == "cuda" else "host clock"
     lines = [f"## Fused regions: {dev}, torch {torch.__version__}, triton {triton.__version__}, {date}", "",
              "One training step of the region: forward, random output gradients, autograd.grad w.r.t. the inputs "
@@ -307,19 +302,13 @@ def main(argv=None) -> int:
              "(compile), after a warm-up region paid the process start-up"
              + ("" if args.warm_caches else ", with empty disk caches")
              + ". err = largest ‖x − ref‖/‖ref‖ over outputs and gradients against float64.", "",
-             f"Command: `{cmd.strip()}`", "",
+             f"Command: `{cmd}`", "",
              "| region | shape | dtype | eager ms | fused ms | compile ms | fused/eager | fused/compile | fused GB/s "
              "| first call fused s | first call compile s | err fused | err eager | err compile |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [markdown_row(r) for r in rows]
     lines += ["", "Regions: " + "; ".join(f"{n}: {REGIONS[n].what}" for n in args.regions) + ".", ""]
-    text = "\n".join(lines)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    write_outputs(args, "\n".join(lines), rows)
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -11,9 +11,6 @@ Refuses on a machine without CUDA unless ``--cpu-smoke`` (CPU numbers say nothin
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import shlex
 import sys
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from _cli import add_output_options, refuses_cpu  # noqa: E402  (benchmarks/_cli.py)
+from _cli import add_output_options, provenance, refuses_cpu, write_outputs  # noqa: E402  (benchmarks/_cli.py)
 from fxopt.bench import DEFAULT_VARIANTS, bench  # noqa: E402
 
 MODELS = ["resnet50", "convnext_t", "vit_b16", "driving",
@@ -62,26 +59,18 @@ def main(argv=None) -> int:
         print(res.table(), file=sys.stderr)
         results.append(res)
 
-    dev = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke run, not a benchmark)"
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    cmd = "python benchmarks/train_step.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    dev, date, cmd = provenance("train_step.py", argv, device == "cuda")
     lines = [f"## Training step: {dev}, torch {torch.__version__}, {date}", "",
              f"Batch {batch}, one training step (forward, loss, backward, SGD momentum), fresh random inputs "
              f"each step, median of {steps} steps after {warmup} warm-up (CUDA events); p10–p90 spread; "
              f"MFU vs the dense bf16 peak; first step = capture + passes + compile + one step.", "",
-             f"Command: `{cmd.strip()}`", ""]
+             f"Command: `{cmd}`", ""]
     for res in results:
         if isinstance(res, dict):
             lines += [f"### {res['model']}", "", f"not run: {res['error']}", ""]
         else:
             lines += [f"### {res.model}", "", res.to_markdown(), ""]
-    text = "\n".join(lines)
-    if args.out:
-        Path(args.out).write_text(text)
-    else:
-        print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps([r if isinstance(r, dict) else r.to_dict() for r in results], indent=1))
+    write_outputs(args, "\n".join(lines), [r if isinstance(r, dict) else r.to_dict() for r in results])
     return 0
 
 

@@ -7,12 +7,10 @@ Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TR
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxopt
@@ -151,6 +149,13 @@ class _Fn(nn.Module):
 
     def forward(self, *xs):
         return self.fn(*xs)
+
+
+def test_reused_graph_with_other_shapes_says_what_to_do():
+    from fxopt.codegen.runtime import RegionInputError
+    _, record, gm = run(Residual().train(), _x(2, 4, 6, 6))
+    with pytest.raises(RegionInputError, match="static shapes"):
+        gm(_x(3, 4, 6, 6))
 
 
 def test_options_bound_regions():

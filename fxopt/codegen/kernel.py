@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import math
 import os
-import re
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -288,7 +287,7 @@ def load_kernel(source: str, name: str):
 
 
 def kernel_name(program: Program) -> str:
-    return "k_" + re.sub(r"[^0-9a-zA-Z_]", "_", program.label)[:40] + "_" + program.key()
+    return "k_" + program.name
 
 
 # ---- the torch reference ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -115,6 +116,11 @@ class Program:
 
     def key(self) -> str:
         return hashlib.sha256(self.text().encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        """``<ops>_<key>``: an identifier for the custom op and its kernel."""
+        return re.sub(r"[^0-9a-zA-Z_]", "_", self.label)[:40] + "_" + self.key()
 
     @property
     def rows(self) -> int:

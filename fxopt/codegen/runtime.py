@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from fxopt.errors import FxoptError
 
 from .kernel import (grid_and_warps, kernel_name, load_kernel, output_order, plan_layout, run_reference,
                      triton_source)
@@ -83,7 +84,18 @@ def _to_space(t, spec):
     return t if tuple(t.shape) == tuple(spec.shape) else t.view(spec.shape)
 
 
+class RegionInputError(FxoptError, ValueError):
+    """A fused region called with inputs of other shapes than it was compiled for."""
+
+
 def _views(program: Program, tensors) -> list:
+    for i, (spec, t) in enumerate(zip(program.inputs, tensors)):
+        if t.numel() != math.prod(spec.shape):
+            raise RegionInputError(
+                f"fused region {program.name} was compiled for input {i} of {math.prod(spec.shape)} elements "
+                f"(viewed as {list(spec.own_shape)}), got {list(t.shape)}: its kernels are specialized to "
+                f"static shapes; call fxopt.optimize's module (it captures each new input shape) instead "
+                f"of reusing this graph")
     return [_to_space(t, spec) for spec, t in zip(program.inputs, tensors)]
 
 
@@ -154,15 +166,11 @@ def _define(qualname: str, program: Program, region_ref, forward: bool) -> objec
     return op
 
 
-def _op_name(program: Program) -> str:
-    return re.sub(r"[^0-9a-zA-Z_]", "_", program.label)[:40] + "_" + program.key()
-
-
 def region_op(program: Program, oracle=None):
     """The custom op (an OpOverload) computing ``program``; defined once per process.
     ``oracle``: the unfused nodes as a module of the op's inputs (their outputs' strides are the
     op's); without it outputs are dense in the memory order of the first full-size input."""
-    name = _op_name(program)
+    name = program.name
     if name in _REGIONS:
         if _REGIONS[name].oracle is None:
             _REGIONS[name].oracle = oracle
