@@ -88,6 +88,8 @@ class OptimizedModule(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; available: {BACKENDS}")
+        from .passes.manager import check_config
+        check_config(pipeline, hardware)  # PipelineError / HardwareError before anything is captured
         source = copy.deepcopy(model)
         # share the copy's module tree: names, state_dict and .to() all act on the copy
         self._modules, self._parameters, self._buffers = source._modules, source._parameters, source._buffers

@@ -1,7 +1,8 @@
 """The pass interface, the registry and the pipeline-string parser.
 
 A pass is a class with a kebab-case ``name``, a one-line ``summary``, the ``options`` it
-accepts (with their defaults) and ``run(gm, ctx) -> PassResult``. It rewrites the graph and
+accepts (a typed schema: ``{name: Option(type, default, doc, choices=..., minimum=...)}``) and
+``run(gm, ctx) -> PassResult``. It rewrites the graph and
 logs every decision with ``ctx.decide(...)``; it never lints, recompiles, re-propagates
 metadata, costs or verifies: the :class:`~fxopt.passes.manager.PassManager` does that.
 
@@ -16,9 +17,14 @@ Pipeline strings
   is ``["head.*", "softmax"]``; a trailing ``;`` makes a one-item list (``keep_fp32=head.*;``);
 * whitespace around names, keys and values is ignored; ``{``, ``}``, ``,``, ``=`` and ``;``
   cannot appear inside values.
+
+Every value is then checked against the pass's declared :class:`Option` (type, allowed values,
+minimum) when the pipeline is parsed, i.e. before anything is captured: ``fuse{max_ops=abc}``
+is a PipelineError naming the option, what it accepts and its doc, not a crash inside the pass.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -27,8 +33,9 @@ from torch import fx
 
 from fxopt.errors import FxoptError
 
-__all__ = ["Pass", "PassResult", "PassContext", "Decision", "PassError", "PipelineError",
-           "register", "unregister", "get", "available", "parse_pipeline", "format_pipeline"]
+__all__ = ["Pass", "PassResult", "PassContext", "Decision", "PassError", "PipelineError", "Option",
+           "register", "unregister", "get", "available", "parse_pipeline", "format_pipeline", "schema",
+           "defaults", "check_options", "options_help"]
 
 _KEBAB = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -47,6 +54,67 @@ class PassError(FxoptError):
 
 class PipelineError(FxoptError, ValueError):
     """A pipeline string or pass list is malformed, or names an unknown pass or option."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_words(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(x, str) and x for x in v))
+
+
+# option type -> (accepts the value?, how the pipeline string writes it)
+_TYPES: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (_is_int, "an integer"),
+    float: (lambda v: (_is_int(v) or isinstance(v, float)) and math.isfinite(v), "a number"),
+    str: (lambda v: isinstance(v, str) and v != "", "a word"),
+    list: (_is_words, "a word or a ';'-separated list of words (a;b, or a; for one)"),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a pass accepts: its type, default, one-line doc, allowed values and minimum.
+
+    ``type`` is bool, int, float (an int is accepted), str, or list (a word or a ``;``-list of
+    words), or a tuple of those and other Python types (programmatic values such as a
+    ``torch.dtype``). ``choices`` restricts a word (each word of a list) to those values.
+    """
+
+    type: type | tuple
+    default: Any
+    doc: str = ""
+    choices: tuple = ()
+    minimum: float | None = None
+
+    def allowed(self) -> str:
+        """What the option accepts, in words (for error messages and ``options_help``)."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        what = " or ".join(_TYPES[t][1] if t in _TYPES else t.__name__ for t in types)
+        if self.choices:
+            what = f"one of {', '.join(map(str, self.choices))}" + (" (or a ';'-list of them)" if list in types else "")
+        if self.minimum is not None:
+            what += f", at least {self.minimum:g}"
+        return what
+
+    def check(self, value, where: str):
+        """``value`` if this option accepts it (an int given to a float option becomes a float),
+        else a PipelineError saying ``where``, what was given and what is allowed."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        ok = any(_TYPES[t][0](value) if t in _TYPES else isinstance(value, t) for t in types)
+        if ok and self.choices:
+            words = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
+            ok = all(w in self.choices for w in words)
+        if ok and self.minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok = value >= self.minimum
+        if not ok:
+            doc = f" ({self.doc})" if self.doc else ""
+            raise PipelineError(f"{where} is {value!r}; it must be {self.allowed()}{doc}")
+        if float in types and _is_int(value) and int not in types:
+            return float(value)
+        return value
 
 
 @dataclass
@@ -129,7 +197,9 @@ class Pass:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    options: ClassVar[dict[str, Any]] = {}  # option name -> default value
+    # option name -> Option(type, default, doc, ...); a bare default value is shorthand for
+    # Option(type(default), default) (see :func:`schema`)
+    options: ClassVar[dict[str, Any]] = {}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement run(gm, ctx)")
@@ -156,6 +226,7 @@ def register(cls: type[Pass] | None = None, *, replace: bool = False) -> Callabl
             raise PipelineError(f"{c.__name__}.name must be kebab-case (like 'fold-bn'), got {c.name!r}")
         if not c.summary or "\n" in c.summary:
             raise PipelineError(f"{c.__name__}.summary must be one non-empty line")
+        schema(c)  # a malformed option declaration fails here, at import, not in a user's pipeline
         if c.name in _REGISTRY and _REGISTRY[c.name] is not c and not replace:
             raise PipelineError(f"a pass named {c.name!r} is already registered ({_REGISTRY[c.name].__name__}); "
                                 f"pick another name or register(..., replace=True)")
@@ -269,22 +340,56 @@ def parse_pipeline(text: str, *, check: bool = True) -> list[tuple[str, dict]]:
     return out
 
 
+def schema(cls: type[Pass]) -> dict[str, Option]:
+    """``cls.options`` as ``{name: Option}``; a bare default ``v`` declares ``Option(type(v), v)``."""
+    out = {}
+    for key, decl in cls.options.items():
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise PipelineError(f"{cls.__name__}.options: {key!r} is not an option name (a Python identifier)")
+        if not isinstance(decl, Option):
+            kind = list if isinstance(decl, tuple) else type(decl)
+            if kind not in _TYPES:
+                raise PipelineError(f"{cls.__name__}.options[{key!r}]: declare it as Option(type, default, doc); "
+                                    f"a bare default must be a bool, int, float, str or list, got {decl!r}")
+            decl = Option(kind, decl)
+        out[key] = decl
+    return out
+
+
+def defaults(cls: type[Pass]) -> dict:
+    """The default value of every option ``cls`` declares."""
+    return {k: o.default for k, o in schema(cls).items()}
+
+
 def check_options(cls: type[Pass], options: dict) -> dict:
-    """``cls.options`` overlaid with ``options``; PipelineError on an undeclared key."""
-    unknown = sorted(set(options) - set(cls.options))
+    """The declared defaults overlaid with ``options``, each value checked against its Option;
+    PipelineError naming the pass, the option and what is allowed on an undeclared key or bad value."""
+    if not isinstance(options, dict):
+        raise PipelineError(f"options of pass {cls.name!r} must be a dict, got {type(options).__name__}")
+    declared = schema(cls)
+    unknown = sorted(set(options) - set(declared))
     if unknown:
-        known = ", ".join(f"{k}={v!r}" for k, v in cls.options.items()) or "(it takes none)"
-        raise PipelineError(f"pass {cls.name!r} has no option {', '.join(map(repr, unknown))}; options: {known}")
-    return {**cls.options, **options}
+        raise PipelineError(f"pass {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+                            f"{options_help(cls) or 'it takes none'}")
+    checked = {k: declared[k].check(v, f"option {k!r} of pass {cls.name!r}") for k, v in options.items()}
+    return {**defaults(cls), **checked}
+
+
+def options_help(cls: type[Pass]) -> str:
+    """One line per option: ``name=default: allowed values; doc``."""
+    return "; ".join(f"{k}={_format_value(o.default) or '(empty)'} ({o.allowed()}{': ' + o.doc if o.doc else ''})"
+                     for k, o in schema(cls).items())
+
+
+def _format_value(v) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, list):
+        return ";".join(_format_value(x) for x in v) + (";" if len(v) == 1 else "")
+    return str(v)
 
 
 def format_pipeline(items: list[tuple[str, dict]]) -> str:
     """The inverse of :func:`parse_pipeline` (for messages and reports)."""
-    def val(v):
-        if isinstance(v, bool):
-            return str(v).lower()
-        if isinstance(v, list):
-            return ";".join(val(x) for x in v) + (";" if len(v) == 1 else "")
-        return str(v)
-    return ",".join(name + ("{" + ",".join(f"{k}={val(v)}" for k, v in opts.items()) + "}" if opts else "")
+    return ",".join(name + ("{" + ",".join(f"{k}={_format_value(v)}" for k, v in opts.items()) + "}" if opts else "")
                     for name, opts in items)

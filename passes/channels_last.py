@@ -54,7 +54,7 @@ from torch import fx
 from fxopt.errors import FxoptError
 from fxopt.nodeinfo import node_info
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Option, Pass, PassContext, PassResult, register
 from .rewrite import GraphFacts, PROVENANCE_KEYS, _fake_val, val
 
 __all__ = ["ToChannelsLast", "LayoutError", "NHWC_SPEEDUP", "CONV_OPS", "FOLLOW_OPS", "ANY_LAYOUT_OPS",
@@ -463,9 +463,10 @@ def _fmt_us(s: float) -> str:
 class ToChannelsLast(Pass):
     name = "channels-last"
     summary = "run conv regions in NHWC (channels-last) where the cost model predicts a gain"
-    # force: every conv in scope goes NHWC whatever the cost model predicts (decisions still say it)
-    # scope: module-path globs of the convs that may convert ("*": all; "backbone.*;fpn.*")
-    options = {"force": False, "scope": "*"}
+    options = {
+        "force": Option(bool, False, "every conv in scope goes NHWC whatever the cost model predicts"),
+        "scope": Option(list, "*", "module-path globs of the convs that may convert (*: all; backbone.*;fpn.*)"),
+    }
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         plan = _Planner(gm, ctx)

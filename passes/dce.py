@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Option, Pass, PassContext, PassResult, register
 from .rewrite import HIDDEN_WRITES, _writes
 
 __all__ = ["DeadCodeElimination", "KEEP_RULES", "keep_reason"]
@@ -77,7 +77,7 @@ def keep_reason(node: fx.Node) -> tuple[str, str] | None:
 class DeadCodeElimination(Pass):
     name = "dce"
     summary = "remove unused side-effect-free nodes (keeps in-place updates, BN statistics, random ops)"
-    options = {"log_kept": True}  # log a decision for each dead node kept for a side effect
+    options = {"log_kept": Option(bool, True, "log a decision for each dead node kept for a side effect")}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph

@@ -56,7 +56,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Option, Pass, PassContext, PassResult, register
 from .rewrite import Call, GraphFacts, Rule, _known, add_call, val
 
 __all__ = ["FuseEpilogues", "RULES", "Fuse", "Keep", "addmm_activation_differentiable", "GELU_OF_ADDMM_ACTIVATION"]
@@ -334,8 +334,10 @@ RULES: list[Rule] = [
 class FuseEpilogues(Pass):
     name = "epilogue"
     summary = "fuse bias adds and relu/gelu into the GEMM before them where an ATen kernel does it (addmm, linear)"
-    # bias: apply the bias rules; activation: apply gemm-activation (eval graphs only in torch 2.13)
-    options = {"bias": True, "activation": True}
+    options = {
+        "bias": Option(bool, True, "fuse bias adds into the GEMM (addmm, linear)"),
+        "activation": Option(bool, True, "fuse relu/gelu into the GEMM (_addmm_activation; eval graphs in torch 2.13)"),
+    }
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph

@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from torch import fx
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Option, Pass, PassContext, PassResult, register
 from .rewrite import PROVENANCE_KEYS, GraphFacts, _fake_val, val
 
 __all__ = ["FoldBatchNorm", "Producer", "PRODUCERS", "REFUSALS", "BNMatch"]
@@ -314,10 +314,11 @@ def _us(t: float) -> str:
 class FoldBatchNorm(Pass):
     name = "fold-bn"
     summary = "fold eval-mode/frozen batch norm into the preceding conv/linear weights, computed in the graph"
-    # frozen_in_training: also fold BN called with training=False inside a training graph
-    # profitable_only: where the graph is costed, keep BNs whose fold the cost model predicts slower
-    # (tiny layers: the weight ops' launches outweigh a small BN pass)
-    options = {"frozen_in_training": True, "profitable_only": True}
+    # profitable_only: tiny layers' weight ops can cost more launches than a small BN pass saves
+    options = {
+        "frozen_in_training": Option(bool, True, "also fold BN called with training=False inside a training graph"),
+        "profitable_only": Option(bool, True, "where the graph is costed, keep BNs whose fold is predicted slower"),
+    }
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from fxopt.cost_models import load_hardware

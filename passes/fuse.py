@@ -39,7 +39,7 @@ from fxopt.codegen.lower import FREE, Domain, Unfusible, classify, lower
 from fxopt.codegen.program import choose_saved, derive_backward
 from fxopt.codegen.runtime import region_op, triton_status
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Option, Pass, PassContext, PassResult, register
 from .rewrite import GraphFacts
 
 __all__ = ["Fuse", "RegionRecord", "region_table"]
@@ -267,7 +267,14 @@ def _unfused_bytes(nodes: list, training: bool) -> int:
 class Fuse(Pass):
     name = "fuse"
     summary = "pointwise/broadcast/row-reduction chains -> one fxopt Triton kernel each, forward and backward"
-    options = {"max_ops": 24, "max_inputs": 8, "max_row": MAX_ROW, "min_gain_us": 0.0, "fallback": "unfused"}
+    options = {
+        "max_ops": Option(int, 24, "most ops in one region", minimum=2),
+        "max_inputs": Option(int, 8, "most tensor inputs of one region", minimum=1),
+        "max_row": Option(int, MAX_ROW, "longest reduced row (elements) a row-reduction region takes", minimum=1),
+        "min_gain_us": Option(float, 0.0, "fuse a region only when the cost model predicts at least this gain (us)"),
+        "fallback": Option(str, "unfused", "without Triton: unfused keeps ATen ops, reference fuses with ATen "
+                           "programs (tests)", choices=("unfused", "reference")),
+    }
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from fxopt.cost_models.hardware import load_hardware

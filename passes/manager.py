@@ -23,12 +23,23 @@ that dtype sets ``e_ref`` and the 16-bit floor applies (see :mod:`fxopt.verify`)
 divergence search tolerates that dtype's rounding. :func:`graph_precision` reads it back.
 
 Any exception in steps 1-3 becomes a :class:`PassError` naming the pass and the passes that ran
-before it, chained to the original exception.
+before it, chained to the original exception. With ``on_error="rollback"`` (the default) that pass
+is rolled back like one that fails verification: its record says ``rolled_back`` with the error
+in ``error``/``note``, a warning is logged, and the pipeline goes on with the graph before it (a
+bug in one pass, or a graph it does not understand, such as a ``torch.cond`` body, costs that
+pass's gain, not the whole optimize). ``on_error="raise"`` raises the PassError (debugging a pass).
+A candidate whose verification cannot run at all is rolled back too, with the cause.
+
+Configuration is checked when the manager is built, before anything is captured or run
+(:func:`check_config`): the pipeline's pass names and option values against each pass's declared
+:class:`~fxopt.passes.base.Option`, and the hardware name or profile (a HardwareError listing the
+known presets; an unknown name never silently turns costing off).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 import time
 import warnings
@@ -44,11 +55,16 @@ from torch.utils._pytree import tree_leaves
 from fxopt.capture import Captured
 from fxopt.graphtext import canonical_text, unified_diff
 
-from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineError, check_options,
+from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineError, check_options, defaults,
                    format_pipeline, get, parse_pipeline)
 
-__all__ = ["PassManager", "PassRecord", "timing_table", "propagate_meta", "find_divergence", "Divergence",
+__all__ = ["PassManager", "PassRecord", "check_config", "ON_ERROR", "timing_table", "propagate_meta", "find_divergence", "Divergence",
            "run_graph", "no_new_guards", "verify_graphs", "graph_precision", "PRECISION_KEY"]
+
+log = logging.getLogger(__name__)
+
+#: What the manager does with a pass that raises (or breaks the graph): roll it back and go on, or raise.
+ON_ERROR = ("rollback", "raise")
 
 #: ``GraphModule.meta`` key of the precision a pass lowered the graph to (same as fxopt.verify's).
 PRECISION_KEY = "fxopt.precision"
@@ -79,6 +95,7 @@ class PassRecord:
     diverging_node: str | None = None
     options: dict = field(default_factory=dict)
     note: str = ""                # the manager's explanation (rollback reason, divergence details)
+    error: str = ""               # the PassError's message, when the pass raised or broke the graph
 
     @property
     def kept(self) -> bool:
@@ -415,16 +432,43 @@ def _resolve(passes: PassSpec | Iterable[PassSpec]) -> list[tuple[Pass, dict]]:
     return out
 
 
+def check_config(pipeline, hardware=None, *, default: str | None = "default") -> None:
+    """Raise before anything runs when ``pipeline`` or ``hardware`` is wrong.
+
+    ``pipeline``: anything :class:`PassManager` accepts (each option value checked against the
+    pass's schema), or ``default`` (a pipeline chosen after capture); a PipelineError otherwise.
+    ``hardware``: None, a preset name, a profile JSON path or a Hardware; a HardwareError listing
+    the known presets otherwise (:func:`fxopt.cost_models.hardware.load_hardware`).
+    """
+    if pipeline is None:
+        raise PipelineError("pipeline=None: give a pipeline string like 'dce,normalize', a list of passes, "
+                            "or 'default' (fxopt chooses from the captured graph)")
+    if not (default is not None and isinstance(pipeline, str) and pipeline.strip() == default):
+        _resolve(pipeline)
+    _check_hardware(hardware)
+
+
+def _check_hardware(hardware) -> None:
+    from fxopt.cost_models.hardware import load_hardware
+    load_hardware(hardware)  # HardwareError naming the known presets
+
+
 class PassManager:
     """Run passes over a captured graph, with the bookkeeping described in the module docstring.
 
     ``passes``: a pipeline string (``"dce,normalize{div_exact_only=true}"``), or a list of pass
-    names, Pass classes/instances, or ``(pass, options)`` pairs.
+    names, Pass classes/instances, or ``(pass, options)`` pairs. ``on_error``: ``"rollback"`` (a
+    pass that raises is rolled back and recorded, the pipeline goes on) or ``"raise"``.
     """
 
     def __init__(self, passes, *, verify: bool = False, print_after_change: bool = False,
-                 dump_dir: str | os.PathLike | None = None, cost: bool = True, hardware: str = "h100"):
+                 dump_dir: str | os.PathLike | None = None, cost: bool = True, hardware: str = "h100",
+                 on_error: str = "rollback"):
+        if on_error not in ON_ERROR:
+            raise PipelineError(f"on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")
         self.passes = _resolve(passes)
+        _check_hardware(hardware)
+        self.on_error = on_error
         self.verify = verify
         self.print_after_change = print_after_change
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
@@ -437,7 +481,7 @@ class PassManager:
 
     @property
     def pipeline(self) -> str:
-        return format_pipeline([(p.name, {k: v for k, v in o.items() if type(p).options.get(k) != v})
+        return format_pipeline([(p.name, {k: v for k, v in o.items() if defaults(type(p)).get(k) != v})
                                 for p, o in self.passes])
 
     # -- bookkeeping helpers -------------------------------------------------------------------
@@ -488,7 +532,13 @@ class PassManager:
             previous = [r.name for r in records]
             candidate = _quiet_deepcopy(current)
             ctx.begin(p.name, options, node_times)
-            gm, result, dt, new_text = self._run_one(p, candidate, ctx, previous, args, kwargs, text)
+            try:
+                gm, result, dt, new_text = self._run_one(p, candidate, ctx, previous, args, kwargs, text)
+            except PassError as exc:
+                if self.on_error == "raise":
+                    raise
+                records.append(self._raised(p, options, ctx, exc, step, label, text))
+                continue
             changed = new_text != text
             modified = bool(result.modified) or changed
             record = PassRecord(p.name, modified, dict(result.stats), list(ctx.decisions),
@@ -515,6 +565,17 @@ class PassManager:
                 self._dump(f"{label}.diff", record.diff)
             records.append(record)
         return current, records
+
+    def _raised(self, p: Pass, options: dict, ctx: PassContext, exc: PassError, step, label: str,
+                text: str) -> PassRecord:
+        """The record of a pass that raised or broke the graph: rolled back, the error kept."""
+        log.warning("%s; rolled back, the pipeline goes on without it", exc)
+        record = PassRecord(p.name, False, {}, list(ctx.decisions), "", 0.0, step, step, rolled_back=True,
+                            options=dict(options), error=str(exc),
+                            note=f"raised, rolled back: {str(exc).splitlines()[0]}")
+        self._dump(f"{label}.txt", text)
+        self._dump(f"{label}.rolled_back.txt", record.note + "\n" + str(exc) + "\n")
+        return record
 
     def _run_one(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, previous: list[str],
                  args, kwargs, text_before: str):
@@ -564,7 +625,14 @@ class PassManager:
         args, kwargs = captured.example_args, captured.example_kwargs
         ref = reference if reference is not None else captured.graph_module
         precision = graph_precision(after)  # declared by a precision-lowering pass (module doc)
-        result = verify_graphs(ref, after, args, kwargs, captured.training, reference_precision=precision)
+        try:
+            result = verify_graphs(ref, after, args, kwargs, captured.training, reference_precision=precision)
+        except Exception as exc:  # a pass is kept only when it was verified
+            record.rolled_back = True
+            record.error = f"{type(exc).__name__}: {exc}"
+            record.note = f"verification could not run, rolled back: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            log.warning("pass %r: %s", record.name, record.note)
+            return
         record.verification = result
         if result:
             return

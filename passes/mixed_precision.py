@@ -60,7 +60,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from fxopt.cost_models.ops import classify
 from fxopt.errors import FxoptError
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Option, Pass, PassContext, PassResult, register
 from .rewrite import PROVENANCE_KEYS, GraphFacts, Rewrite, Rule, apply_rules, same_layout, val
 
 __all__ = ["CastMixedPrecision", "MixedPrecisionError", "POLICY", "FP32_ARGS", "CLEANUP_RULES", "policy_of",
@@ -671,11 +671,13 @@ class _Rewriter:
 class CastMixedPrecision(Pass):
     name = "mixed-precision"
     summary = "bf16/fp16 compute with fp32 master weights: tensor-core ops and activations in 16 bits"
-    # dtype: bf16 | fp16; keep_fp32: glob patterns (module paths, op names) kept fp32;
-    # reduce_fp32_min: sum/mean over at least this many elements stay fp32; estimate: price decisions;
-    # only_if_faster: keep the rewrite only when the estimated step time goes down (else no change)
-    options = {"dtype": "bf16", "keep_fp32": [], "reduce_fp32_min": 4096, "estimate": True,
-               "only_if_faster": False}
+    options = {
+        "dtype": Option((str, torch.dtype), "bf16", "the 16-bit compute dtype", choices=tuple(DTYPES)),
+        "keep_fp32": Option(list, [], "glob patterns (module paths, op names) that stay fp32"),
+        "reduce_fp32_min": Option(int, 4096, "sum/mean over at least this many elements stay fp32", minimum=1),
+        "estimate": Option(bool, True, "price each decision with the cost model"),
+        "only_if_faster": Option(bool, False, "keep the rewrite only when the predicted step gets faster"),
+    }
 
     def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         self._low(ctx.options)

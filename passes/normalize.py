@@ -24,7 +24,7 @@ import math
 import torch
 from torch import fx
 
-from .base import Pass, PassContext, PassResult, register
+from .base import Option, Pass, PassContext, PassResult, register
 from .rewrite import Call, GraphFacts, Rewrite, Rule, _known, apply_rules, same_layout, val
 
 __all__ = ["Normalize", "RULES"]
@@ -141,8 +141,11 @@ RULES: list[Rule] = [
 class Normalize(Pass):
     name = "normalize"
     summary = "canonical forms (div->mul, transpose->permute) and removal of no-op view/clone/to/dropout"
-    # rules: "all", or a list of rule names to apply (``normalize{rules=identity-dropout;}``)
-    options = {"div_exact_only": False, "rules": "all"}
+    options = {
+        "div_exact_only": Option(bool, False, "div(x, s) -> mul(x, 1/s) only where 1/s is exact (s a power of two)"),
+        "rules": Option(list, "all", "the rules to apply: all, or rule names (normalize{rules=identity-dropout;})",
+                        choices=("all",) + tuple(r.name for r in RULES)),
+    }
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = apply_rules(gm, ctx, select_rules(ctx.options.get("rules", "all")))

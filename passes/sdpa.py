@@ -57,7 +57,7 @@ from torch import fx
 
 from fxopt.errors import FxoptError
 
-from .base import Pass, PassContext, PassResult, PipelineError, register
+from .base import Option, Pass, PassContext, PassResult, PipelineError, register
 from .normalize import RULES as NORMALIZE_RULES
 from .rewrite import Call, GraphFacts, _known, add_call, apply_rules, val
 
@@ -712,9 +712,11 @@ def rewrite(gm: fx.GraphModule, att: Attention) -> fx.Node:
 class FuseAttention(Pass):
     name = "sdpa"
     summary = "hand-written attention (matmul, scale, mask, softmax, dropout, matmul) -> scaled_dot_product_attention"
-    # canonicalize: apply normalize's rules first; fuse_dropout: fuse attention with active dropout
-    # (its mask then comes from SDPA's kernel); min_gain_us: refuse when the cost model predicts less
-    options = {"canonicalize": True, "fuse_dropout": True, "min_gain_us": 0.0}
+    options = {
+        "canonicalize": Option(bool, True, "apply normalize's rules first"),
+        "fuse_dropout": Option(bool, True, "fuse attention with active dropout (its mask then comes from SDPA's kernel)"),
+        "min_gain_us": Option(float, 0.0, "refuse a fusion the cost model predicts to gain less (us)"),
+    }
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = ctx.options
