@@ -1,0 +1,217 @@
+"""Non-matrix FLOPs, bytes and kernel counts of each op class against hand-derived numbers.
+
+tests/test_cost_model.py pins the matrix FLOPs against torch's FlopCounterMode; torch has no
+reference for the rest (norms, softmax, pointwise, reductions, pooling, data movement, random),
+so these tests state the count a reader can check on paper, one op class at a time, on tiny
+graphs (forward only where the backward would add noise; phase "bwd" where it is the subject).
+
+The per-element FLOP conventions (one FLOP per arithmetic step of the textbook formula):
+  layer/batch norm forward 8 (mean: 1 add, x - mean: 1, square: 1, variance: 1 add, times rstd: 1,
+  times gamma: 1, plus beta: 1, the amortized rsqrt/division: 1), backward 10; softmax forward 5
+  (max: 1 compare, x - max: 1, exp: 1, sum: 1 add, divide: 1), backward 4 (dy*y: 1, row sum: 1,
+  subtract: 1, times y: 1); reductions 1 per input element; pointwise 1 per output element.
+Bytes are asserted for pointwise, matrix, conv, data movement and views only: the kernels that
+read their inputs more than once (batch norm in training, softmax/layer-norm with long rows,
+their backward) are costed by their real traffic, which is the cost model's to decide.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxopt
+
+F32, BF16, I64 = 4, 2, 8
+
+
+class Fn(nn.Module):
+    def __init__(self, fn, *mods):
+        super().__init__()
+        self.fn, self.mods = fn, nn.ModuleList(mods)
+
+    def forward(self, *xs):
+        return self.fn(self, *xs)
+
+
+def kernel_calls(report, phase="fwd", op_class=None, op=None):
+    return [c for c in report.calls if c.kernels and c.phase == phase
+            and (op_class is None or c.op_class == op_class) and (op is None or c.op == op)]
+
+
+def fwd(fn, *inputs, mods=()):
+    return fxopt.analyze(Fn(fn, *mods), inputs, training=False)
+
+
+def train(fn, *inputs, mods=()):
+    return fxopt.analyze(Fn(fn, *mods), inputs, optimizer=None)
+
+
+def _x(*shape, grad=False, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype, requires_grad=grad)
+
+
+# ---- pointwise -------------------------------------------------------------------------------
+
+def test_unary_pointwise_by_hand():
+    n = 6 * 10
+    (c,) = kernel_calls(fwd(lambda s, x: torch.relu(x), _x(6, 10)))
+    assert (c.op_class, c.flops, c.kernels) == ("pointwise", n, 1)
+    assert (c.bytes_read, c.bytes_written) == (n * F32, n * F32)
+
+
+def test_repeated_operand_is_read_once():
+    """x * x: the kernel reads each element of x once and uses it twice."""
+    n = 7 * 9
+    (c,) = kernel_calls(fwd(lambda s, x: x * x, _x(7, 9)))
+    assert (c.op, c.flops, c.kernels) == ("mul", n, 1)
+    assert (c.bytes_read, c.bytes_written) == (n * F32, n * F32)
+    # two distinct operands of the same shape are both read
+    (c2,) = kernel_calls(fwd(lambda s, x, y: x * y, _x(7, 9), _x(7, 9)))
+    assert c2.bytes_read == 2 * n * F32
+
+
+def test_scalar_operand_moves_no_bytes():
+    (c,) = kernel_calls(fwd(lambda s, x: x * 3.0 + 0, _x(5, 4)))[:1]
+    assert (c.flops, c.bytes_read, c.bytes_written) == (20, 20 * F32, 20 * F32)
+
+
+def test_dtype_cast_reads_one_width_and_writes_the_other():
+    n = 8 * 16
+    (c,) = kernel_calls(fwd(lambda s, x: x.to(torch.bfloat16), _x(8, 16)))
+    assert (c.op_class, c.flops, c.kernels) == ("memory", 0, 1)
+    assert (c.bytes_read, c.bytes_written) == (n * F32, n * BF16)
+
+
+# ---- reductions ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op", ["sum", "mean", "amax"])
+def test_reductions_count_one_flop_per_input_element(op):
+    x = _x(4, 6, 5)
+    (c,) = kernel_calls(fwd(lambda s, x: getattr(x, op)(dim=(0, 2)), x))
+    assert (c.op_class, c.flops, c.kernels) == ("reduction", 4 * 6 * 5, 1)
+    assert (c.bytes_read, c.bytes_written) == (4 * 6 * 5 * F32, 6 * F32)
+
+
+# ---- norms and softmax: FLOPs per element nonzero, forward and backward ------------------------
+
+def test_layer_norm_flops_forward_and_backward():
+    b, t, d = 3, 5, 16
+    r = train(lambda s, x: s.mods[0](x), _x(b, t, d, grad=True), mods=(nn.LayerNorm(d),))
+    (f,) = kernel_calls(r, "fwd", "norm")
+    assert f.flops == 8 * b * t * d
+    (bw,) = kernel_calls(r, "bwd", "norm")
+    assert bw.flops == 10 * b * t * d
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_flops(training):
+    n, c, h = 2, 4, 6
+    bn = nn.BatchNorm2d(c).train(training)
+    model = Fn(lambda s, x: s.mods[0](x), bn).train(training)
+    x = _x(n, c, h, h, grad=True)
+    r = fxopt.analyze(model, x, optimizer=None) if training else fxopt.analyze(model, x, training=False)
+    (f,) = kernel_calls(r, "fwd", "norm")
+    assert f.flops == 8 * n * c * h * h
+    if training:
+        (bw,) = kernel_calls(r, "bwd", "norm")
+        assert bw.flops == 10 * n * c * h * h
+
+
+def test_group_norm_flops():
+    n, c, h = 2, 6, 5
+    r = fwd(lambda s, x: s.mods[0](x), _x(n, c, h, h), mods=(nn.GroupNorm(3, c),))
+    (f,) = kernel_calls(r, "fwd", "norm")
+    assert f.flops == 8 * n * c * h * h
+
+
+def test_softmax_flops_and_kernels_forward_and_backward():
+    b, t = 6, 20
+    r = train(lambda s, x: torch.softmax(x, dim=-1), _x(b, t, grad=True))
+    (f,) = kernel_calls(r, "fwd", "softmax")
+    assert (f.flops, f.kernels) == (5 * b * t, 1)
+    (bw,) = kernel_calls(r, "bwd", "softmax")
+    assert (bw.flops, bw.kernels) == (4 * b * t, 1)
+
+
+# ---- convolution backward: one kernel per gradient it computes ----------------------------------
+
+@pytest.mark.parametrize("input_grad,bias", [(True, False), (False, False), (True, True), (False, True)])
+def test_conv_backward_kernels_per_output_mask(input_grad, bias):
+    """convolution_backward's output_mask says which of (grad_input, grad_weight, grad_bias) it
+    computes; each is its own kernel. grad_input and grad_weight each cost one forward conv."""
+    n, c, o, h, k = 2, 3, 5, 6, 3
+    conv = nn.Conv2d(c, o, k, padding=1, bias=bias)
+    r = train(lambda s, x: s.mods[0](x), _x(n, c, h, h, grad=input_grad), mods=(conv,))
+    (f,) = kernel_calls(r, "fwd", "conv")
+    fwd_flops = 2 * n * o * h * h * c * k * k
+    assert (f.flops, f.kernels) == (fwd_flops, 1)
+    (bw,) = kernel_calls(r, "bwd", "conv")
+    assert bw.kernels == int(input_grad) + 1 + int(bias)
+    assert bw.flops == fwd_flops * (int(input_grad) + 1)
+
+
+# ---- pooling, data movement, random, views ------------------------------------------------------
+
+def test_max_pool_by_hand():
+    n, c, h = 2, 3, 8
+    (p,) = kernel_calls(fwd(lambda s, x: F.max_pool2d(x, 2), _x(n, c, h, h)), "fwd", "pooling")
+    out = n * c * (h // 2) ** 2
+    assert (p.flops, p.kernels) == (n * c * h * h, 1)
+    assert (p.bytes_read, p.bytes_written) == (n * c * h * h * F32, out * F32 + out * I64)  # values + indices
+
+
+def test_cat_and_clone_move_bytes_without_flops():
+    (cat,) = kernel_calls(fwd(lambda s, x, y: torch.cat([x, y], 1), _x(2, 3), _x(2, 5)))
+    assert (cat.op_class, cat.flops, cat.kernels) == ("memory", 0, 1)
+    assert (cat.bytes_read, cat.bytes_written) == ((6 + 10) * F32, 16 * F32)
+
+
+def test_dropout_flops_and_kernels():
+    """Training dropout as ATen runs it: draw a Bernoulli mask (bernoulli_, 1 FLOP per element),
+    scale it by 1/(1-p) (div_, 1), multiply (mul, 1); its backward multiplies by the mask (1)."""
+    n = 4 * 32
+    r = train(lambda s, x: F.dropout(x, 0.5, True), _x(4, 32, grad=True))
+    f = kernel_calls(r, "fwd")
+    assert [(c.op_class, c.flops, c.kernels) for c in f] == [("random", n, 1), ("pointwise", n, 1),
+                                                            ("pointwise", n, 1)]
+    (bw,) = kernel_calls(r, "bwd")
+    assert (bw.op, bw.flops, bw.kernels) == ("mul", n, 1)
+
+
+def test_views_and_allocations_launch_nothing():
+    r = fwd(lambda s, x: x.view(4, 8).t().unsqueeze(0).expand(3, 8, 4) + torch.empty(3, 8, 4), _x(32))
+    ks = kernel_calls(r)
+    assert [c.op for c in ks] == ["add"]  # the view chain and empty() cost nothing
+    assert ks[0].bytes_read == (32 + 3 * 8 * 4) * F32  # the expanded operand is read once (stride 0)
+
+
+def test_linear_bias_is_read_once_per_element():
+    b, i, o = 4, 8, 16
+    (mm,) = kernel_calls(fwd(lambda s, x: s.mods[0](x), _x(b, i), mods=(nn.Linear(i, o),)))
+    assert (mm.op, mm.flops, mm.kernels) == ("addmm", 2 * b * i * o, 1)
+    assert (mm.bytes_read, mm.bytes_written) == ((o + b * i + i * o) * F32, b * o * F32)
+
+
+# ---- backward of pointwise: the chain rule by hand ------------------------------------------------
+
+def test_pointwise_backward_by_hand():
+    """d/dx of sum(x * x) = 2 * x * dy: autograd runs grad * x twice (one per operand use) and adds
+    them: three kernels of n FLOPs, each reading two n-element tensors and writing one."""
+    n = 5 * 6
+    r = train(lambda s, x: x * x, _x(5, 6, grad=True))
+    bw = kernel_calls(r, "bwd")
+    assert sorted(c.op for c in bw) == ["add", "mul", "mul"]
+    assert all((c.flops, c.bytes_read, c.bytes_written, c.kernels) == (n, 2 * n * F32, n * F32, 1) for c in bw)
+
+
+def test_totals_split_matrix_and_other_flops():
+    """A linear + relu step: matrix FLOPs are the GEMMs only; relu fwd/bwd and the bias-gradient
+    reduction are 'other' FLOPs, counted by hand."""
+    b, i, o = 4, 8, 16
+    r = train(lambda s, x: torch.relu(s.mods[0](x)), _x(b, i), mods=(nn.Linear(i, o),))
+    t = r.totals
+    assert t["matrix_flops_fwd"] == 2 * b * i * o
+    assert t["matrix_flops_bwd"] == 2 * b * i * o          # x needs no grad: wgrad only
+    assert t["other_flops_fwd"] == b * o                   # relu
+    assert t["other_flops_bwd"] == b * o + b * o           # threshold_backward + bias-grad sum
+    assert t["kernels"] == sum(c.kernels for c in r.calls)

@@ -1,0 +1,225 @@
+"""Mutation testing of fxopt's core with cosmic-ray, one shard per module (``make mutation``).
+
+Why: a test suite that passes says little until plausible bugs are shown to fail it. Each core
+module is mutated (an operator swapped, a comparison bounded the other way, a constant nudged,
+a condition negated, a loop skipped) and its *matching* test files are run against every mutant;
+a mutant that passes them survives and needs either a new test or a reason it is equivalent.
+
+How: cosmic-ray edits the module file on disk, so each shard runs in its own snapshot of the
+committed tree (``git archive HEAD``), never in the working tree other people are editing. The
+snapshot is put first on ``PYTHONPATH`` with ``fxopt/passes`` and ``fxopt/cost_models`` linked to
+their top-level folders (the package-dir mapping of pyproject.toml), so the tests import the
+mutated copy, not the editable install. Sessions are sqlite files: a shard stopped by its time
+budget resumes where it stopped on the next run (incremental mode).
+
+Usage::
+
+    .venv/bin/python tools/mutation.py passes/normalize.py cost_models/ops.py --budget 1800
+    .venv/bin/python tools/mutation.py --list
+    .venv/bin/python tools/mutation.py --all --budget 3600   # every shard (hours on 2 cores)
+
+Prints one Markdown row per shard (for docs/BENCHMARKS.md) and writes the surviving mutants'
+diffs to ``<workdir>/<shard>/survivors.txt``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import io
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: module -> the test files (and -k selections) that test it. Small on purpose: a mutant is run
+#: against what should catch it, which keeps a shard to minutes, not hours.
+SHARDS: dict[str, list[str]] = {
+    "passes/normalize.py": ["tests/test_passes.py -k 'normalize or numerics'",
+                            "tests/test_references_passes.py"],
+    "passes/dce.py": ["tests/test_passes.py -k 'dce or numerics'", "tests/test_references_passes.py"],
+    "passes/rewrite.py": ["tests/test_passes.py -k 'normalize or dce'", "tests/test_references_passes.py"],
+    "passes/fold_bn.py": ["tests/test_fold_bn.py", "tests/test_references_passes.py"],
+    "passes/channels_last.py": ["tests/test_channels_last.py", "tests/test_references_passes.py"],
+    "passes/mixed_precision.py": ["tests/test_mixed_precision.py", "tests/test_references_passes.py"],
+    "passes/sdpa.py": ["tests/test_sdpa.py", "tests/test_references_passes.py"],
+    "passes/epilogue.py": ["tests/test_epilogue.py", "tests/test_references_passes.py"],
+    "passes/fuse.py": ["tests/test_fuse.py"],
+    "passes/manager.py": ["tests/test_passes.py"],
+    "passes/base.py": ["tests/test_passes.py"],
+    "passes/default.py": ["tests/test_optimize.py"],
+    "cost_models/ops.py": ["tests/test_references_cost.py", "tests/test_cost_model.py -k 'not full_size'"],
+    "cost_models/trace.py": ["tests/test_references_cost.py", "tests/test_cost_model.py -k 'not full_size'"],
+    "cost_models/layout.py": ["tests/test_cost_model.py -k 'layout'", "tests/test_channels_last.py"],
+    "cost_models/roofline.py": ["tests/test_cost_model.py -k 'not full_size'"],
+    "cost_models/hardware.py": ["tests/test_cost_model.py -k 'not full_size'"],
+    "fxopt/verify.py": ["tests/test_verify.py", "tests/test_references_verify.py"],
+    "fxopt/capture.py": ["tests/test_capture.py"],
+    "fxopt/codegen/program.py": ["tests/test_codegen.py", "tests/test_references_codegen.py"],
+    "fxopt/codegen/lower.py": ["tests/test_codegen.py", "tests/test_references_codegen.py"],
+}
+
+#: mutmut-sized operator set: each binary operator gets one counterpart (not all twelve), each
+#: comparison its boundary/negation; VariableReplacer/Inserter (random rewiring) and
+#: RemoveDecorator (removing @dataclass/@register breaks every import: killed, at full cost) are off.
+_KEEP_BINARY = "Add_Sub Sub_Add Mul_Div Div_Mul FloorDiv_Div Mod_FloorDiv Pow_Mul BitAnd_BitOr " \
+               "BitXor_BitOr LShift_RShift RShift_LShift"
+_KEEP_COMPARE = "Eq_NotEq NotEq_Eq Lt_LtE LtE_Lt Gt_GtE GtE_Gt Is_IsNot IsNot_Is"
+EXCLUDE_OPERATORS = [
+    r"core/ReplaceBinaryOperator_(?!(" + "|".join(_KEEP_BINARY.split()) + r")$).*",
+    r"core/ReplaceComparisonOperator_(?!(" + "|".join(_KEEP_COMPARE.split()) + r")$).*",
+    r"core/ReplaceUnaryOperator_(?!(USub_UAdd|Delete_Not)$).*",
+    r"core/VariableReplacer", r"core/VariableInserter", r"core/RemoveDecorator",
+]
+
+
+def _snapshot(dest: Path) -> None:
+    """The committed tree (HEAD) in ``dest``, laid out as the installed package sees it."""
+    if dest.exists():
+        return
+    dest.mkdir(parents=True)
+    tar = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=ROOT, check=True,
+                         capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(dest, filter="data")
+    for pkg in ("passes", "cost_models"):  # pyproject's package-dir: fxopt.passes <- passes/
+        (dest / "fxopt" / pkg).symlink_to(Path("..") / pkg)
+
+
+def _config(shard: str, work: Path, timeout: float) -> Path:
+    tests = " ".join(f"'{a}'" if " " in a else a for spec in SHARDS[shard] for a in _existing(spec, work))
+    py = shlex.quote(sys.executable)
+    cmd = (f"env PYTHONPATH={shlex.quote(str(work))} PYTHONDONTWRITEBYTECODE=1 {py} -m pytest -x -q "
+           f"-p no:cacheprovider --no-header -m 'not slow and not gpu' {tests}")
+    lines = [
+        "[cosmic-ray]",
+        f"module-path = {json.dumps(shard)}",
+        f"timeout = {timeout}",
+        "excluded-modules = []",
+        f"test-command = {json.dumps(cmd)}",
+        "",
+        "[cosmic-ray.distributor]",
+        'name = "local"',
+        "",
+        "[cosmic-ray.filters.operators-filter]",
+        "exclude-operators = [" + ", ".join(json.dumps(e) for e in EXCLUDE_OPERATORS) + "]",
+    ]
+    path = work / "cosmic-ray.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _existing(spec: str, work: Path) -> list[str]:
+    """A test spec's arguments, dropped when its file is not in the snapshot (not committed yet)."""
+    args = shlex.split(spec)
+    return args if (work / args[0]).exists() else []
+
+
+def _counts(session: Path) -> dict:
+    """killed / survived / timeout / pending / skipped (filtered operators) from a session."""
+    out = subprocess.run([str(Path(sys.executable).parent / "cosmic-ray"), "dump", str(session)],
+                         capture_output=True, text=True, check=True).stdout
+    counts = {"killed": 0, "survived": 0, "timeout": 0, "pending": 0, "skipped": 0, "error": 0}
+    survivors = []
+    for line in out.splitlines():
+        item, result = json.loads(line)
+        if result is None:
+            counts["pending"] += 1
+        elif result["worker_outcome"] == "skipped":
+            counts["skipped"] += 1
+        elif result["worker_outcome"] == "timeout":
+            counts["timeout"] += 1
+        elif result["worker_outcome"] != "normal":
+            counts["error"] += 1
+        elif result["test_outcome"] == "survived":
+            counts["survived"] += 1
+            survivors.append((item, result))
+        else:
+            counts["killed"] += 1
+    counts["survivors"] = survivors
+    return counts
+
+
+def run_shard(shard: str, workdir: Path, budget: float, timeout: float) -> dict:
+    work = workdir / shard.replace("/", "_").removesuffix(".py")
+    _snapshot(work)
+    config = _config(shard, work, timeout)
+    session = work / "session.sqlite"
+    bin_ = Path(sys.executable).parent
+    if not session.exists():
+        base = subprocess.run(shlex.split(_read_cmd(config)), cwd=work, capture_output=True, text=True)
+        if base.returncode != 0:
+            raise SystemExit(f"{shard}: the unmutated tests fail in the snapshot; fix them first:\n"
+                             f"{base.stdout[-3000:]}{base.stderr[-2000:]}")
+        subprocess.run([str(bin_ / "cosmic-ray"), "init", str(config), str(session)], cwd=work, check=True)
+        subprocess.run([str(bin_ / "cr-filter-operators"), str(session), str(config)], cwd=work, check=True)
+    start = time.monotonic()
+    proc = subprocess.Popen([str(bin_ / "cosmic-ray"), "exec", str(config), str(session)], cwd=work,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:  # out of budget: stop; the session resumes next time
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+    counts = _counts(session)
+    counts["wall_s"] = time.monotonic() - start
+    with open(work / "survivors.txt", "w") as f:
+        for item, result in counts["survivors"]:
+            m = item["mutations"][0]
+            f.write(f"## {m['module_path']}:{m['start_pos'][0]} {m['operator_name']} #{m['occurrence']}\n")
+            f.write((result.get("diff") or "") + "\n")
+    return counts
+
+
+def _read_cmd(config: Path) -> str:
+    for line in config.read_text().splitlines():
+        if line.startswith("test-command = "):
+            return json.loads(line.split(" = ", 1)[1])
+    raise AssertionError("no test-command")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("modules", nargs="*", help="shards to run (paths as in --list)")
+    p.add_argument("--all", action="store_true", help="every shard")
+    p.add_argument("--list", action="store_true", help="list the shards and their test files")
+    p.add_argument("--budget", type=float, default=1800, help="seconds per shard (resumes next run)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per mutant's test run")
+    p.add_argument("--workdir", type=Path, default=Path(os.environ.get("FXOPT_MUTATION_DIR", "/tmp/fxopt-mutation")))
+    p.add_argument("--fresh", action="store_true", help="discard earlier sessions and snapshots")
+    a = p.parse_args(argv)
+    if a.list:
+        for shard, tests in SHARDS.items():
+            print(f"{shard}: {'; '.join(tests)}")
+        return 0
+    shards = list(SHARDS) if a.all else a.modules
+    unknown = [s for s in shards if s not in SHARDS]
+    if unknown or not shards:
+        p.error(f"unknown shard(s) {unknown}; see --list" if unknown else "name shards or pass --all")
+    if a.fresh:
+        for s in shards:
+            shutil.rmtree(a.workdir / s.replace("/", "_").removesuffix(".py"), ignore_errors=True)
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    print("| module | mutants | killed | survived | timeout | pending | score | wall | date |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    worst = 1.0
+    for s in shards:
+        c = run_shard(s, a.workdir, a.budget, a.timeout)
+        done = c["killed"] + c["timeout"] + c["survived"]
+        score = (c["killed"] + c["timeout"]) / done if done else float("nan")
+        worst = min(worst, score) if done else worst
+        print(f"| {s} | {done + c['pending']} | {c['killed']} | {c['survived']} | {c['timeout']} | "
+              f"{c['pending']} | {score:.0%} | {c['wall_s'] / 60:.0f} min | {date} |", flush=True)
+    return 0 if worst >= 0.85 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
