@@ -1,0 +1,465 @@
+"""Many GPUs: what data-parallel communication adds to a costed training step.
+
+``apply(report, spec)`` takes the one-GPU step of :func:`fxopt.analyze` (the per-GPU batch is the
+batch of its inputs) and the :class:`Distributed` spec, and returns a :class:`DistributedCost`:
+
+- **DDP** (``torch.nn.parallel.DistributedDataParallel``): gradients go into buckets as DDP's
+  reducer forms them after its first iteration (in the order gradients become ready, per dtype,
+  a first bucket of 1 MiB then ``bucket_mb``); each bucket's all-reduce starts when its last
+  gradient is ready in the backward timeline (the report's per-call backward times, in order)
+  and after the previous bucket's (one NCCL stream); what runs past the backward's end is exposed.
+- **FSDP** (``fully_shard``, ``strategy="fsdp"`` = FULL_SHARD / ZeRO-3, ``"shard_grad_op"`` =
+  ZeRO-2): one unit per module at ``fsdp_depth`` (as ``fully_shard`` is applied per block); each
+  unit all-gathers its parameters before its forward and (FULL_SHARD) again before its backward,
+  the next unit's all-gather prefetched while the current one computes, and reduce-scatters its
+  gradients when they are ready. Compute waits for late all-gathers: those waits are exposed.
+
+Collectives are costed by :mod:`fxopt.cost_models.comm` on a cluster preset. Only exposed
+communication adds to ``step_time_s``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+from tabulate import tabulate
+from torch import fx
+
+from .cost_models.comm import Cluster, CommTime, cluster_presets, collective_time, load_cluster
+from .cost_models.trace import OPTIMIZER_NODE
+from .errors import AnalysisError, HardwareError, InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Distributed", "DistributedCost", "apply", "ddp_buckets", "gpu_scaling", "GPUScaling",
+           "calibrate_comm", "check_comm_bound"]
+
+STRATEGIES = ("ddp", "fsdp", "shard_grad_op")
+MIB = 1024 * 1024                       # torch's bucket_cap_mb is in MiB
+DDP_FIRST_BUCKET_MB = 1.0               # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
+DEFAULT_CLUSTER = {"h100": "h100-ib", "h200": "h200-ib", "a100": "a100-ib"}
+# optimizer state per parameter byte (SGD momentum: 1 buffer; AdamW: 2), for FSDP's memory saving
+OPTIMIZER_STATE = {"sgd": 1, "adamw": 2, "None": 0}
+DTYPE_SIZES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """How the step is run on many GPUs. ``grad_dtype``: the dtype gradients are communicated in
+    (None: the parameters' own; "bf16": e.g. DDP's bf16 compression hook)."""
+
+    world_size: int
+    strategy: str = "ddp"
+    gpus_per_node: int | None = None   # default: the cluster's
+    cluster: str | None = None         # default: the hardware preset's cluster (h100 -> h100-ib)
+    bucket_mb: float = 25.0
+    first_bucket_mb: float = DDP_FIRST_BUCKET_MB
+    grad_dtype: str | None = None
+    fsdp_depth: int = 1
+    prefetch: bool = True
+    algorithm: str = "auto"            # inter-node all-reduce: auto, ring or tree
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.world_size, int) and self.world_size >= 1, "world_size must be an int >= 1"),
+            (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
+            (self.gpus_per_node is None or (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 1),
+             "gpus_per_node must be an int >= 1 (or None: the cluster's)"),
+            (self.bucket_mb > 0 and self.first_bucket_mb > 0, "bucket_mb and first_bucket_mb must be > 0"),
+            (self.grad_dtype is None or self.grad_dtype in DTYPE_SIZES,
+             f"grad_dtype must be None or one of {sorted(DTYPE_SIZES)}"),
+            (isinstance(self.fsdp_depth, int) and self.fsdp_depth >= 1, "fsdp_depth must be an int >= 1"),
+            (self.algorithm in ("auto", "ring", "tree"), "algorithm must be auto, ring or tree"),
+        ]
+        bad = [why for ok, why in checks if not ok]
+        if bad:
+            raise InputError(f"Distributed({self.world_size=}, {self.strategy=}, ...): " + "; ".join(bad))
+
+    @classmethod
+    def parse(cls, spec) -> "Distributed | None":
+        """None, a Distributed, a dict of its fields, or a world size."""
+        if spec is None or isinstance(spec, Distributed):
+            return spec
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            return cls(world_size=spec)
+        if isinstance(spec, dict):
+            unknown = set(spec) - {f.name for f in fields(cls)}
+            if unknown or "world_size" not in spec:
+                raise InputError(f"distributed={spec!r}: needs world_size; unknown keys {sorted(unknown)}; "
+                                 f"known: {[f.name for f in fields(cls)]}")
+            return cls(**spec)
+        raise InputError(f"distributed= takes a dict (e.g. {{'world_size': 64, 'strategy': 'ddp'}}), an int or "
+                         f"fxopt.Distributed(...); got {type(spec).__name__}")
+
+    def resolve(self, hardware_name: str) -> Cluster:
+        """The cluster this spec runs on, checked against the world size (call before analyzing)."""
+        name = self.cluster or DEFAULT_CLUSTER.get(hardware_name)
+        if name is None:
+            raise HardwareError(f"no default cluster for hardware {hardware_name!r}: pass cluster= one of "
+                                f"{cluster_presets()} or a cluster JSON path")
+        c = load_cluster(name)
+        if self.gpus_per_node is not None and self.gpus_per_node != c.gpus_per_node:
+            c = replace(c, gpus_per_node=self.gpus_per_node)
+        if self.world_size > c.gpus_per_node and self.world_size % c.gpus_per_node:
+            raise InputError(f"world_size {self.world_size} spans nodes of {c.gpus_per_node} GPUs but is not a "
+                             f"multiple of it; use whole nodes or set gpus_per_node")
+        return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and when their gradients are ready
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    name: str           # FQN (the first name of a tied parameter)
+    index: int          # registration order (model.parameters())
+    numel: int
+    dtype: str          # "float32", ...
+    nodes: tuple        # fx nodes that read it (through get_attr)
+    ready_s: float      # its gradient is complete, seconds after the backward starts
+    fwd_use_s: float    # first forward use, seconds after the step starts
+    bwd_use_s: float    # first backward call of a node that reads it
+    late: bool = False  # ready after the others of its node: eager linear's weight goes through t()
+
+    def nbytes(self, dtype: str | None = None) -> int:
+        return self.numel * (DTYPE_SIZES[dtype] if dtype else getattr(torch, self.dtype).itemsize)
+
+
+def _graph_module(report) -> fx.GraphModule:
+    cap = report.captured
+    gm = getattr(cap, "graph_module", cap)
+    if not isinstance(gm, fx.GraphModule):
+        raise AnalysisError("distributed costs need the captured graph (parameters and their users); this report "
+                            "has none (a .at() re-evaluation?): analyze with concrete sizes and distributed=")
+    return gm
+
+
+def _timelines(report):
+    """Per node: (first fwd start, first bwd start, last bwd end); forward and backward totals."""
+    fwd, bwd, t_f, t_b = {}, {}, 0.0, 0.0
+    for c, t in zip(report.calls, report.call_times):
+        dt = float(t.total_s)
+        if c.phase == "fwd":
+            fwd.setdefault(c.node, t_f)
+            t_f += dt
+        elif c.phase == "bwd":
+            start, _ = bwd.get(c.node, (t_b, 0.0))
+            t_b += dt
+            bwd[c.node] = (start, t_b)
+    return fwd, bwd, t_f, t_b
+
+
+def _grad_nodes(node: fx.Node, bwd: dict, seen=None) -> list[str]:
+    """The nodes whose backward produces ``node``'s gradient: its users that have backward calls,
+    looking through users without any (a free view of a weight)."""
+    seen = set() if seen is None else seen
+    out = []
+    for u in node.users:
+        if u.name in seen:
+            continue
+        seen.add(u.name)
+        out += [u.name] if u.name in bwd else _grad_nodes(u, bwd, seen)
+    return out
+
+
+_TRANSPOSED_WEIGHT = {torch.ops.aten.linear.default}
+
+
+def parameters(report) -> list[Param]:
+    """The trainable parameters of the report's graph with their gradient-ready times."""
+    gm = _graph_module(report)
+    fwd, bwd, _, t_b = _timelines(report)
+    by_id: dict[int, tuple[int, str, torch.nn.Parameter]] = {}
+    for i, (name, p) in enumerate(gm.named_parameters()):
+        if p.requires_grad:
+            by_id[id(p)] = (i, name, p)
+    attrs: dict[int, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            obj = gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part, None)
+            if id(obj) in by_id:
+                attrs.setdefault(id(obj), []).append(n)
+    out = []
+    for pid, (i, name, p) in by_id.items():
+        nodes = [u for a in attrs.get(pid, []) for u in _grad_nodes(a, bwd)]
+        if not nodes:
+            log.info("parameter %s gets no gradient in this step: not communicated", name)
+            continue
+        users = [u for a in attrs.get(pid, []) for u in a.users]
+        ready = max(bwd[n][1] for n in nodes)
+        late = any(u.target in _TRANSPOSED_WEIGHT and len(u.args) > 1 and u.args[1] in attrs[pid]
+                   and bwd.get(u.name, (0, -1))[1] == ready for u in users)
+        out.append(Param(name, i, p.numel(), str(p.dtype).replace("torch.", ""), tuple(nodes), ready_s=ready,
+                         fwd_use_s=min((fwd[u.name] for u in users if u.name in fwd), default=0.0),
+                         bwd_use_s=min(bwd[n][0] for n in nodes), late=late))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP
+# ---------------------------------------------------------------------------------------------
+
+def ddp_buckets(params: list[Param], bucket_bytes: int, first_bucket_bytes: int,
+                grad_dtype: str | None = None) -> list[list[Param]]:
+    """Buckets as DDP's reducer rebuilds them after the first iteration: parameters in the order
+    their gradients become ready (ties, i.e. one backward kernel's outputs: registration order, but a
+    linear weight after its bias, as eager's addmm(bias, x, weight.t()) yields it), one running bucket per dtype
+    that closes when it reaches its limit (the first limit ``first_bucket_bytes``, then
+    ``bucket_bytes``), leftovers last (torch's ``compute_bucket_assignment_by_size``)."""
+    order = sorted(params, key=lambda p: (p.ready_s, p.late, p.index))
+    open_: dict[str, list] = {}
+    limits: dict[str, int] = {}
+    done = []
+    for p in order:
+        key = grad_dtype or p.dtype
+        bucket = open_.setdefault(key, [])
+        bucket.append(p)
+        limit = limits.setdefault(key, first_bucket_bytes)
+        if sum(q.nbytes(grad_dtype) for q in bucket) >= limit:
+            done.append(bucket)
+            open_[key] = []
+            limits[key] = bucket_bytes
+    return done + [b for b in open_.values() if b]
+
+
+@dataclass(frozen=True)
+class Bucket:
+    index: int
+    params: tuple[str, ...]
+    nbytes: int
+    ready_s: float     # its last gradient is ready (s after the backward starts)
+    start_s: float
+    end_s: float
+    comm: CommTime
+
+
+def overlap(ready_and_times: list[tuple[float, float]], backward_s: float) -> tuple[list[tuple[float, float]], float]:
+    """One communication stream: item i starts when it is ready and item i-1 is done. Returns the
+    (start, end) of each and the time past ``backward_s`` (exposed)."""
+    out, free = [], 0.0
+    for ready, dt in ready_and_times:
+        start = max(ready, free)
+        free = start + dt
+        out.append((start, free))
+    return out, max(0.0, free - backward_s)
+
+
+def _ddp(params, spec: Distributed, cluster: Cluster, backward_s: float):
+    groups = ddp_buckets(params, int(spec.bucket_mb * MIB), int(spec.first_bucket_mb * MIB), spec.grad_dtype)
+    comms = [collective_time("all_reduce", sum(p.nbytes(spec.grad_dtype) for p in g), spec.world_size, cluster,
+                             spec.algorithm) for g in groups]
+    ready = [max(p.ready_s for p in g) for g in groups]
+    spans, exposed = overlap(list(zip(ready, (c.time_s for c in comms))), backward_s)
+    buckets = [Bucket(i, tuple(p.name for p in g), int(c.nbytes), r, s, e, c)
+               for i, (g, c, r, (s, e)) in enumerate(zip(groups, comms, ready, spans))]
+    return buckets, exposed
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    name: str                 # module path (``(root)`` for parameters above fsdp_depth)
+    params: tuple[str, ...]
+    param_bytes: int          # all-gathered (parameter dtype)
+    grad_bytes: int           # reduce-scattered (grad_dtype)
+    fwd_need_s: float
+    bwd_need_s: float
+    ready_s: float
+    all_gather: CommTime
+    reduce_scatter: CommTime
+
+
+def fsdp_units(params: list[Param], depth: int) -> dict[str, list[Param]]:
+    """Parameters grouped per module at ``depth`` (``layer1.0.conv1.weight`` -> ``layer1`` at 1)."""
+    units: dict[str, list[Param]] = {}
+    for p in params:
+        parts = p.name.split(".")[:-1]
+        units.setdefault(".".join(parts[:depth]) or "(root)", []).append(p)
+    return units
+
+
+def _stall_run(order: list[tuple[float, float]], prefetch: bool, comm_free: float = 0.0):
+    """Compute reaches unit k at ``need_k`` (no waiting); unit k's all-gather takes ``t_k`` on one
+    stream, issued when unit k-1 starts (prefetch) or when unit k is reached. Returns the stall
+    before each unit and the stream's end."""
+    stall, prev_start, stalls = 0.0, 0.0, []
+    for k, (need, t) in enumerate(order):
+        need += stall
+        issue = (prev_start if prefetch else need) if k else 0.0
+        start = max(issue, comm_free)
+        comm_free = start + t
+        wait = max(0.0, comm_free - need)
+        stall += wait
+        stalls.append(stall)
+        prev_start = need + wait
+    return stalls, comm_free
+
+
+def _fsdp(params, spec: Distributed, cluster: Cluster, forward_s: float, backward_s: float):
+    n = spec.world_size
+    units = []
+    for name, ps in fsdp_units(params, spec.fsdp_depth).items():
+        pb, gb = sum(p.nbytes() for p in ps), sum(p.nbytes(spec.grad_dtype) for p in ps)
+        units.append(Unit(name, tuple(p.name for p in ps), pb, gb, min(p.fwd_use_s for p in ps),
+                          min(p.bwd_use_s for p in ps), max(p.ready_s for p in ps),
+                          collective_time("all_gather", pb, n, cluster, spec.algorithm),
+                          collective_time("reduce_scatter", gb, n, cluster, spec.algorithm)))
+    fwd = sorted(units, key=lambda u: u.fwd_need_s)
+    fwd_stalls, _ = _stall_run([(u.fwd_need_s, u.all_gather.time_s) for u in fwd], spec.prefetch)
+    bwd = sorted(units, key=lambda u: u.bwd_need_s)
+    if spec.strategy == "fsdp":   # FULL_SHARD: parameters are re-gathered for the backward
+        bwd_stalls, free = _stall_run([(u.bwd_need_s, u.all_gather.time_s) for u in bwd], spec.prefetch)
+    else:                         # SHARD_GRAD_OP keeps them from the forward
+        bwd_stalls, free = [0.0] * len(bwd), 0.0
+    stall_at = dict(zip((u.name for u in bwd), bwd_stalls))
+    # reduce-scatters follow on the same stream once their gradients are ready (shifted by the stalls)
+    rs = sorted((u.ready_s + stall_at[u.name], u.reduce_scatter.time_s) for u in units)
+    bwd_stall = bwd_stalls[-1] if bwd_stalls else 0.0
+    _, tail = overlap(rs, backward_s + bwd_stall) if rs else ([], 0.0)
+    tail = max(tail, free - backward_s - bwd_stall, 0.0)
+    exposed = (fwd_stalls[-1] if fwd_stalls else 0.0) + bwd_stall + tail
+    return units, exposed
+
+
+def _state_bytes(report, params) -> tuple[int, int]:
+    """Per-GPU (parameter, optimizer state) bytes of an unsharded replica (gradients: as parameters)."""
+    pb = sum(p.nbytes() for p in params)
+    opt = report.nodes.get(OPTIMIZER_NODE)
+    return pb, OPTIMIZER_STATE.get(opt.op if opt else "None", 0) * pb
+
+
+# ---------------------------------------------------------------------------------------------
+# The result
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DistributedCost:
+    """What ``spec`` adds to the one-GPU step of a report. Times in seconds, per GPU."""
+
+    spec: Distributed
+    cluster: Cluster
+    compute_s: float          # the one-GPU step (forward, backward, optimizer)
+    forward_s: float
+    backward_s: float
+    comm_bytes: int           # bytes of the collectives each GPU takes part in, per step
+    comm_time_s: float        # their summed time (overlapped or not)
+    exposed_comm_s: float     # what the compute could not hide
+    per_gpu_batch: int | None = None
+    buckets: list[Bucket] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
+    state_bytes: int = 0      # params + grads + optimizer state of one unsharded replica
+    memory_saved_bytes: int = 0
+
+    @property
+    def step_time_s(self) -> float:
+        return self.compute_s + self.exposed_comm_s
+
+    @property
+    def exposed_share(self) -> float:
+        return self.exposed_comm_s / self.step_time_s if self.step_time_s else 0.0
+
+    @property
+    def throughput(self) -> float | None:
+        """Samples per second over all GPUs (needs the per-GPU batch)."""
+        return self.spec.world_size * self.per_gpu_batch / self.step_time_s if self.per_gpu_batch else None
+
+    def adjust(self, totals: dict) -> dict:
+        """A report's totals with communication: comm fields added, the exposed part in step_time_s."""
+        step = totals["step_time_s"] + self.exposed_comm_s
+        mfu = totals["mfu"] * totals["step_time_s"] / step if step else totals["mfu"]
+        return {**totals, "step_time_s": step, "mfu": mfu, "comm_bytes": self.comm_bytes,
+                "comm_time_s": self.comm_time_s, "exposed_comm_s": self.exposed_comm_s,
+                "world_size": self.spec.world_size}
+
+    def summary(self) -> str:
+        s = self.spec
+        what = (f"{len(self.buckets)} gradient buckets (all-reduce)" if s.strategy == "ddp" else
+                f"{len(self.units)} units (all-gather{' x2' if s.strategy == 'fsdp' else ''} + reduce-scatter)")
+        lines = [f"  distributed        {s.strategy} on {s.world_size} GPUs ({self.cluster.name}, "
+                 f"{self.cluster.gpus_per_node}/node): {what}",
+                 f"  communication      {self.comm_bytes / 1e6:,.1f} MB, {self.comm_time_s * 1e3:.3g} ms, exposed "
+                 f"{self.exposed_comm_s * 1e3:.3g} ms ({self.exposed_share * 100:.1f} % of the step)"]
+        if self.memory_saved_bytes:
+            lines.append(f"  sharding saves     {self.memory_saved_bytes / 1e9:.3g} GB per GPU of "
+                         f"{self.state_bytes / 1e9:.3g} GB params+grads+optimizer state")
+        return "\n".join(lines)
+
+    def table(self, tablefmt: str = "simple") -> str:
+        if self.buckets:
+            rows = [[b.index, len(b.params), f"{b.nbytes / MIB:.2f}", f"{b.ready_s * 1e3:.3f}",
+                     f"{b.start_s * 1e3:.3f}", f"{b.end_s * 1e3:.3f}", b.comm.algorithm] for b in self.buckets]
+            return tabulate(rows, ["bucket", "params", "MiB", "ready ms", "start ms", "end ms", "algorithm"],
+                            tablefmt=tablefmt, disable_numparse=True) + \
+                f"\n(backward ends at {self.backward_s * 1e3:.3f} ms)"
+        rows = [[u.name, len(u.params), f"{u.param_bytes / MIB:.2f}", f"{u.all_gather.time_s * 1e6:.0f}",
+                 f"{u.reduce_scatter.time_s * 1e6:.0f}"] for u in self.units]
+        return tabulate(rows, ["unit", "params", "MiB", "all-gather us", "reduce-scatter us"], tablefmt=tablefmt,
+                        disable_numparse=True)
+
+    def to_dict(self) -> dict:
+        return {"spec": asdict(self.spec), "cluster": self.cluster.name, "compute_s": self.compute_s,
+                "comm_bytes": self.comm_bytes, "comm_time_s": self.comm_time_s,
+                "exposed_comm_s": self.exposed_comm_s, "step_time_s": self.step_time_s,
+                "memory_saved_bytes": self.memory_saved_bytes,
+                "buckets": [{"params": list(b.params), "nbytes": b.nbytes, "ready_s": b.ready_s, "start_s": b.start_s,
+                             "end_s": b.end_s, "algorithm": b.comm.algorithm} for b in self.buckets],
+                "units": [{"name": u.name, "param_bytes": u.param_bytes, "grad_bytes": u.grad_bytes,
+                           "all_gather_s": u.all_gather.time_s, "reduce_scatter_s": u.reduce_scatter.time_s}
+                          for u in self.units]}
+
+
+def _batch(report) -> int | None:
+    cap = report.captured
+    for n in getattr(getattr(cap, "graph", None), "nodes", ()):
+        v = n.meta.get("val")
+        if n.op == "placeholder" and isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], int):
+            return v.shape[0]
+    return None
+
+
+def apply(report, spec, *, params: list[Param] | None = None, compute_scale: float = 1.0) -> DistributedCost:
+    """The communication of ``spec`` on ``report``'s step (``compute_scale``: what-if factor on
+    every call's time, e.g. 2 for a twice larger per-GPU batch)."""
+    spec = Distributed.parse(spec)
+    if report.is_symbolic:
+        raise InputError("distributed costs need concrete sizes: use report.at(batch=N) of a concrete capture, "
+                         "or analyze without dynamic_batch")
+    if not report.training:
+        raise InputError("distributed costs are for training steps (gradients); analyze with training=True")
+    cluster = spec.resolve(report.hardware.name)
+    params = parameters(report) if params is None else params
+    fwd, bwd, forward_s, backward_s = _timelines(report)
+    compute_s = float(sum(t.total_s for t in report.call_times))
+    if compute_scale != 1.0:
+        params = [replace(p, ready_s=p.ready_s * compute_scale, fwd_use_s=p.fwd_use_s * compute_scale,
+                          bwd_use_s=p.bwd_use_s * compute_scale) for p in params]
+        compute_s, forward_s, backward_s = (x * compute_scale for x in (compute_s, forward_s, backward_s))
+    param_b, opt_b = _state_bytes(report, params)
+    cost = DistributedCost(spec, cluster, compute_s, forward_s, backward_s, 0, 0.0, 0.0, _batch(report),
+                           state_bytes=2 * param_b + opt_b)
+    if spec.world_size == 1:
+        return cost
+    if spec.strategy == "ddp":
+        cost.buckets, cost.exposed_comm_s = _ddp(params, spec, cluster, backward_s)
+        cost.comm_bytes = sum(b.nbytes for b in cost.buckets)
+        cost.comm_time_s = sum(b.comm.time_s for b in cost.buckets)
+    else:
+        cost.units, cost.exposed_comm_s = _fsdp(params, spec, cluster, forward_s, backward_s)
+        gathers = 2 if spec.strategy == "fsdp" else 1
+        cost.comm_bytes = sum(gathers * u.param_bytes + u.grad_bytes for u in cost.units)
+        cost.comm_time_s = sum(gathers * u.all_gather.time_s + u.reduce_scatter.time_s for u in cost.units)
+        n, biggest = spec.world_size, max((u.param_bytes for u in cost.units), default=0)
+        if spec.strategy == "fsdp":   # all sharded; unsharded: two units' parameters (prefetch), one's grads
+            kept = (2 * param_b + opt_b) / n + 3 * biggest
+        else:                         # ZeRO-2: parameters stay whole; gradients and state sharded
+            kept = param_b + (param_b + opt_b) / n + biggest
+        cost.memory_saved_bytes = max(0, int(cost.state_bytes - kept))
+    return cost
