@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from ._forward import signed_forward
 from .capture import Captured, capture_module, normalize_inputs
 from .errors import FxoptError, InputError
 
@@ -157,6 +158,7 @@ class OptimizedModule(nn.Module):
                     setattr(gm, name, fn(value))
         return self  # inputs on a new device/dtype get their own graph on their first call
 
+    @signed_forward("_source")  # inspect.signature(opt.forward) is the model's (HF Trainer reads it)
     def forward(self, *args, **kwargs):
         key = _signature(args, kwargs, self.training)
         if key not in self._graphs:
