@@ -1,0 +1,232 @@
+"""fxopt inside the PyTorch ecosystem: the torch.compile backend, forward's signature, packaging."""
+import copy
+import importlib.metadata
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt import backend as fb
+from fxopt._torch_private import PRIVATE_APIS, resolve as resolve_private
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConvBreak(nn.Module):
+    """conv-BN-ReLU, a graph break, then a linear head: dynamo hands the backend two regions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        torch._dynamo.graph_break()
+        return self.head(y).log_softmax(-1)
+
+
+def _counting_backend(regions, **options):
+    def compiler(gm, example_inputs, **kwargs):
+        kwargs.setdefault("options", options)
+        region = fb.fxopt_backend(gm, example_inputs, **kwargs)
+        regions.append(region)
+        return region
+    return compiler
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_backend_is_registered_by_name_and_entry_point():
+    assert "fxopt" in torch._dynamo.list_backends()
+    assert torch._dynamo.lookup_backend("fxopt") is fb.fxopt_backend
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r'\[project\.entry-points\.torch_dynamo_backends\]\s*\nfxopt = "fxopt\.backend:fxopt_backend"',
+                     pyproject)
+
+
+def test_backend_found_without_importing_fxopt_first():
+    """Dynamo's own entry-point lookup, in a fresh interpreter that never imported fxopt (run outside
+    the source tree: a stale fxopt.egg-info there would shadow the installed metadata)."""
+    code = ("import importlib.metadata as md, sys, torch\n"
+            "if 'fxopt' not in md.entry_points(group='torch_dynamo_backends').names: sys.exit(3)\n"
+            "assert 'fxopt' not in sys.modules\n"
+            "f = torch.compile(lambda x: (x * 2).sin(), backend='fxopt', options={'verify': False})\n"
+            "x = torch.randn(5); assert torch.equal(f(x), (x * 2).sin()); print('fxopt' in sys.modules)")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd="/")
+    if out.returncode == 3:
+        pytest.skip("this install predates the entry point: pip install -e . again")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "True"
+
+
+def test_training_through_graph_break_matches_eager():
+    torch.manual_seed(0)
+    model = ConvBreak()
+    eager = copy.deepcopy(model)
+    regions = []
+    compiled = torch.compile(model, backend=_counting_backend(regions, verify=True))
+    opt_c = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    for step in range(2):
+        x = torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(step))
+        out_c, out_e = compiled(x), eager(x)
+        torch.testing.assert_close(out_c, out_e)
+        out_c.square().sum().backward()
+        out_e.square().sum().backward()
+        gc, ge = _grads(model), _grads(eager)
+        assert gc.keys() == ge.keys() == {n for n, _ in eager.named_parameters()}
+        for name in ge:
+            torch.testing.assert_close(gc[name], ge[name], msg=name)
+        opt_c.step(), opt_e.step(), opt_c.zero_grad(), opt_e.zero_grad()
+    assert len(regions) == 2  # one per side of the graph break
+    # the user's own tensors trained and tracked statistics (not a private copy)
+    for name, tensor in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
+    assert int(model.bn.num_batches_tracked) == 2
+    assert all(r.report.verification for r in regions)  # each region verified against float64
+    assert {n for r in regions for n, _ in r.optimized.named_parameters()} == {
+        "conv.weight", "conv.bias", "bn.weight", "bn.bias", "head.weight", "head.bias"}
+
+
+def test_eval_under_no_grad_and_a_new_shape():
+    torch.manual_seed(1)
+    model = ConvBreak().eval()
+    compiled = torch.compile(model, backend="fxopt", options={"pipeline": "dce,normalize,fold-bn"})
+    with torch.no_grad():
+        for batch in (2, 3):  # the second shape is captured again (dynamo may mark it dynamic)
+            x = torch.randn(batch, 3, 9, 9)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_hf_bert_outputs_and_gradients_match_eager():
+    from fxopt.models import resolve
+    torch.manual_seed(0)
+    spec = resolve("hf:BertForSequenceClassification-tiny")
+    model = spec.model
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # dropout draws differ between eager and a captured graph
+    eager = copy.deepcopy(model)
+    regions = []
+    compiled = torch.compile(model, backend=_counting_backend(regions, verify=False))
+    labels = torch.tensor([0, 1])
+    out_c = compiled(**spec.inputs, labels=labels)
+    out_e = eager(**spec.inputs, labels=labels)
+    torch.testing.assert_close(out_c.logits, out_e.logits)
+    torch.testing.assert_close(out_c.loss, out_e.loss)
+    out_c.loss.backward()
+    out_e.loss.backward()
+    gc, ge = _grads(model), _grads(eager)
+    assert gc.keys() == ge.keys() and len(ge) > 20
+    for name in ge:
+        torch.testing.assert_close(gc[name], ge[name], msg=name)
+    assert regions and all(r.optimized is not None for r in regions)
+
+
+def test_options_map_to_optimize_and_unknown_ones_are_refused():
+    assert fb.optimize_kwargs({"pipeline": "dce", "hw": "h200", "verify": False}) == {
+        "pipeline": "dce", "hardware": "h200", "verify": False}
+    with pytest.raises(fb.BackendOptionsError, match="unknown fxopt backend option.*pipline.*known"):
+        fb.optimize_kwargs({"pipline": "dce"})
+    with pytest.raises(fb.BackendOptionsError, match="mode"):
+        fb.optimize_kwargs({}, mode="max-autotune")
+    assert issubclass(fb.BackendOptionsError, fxopt.FxoptError)
+    compiled = torch.compile(nn.Linear(2, 2), backend="fxopt", options={"pipline": "dce"})
+    with pytest.raises(Exception, match="unknown fxopt backend option"):
+        compiled(torch.randn(1, 2))
+
+
+@pytest.mark.parametrize("source,name", [
+    ("L['self']._modules['bn']._buffers['running_mean']", "bn.running_mean"),
+    ("L['self']._modules['layer']._modules['0']._parameters['weight']", "layer.0.weight"),
+    ("L['s']._modules['bn'].eps", "bn.eps"),
+    ("L['x']", None),
+    ("L['x'].size()[0]", None),
+    ("G['torch'].pi", None),
+])
+def test_state_names_from_dynamo_sources(source, name):
+    assert fb._state_name(source) == name
+
+
+# ---- forward's signature ------------------------------------------------------------------------
+def test_optimized_forward_keeps_the_model_signature():
+    class Two(nn.Module):
+        def forward(self, image, mask=None, *, scale: float = 1.0):
+            return image * scale
+
+    opt = fxopt.optimize(Two(), verify=False)
+    assert inspect.signature(opt.forward) == inspect.signature(Two().forward)
+    assert list(inspect.signature(opt.forward).parameters) == ["image", "mask", "scale"]
+    x = torch.randn(3)
+    torch.testing.assert_close(opt(x), x)
+
+
+def test_trainer_style_loop_filters_columns_by_signature():
+    """What HF Trainer's _remove_unused_columns does: keep the dataset columns forward names."""
+    from fxopt.models import resolve
+    torch.manual_seed(0)
+    spec = resolve("hf:BertForSequenceClassification-tiny")
+    model = spec.model.eval()  # no dropout: the eager twin gives the same losses
+    eager = copy.deepcopy(model)
+    opt = fxopt.optimize(model, verify=False).eval()
+    ids = spec.inputs["input_ids"]
+    dataset = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([1, 0]),
+               "idx": torch.arange(2), "sentence": ["a b", "c d"]}  # columns forward does not take
+    keep = set(inspect.signature(opt.forward).parameters)
+    batch = {k: v for k, v in dataset.items() if k in keep}
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    sgd_o = torch.optim.SGD(opt.parameters(), lr=0.5)
+    sgd_e = torch.optim.SGD(eager.parameters(), lr=0.5)
+    losses = []
+    for _ in range(3):
+        lo, le = opt(**batch).loss, eager(**batch).loss
+        torch.testing.assert_close(lo, le)
+        lo.backward(), le.backward()
+        sgd_o.step(), sgd_e.step(), sgd_o.zero_grad(), sgd_e.zero_grad()
+        losses.append(lo.item())
+    assert losses[-1] < losses[0]  # it trains
+
+
+# ---- packaging ------------------------------------------------------------------------------------
+def test_every_private_torch_api_is_listed_and_exists():
+    """A torch upgrade is one place: each private name used in fxopt is in _torch_private.PRIVATE_APIS."""
+    for name in PRIVATE_APIS:
+        assert resolve_private(name) is not None, name
+    used = set()
+    pattern = re.compile(r"torch(?:\.utils)?\._[a-z][\w]*(?:\.[A-Za-z_]\w*)*")
+    for folder in ("fxopt", "passes", "cost_models"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.name == "_torch_private.py":
+                continue
+            for line in path.read_text().splitlines():
+                code = line.split("#")[0]
+                used |= {m.group(0) for m in pattern.finditer(code) if not m.group(0).startswith("torch._C")}
+    missing = {u for u in used if not any(u == k or u.startswith(k + ".") or k.startswith(u + ".")
+                                          for k in PRIVATE_APIS)}
+    assert not missing, f"private torch APIs not listed in fxopt/_torch_private.py: {sorted(missing)}"
+
+
+def test_version_has_one_source():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and 'attr = "fxopt.__version__"' in pyproject
+    assert not re.search(r'^version\s*=\s*"', pyproject, re.M)
+    assert importlib.metadata.version("fxopt") == fxopt.__version__
+    assert re.search(r'"torch>=2\.11,<2\.\d+"', pyproject)
+    assert (ROOT / "fxopt" / "py.typed").exists()
