@@ -137,11 +137,17 @@ def _graph_module(report) -> fx.GraphModule:
     return gm
 
 
+def _call_seconds(report) -> list[float]:
+    """Each call's place on the GPU timeline: its kernel time plus the GPU's wait for the host
+    before it (``report.host_idle``, when the cost model has it)."""
+    idle = getattr(report, "host_idle", None) or [0.0] * len(report.calls)
+    return [float(t.total_s) + float(i) for t, i in zip(report.call_times, idle)]
+
+
 def _timelines(report):
     """Per node: (first fwd start, first bwd start, last bwd end); forward and backward totals."""
     fwd, bwd, t_f, t_b = {}, {}, 0.0, 0.0
-    for c, t in zip(report.calls, report.call_times):
-        dt = float(t.total_s)
+    for c, dt in zip(report.calls, _call_seconds(report)):
         if c.phase == "fwd":
             fwd.setdefault(c.node, t_f)
             t_f += dt
@@ -437,7 +443,7 @@ def apply(report, spec, *, params: list[Param] | None = None, compute_scale: flo
     cluster = spec.resolve(report.hardware.name)
     params = parameters(report) if params is None else params
     fwd, bwd, forward_s, backward_s = _timelines(report)
-    compute_s = float(sum(t.total_s for t in report.call_times))
+    compute_s = sum(_call_seconds(report))
     if compute_scale != 1.0:
         params = [replace(p, ready_s=p.ready_s * compute_scale, fwd_use_s=p.fwd_use_s * compute_scale,
                           bwd_use_s=p.bwd_use_s * compute_scale) for p in params]
@@ -463,3 +469,217 @@ def apply(report, spec, *, params: list[Param] | None = None, compute_scale: flo
             kept = param_b + (param_b + opt_b) / n + biggest
         cost.memory_saved_bytes = max(0, int(cost.state_bytes - kept))
     return cost
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaling table: one analysis, every world size
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class GPUScaling:
+    """Predicted step per world size (same per-GPU batch: weak scaling)."""
+
+    model: str
+    hardware: str
+    costs: list[DistributedCost]
+
+    def rows(self) -> list[dict]:
+        base = self.costs[0].compute_s
+        return [{"gpus": c.spec.world_size, "step_time_s": c.step_time_s, "exposed_comm_s": c.exposed_comm_s,
+                 "comm_time_s": c.comm_time_s, "exposed_share": c.exposed_share, "throughput": c.throughput,
+                 "efficiency": base / c.step_time_s} for c in self.costs]
+
+    def table(self, tablefmt: str = "simple") -> str:
+        body = [[r["gpus"], f"{r['step_time_s'] * 1e3:.2f}", f"{r['exposed_comm_s'] * 1e3:.2f}",
+                 f"{r['exposed_share'] * 100:.1f}", f"{r['throughput']:,.0f}" if r["throughput"] else "-",
+                 f"{r['efficiency'] * 100:.1f}"] for r in self.rows()]
+        c = self.costs[0]
+        head = (f"{self.model} on {c.cluster.name} ({self.hardware}), {c.spec.strategy}, per-GPU batch "
+                f"{c.per_gpu_batch}: predictions\n")
+        return head + tabulate(body, ["GPUs", "step ms", "exposed comm ms", "exposed %", "samples/s",
+                                      "scaling eff. %"], tablefmt=tablefmt, disable_numparse=True)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "hardware": self.hardware, "rows": self.rows(),
+                "spec": asdict(self.costs[0].spec), "cluster": self.costs[0].cluster.name}
+
+    def plot(self, path: str) -> None:
+        """Step time (compute + exposed comm) and scaling efficiency against GPUs (log2 axis)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        rows = self.rows()
+        g = [r["gpus"] for r in rows]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.bar([str(x) for x in g], [self.costs[0].compute_s * 1e3] * len(g), label="compute")
+        a.bar([str(x) for x in g], [r["exposed_comm_s"] * 1e3 for r in rows],
+              bottom=[self.costs[0].compute_s * 1e3] * len(g), label="exposed communication")
+        a.set_xlabel("GPUs"), a.set_ylabel("step (ms)"), a.legend(), a.set_title(f"{self.model}: step time")
+        b.plot(g, [r["efficiency"] * 100 for r in rows], marker="o")
+        b.set_xscale("log", base=2), b.set_xlabel("GPUs"), b.set_ylabel("scaling efficiency (%)")
+        b.set_ylim(0, 105), b.set_title("predicted (weak scaling)")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def gpu_scaling(model_or_report, example_inputs=None, gpus=(1, 8, 64, 512, 4096), *, hardware="h100",
+                dtype=None, **spec) -> GPUScaling:
+    """Predicted step time, exposed communication, throughput and scaling efficiency per world
+    size. ``spec``: the other :class:`Distributed` fields (strategy, cluster, bucket_mb, ...)."""
+    from .analyze import analyze
+    from .report import GraphReport
+    if not gpus or any(not isinstance(n, int) or n < 1 for n in gpus):
+        raise InputError(f"gpus must be world sizes >= 1, got {gpus!r}")
+    specs = [Distributed(world_size=n, **spec) for n in gpus]   # checked before the analysis
+    if isinstance(model_or_report, GraphReport):
+        report = model_or_report
+    else:
+        for s in specs:
+            s.resolve(load_hardware_name(hardware))
+        report = analyze(model_or_report, example_inputs, hardware=hardware, dtype=dtype)
+    params = parameters(report)
+    return GPUScaling(report.model, report.hardware.name, [apply(report, s, params=params) for s in specs])
+
+
+def load_hardware_name(hardware) -> str:
+    from .cost_models.hardware import load_hardware
+    return load_hardware(hardware).name
+
+
+# ---------------------------------------------------------------------------------------------
+# Lint: communication-bound steps
+# ---------------------------------------------------------------------------------------------
+
+COMM_BOUND_SHARE = 0.10      # flag a step whose exposed communication is at least this share
+TINY_PARAM_BYTES = 64 * 1024  # "many tiny parameters": most of them below this
+
+
+def _what_ifs(report, cost: DistributedCost) -> list[tuple[str, float]]:
+    """(change, step time per sample at the current batch after it) for each remedy."""
+    spec, params, base = cost.spec, parameters(report), cost.step_time_s
+    options = []
+    if spec.grad_dtype is None and any(p.dtype == "float32" for p in params):
+        options.append(("communicate gradients in bf16 (DDP: register_comm_hook(None, bf16_compress_hook); FSDP2: "
+                        "MixedPrecisionPolicy(reduce_dtype=torch.bfloat16))", replace(spec, grad_dtype="bf16"), 1))
+    for mb in (5, 10, 50, 100):
+        if spec.strategy == "ddp" and mb != spec.bucket_mb:
+            options.append((f"DistributedDataParallel(bucket_cap_mb={mb})", replace(spec, bucket_mb=mb), 1))
+    other = "ddp" if spec.strategy != "ddp" else "fsdp"
+    options.append((f"strategy {other}", replace(spec, strategy=other), 1))
+    options.append(("double the per-GPU batch (time per sample; fewer steps per epoch)", spec, 2))
+    out = []
+    for change, s, scale in options:
+        c = apply(report, s, params=params, compute_scale=scale)
+        out.append((change, c.step_time_s / scale))
+    return sorted(((ch, base - t) for ch, t in out if t < base), key=lambda x: -x[1])
+
+
+def check_comm_bound(ctx):
+    """Communication-bound step: with ``distributed=``, the exposed communication (what the
+    backward cannot hide) is at least ``COMM_BOUND_SHARE`` of the step. The finding names the
+    cause (a per-GPU batch too small to hide the all-reduces, a large last bucket that starts
+    only when the backward ends, many tiny parameters paying latency) and the remedy with the
+    largest estimated saving (gradient dtype, bucket size, FSDP vs DDP, a larger batch), each
+    estimated by re-running the distributed cost with that change."""
+    from .lint import Finding
+    report = ctx.report
+    cost = getattr(report, "distributed", None)
+    if cost is None or cost.spec.world_size == 1 or cost.exposed_share < COMM_BOUND_SHARE:
+        return []
+    causes = []
+    if cost.comm_time_s > cost.backward_s:
+        causes.append(f"communication ({cost.comm_time_s * 1e3:.3g} ms) outlasts the whole backward "
+                      f"({cost.backward_s * 1e3:.3g} ms): the per-GPU batch ({cost.per_gpu_batch}) is too small to hide it")
+    if cost.buckets:
+        last = cost.buckets[-1]
+        if last.end_s - max(last.start_s, cost.backward_s) > 0.5 * cost.exposed_comm_s:
+            causes.append(f"the last bucket ({last.nbytes / MIB:.1f} MiB, {len(last.params)} params) starts only "
+                          f"when the backward ends and takes {last.comm.time_s * 1e3:.3g} ms")
+    params = parameters(report)
+    tiny = sum(p.nbytes() < TINY_PARAM_BYTES for p in params)
+    if tiny > len(params) / 2:
+        causes.append(f"{tiny} of {len(params)} parameters are under {TINY_PARAM_BYTES // 1024} KiB (latency-bound "
+                      f"collectives where they end a bucket)")
+    remedies = _what_ifs(report, cost)
+    if not remedies:
+        return []
+    change, saving = remedies[0]
+    others = "; ".join(f"{c}: -{s * 1e3:.3g} ms" for c, s in remedies[1:4])
+    return [Finding("comm-bound", (), "(step)",
+                    f"{cost.spec.strategy} on {cost.spec.world_size} GPUs ({cost.cluster.name}): exposed communication "
+                    f"{cost.exposed_comm_s * 1e3:.3g} ms = {cost.exposed_share * 100:.0f} % of the step. Cause: "
+                    + ("; ".join(causes) or "the collectives end after the backward"),
+                    change + (f" (also: {others})" if others else ""), saving,
+                    {"exposed_comm_s": cost.exposed_comm_s, "remedies": remedies})]
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration on a multi-GPU machine
+# ---------------------------------------------------------------------------------------------
+
+def _measure_worker(rank: int, world: int, init: str, sizes: list[int], reps: int, out: str) -> None:
+    import json
+    import torch.distributed as dist
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=init, rank=rank, world_size=world)
+    ops = {"all_reduce": lambda t, o: dist.all_reduce(t),
+           "all_gather": lambda t, o: dist.all_gather_into_tensor(o, t),
+           "reduce_scatter": lambda t, o: dist.reduce_scatter_tensor(t, o)}
+    rows = []
+    for coll, op in ops.items():
+        for n in sizes:
+            numel = n // 4
+            small, big = torch.ones(numel // world or 1, device="cuda"), torch.ones((numel // world or 1) * world, device="cuda")
+            t, o = (big, None) if coll == "all_reduce" else ((small, big) if coll == "all_gather" else (small, big))
+            for _ in range(3):
+                op(t, o)
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                op(t, o)
+            end.record()
+            torch.cuda.synchronize()
+            rows.append((coll, world, big.numel() * 4, start.elapsed_time(end) / reps * 1e-3))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def calibrate_comm(out: str | None = None, cluster: str = "h100-ib", quick: bool = False) -> dict:
+    """Measure all-reduce, all-gather and reduce-scatter with NCCL on this node's GPUs, fit
+    (alpha, bandwidth) per collective and write them into a copy of the ``cluster`` preset (the
+    intra-node link; ``fxopt report --cluster OUT``). Needs 2+ CUDA GPUs."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    from .cost_models.comm import CLUSTER_DIR, fit_alpha_beta
+    world = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if world < 2:
+        raise HardwareError(f"calibrate --comm measures NCCL collectives between GPUs and needs 2+ CUDA GPUs; "
+                            f"this machine has {world}. Use a cluster preset ({cluster_presets()}) instead")
+    base = json.loads((CLUSTER_DIR / f"{cluster}.json").read_text()) if not str(cluster).endswith(".json") \
+        else json.loads(Path(cluster).read_text())
+    sizes = [2 ** k for k in range(20, 27 if quick else 31)]
+    with tempfile.TemporaryDirectory() as d:
+        res = f"{d}/rows.json"
+        mp.spawn(_measure_worker, args=(world, f"file://{d}/store", sizes, 5 if quick else 20, res), nprocs=world)
+        rows = [tuple(r) for r in json.loads(Path(res).read_text())]
+    fits = {}
+    for coll in ("all_reduce", "all_gather", "reduce_scatter"):
+        alpha, bw = fit_alpha_beta([r for r in rows if r[0] == coll])
+        fits[coll] = {str(world): {"latency_s": alpha, "bandwidth": bw}}
+    base["intra"].setdefault("by_collective", {})
+    for coll, by in fits.items():
+        base["intra"]["by_collective"].setdefault(coll, {}).update(by)
+    base["calibrated_from"] = (f"fxopt calibrate --comm on {world} x {torch.cuda.get_device_name()} (NCCL "
+                               f"{'.'.join(map(str, torch.cuda.nccl.version()))}), sizes 1 MiB-{sizes[-1] // MIB} MiB")
+    base["measurements"] = rows
+    if out:
+        Path(out).write_text(json.dumps(base, indent=1) + "\n")
+    return base
