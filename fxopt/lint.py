@@ -1107,3 +1107,10 @@ def lint(model_or_captured_or_report, example_inputs=None, hardware=None, dtype=
             continue
         findings += [f for f in rule.check(ctx) if f.saving_s >= min_saving_s]
     return LintReport(report.model, report.hardware.name, ctx.step_s, findings, skipped, names)
+
+
+# communication-bound steps of a report analyzed with distributed= (issue 16; the check lives with
+# the distributed cost model)
+from .distributed import check_comm_bound  # noqa: E402
+
+lint_rule("comm-bound", "communication-bound step (many GPUs)", needs_graph=False)(check_comm_bound)
