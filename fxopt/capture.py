@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import CaptureError, InputError
+from .errors import CaptureError, FxoptError, InputError
 
 Inputs = Any  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
 
@@ -56,6 +56,7 @@ class Captured:
     dynamic_batch: bool = False
     source_name: str = ""
     symbols: dict[str, str] = field(default_factory=dict)  # export symbol name -> user name
+    python_state: Any = None  # fxopt.live.PythonState: module attributes forward read/wrote at capture
 
     @property
     def graph(self) -> fx.Graph:
@@ -141,9 +142,14 @@ def capture_module(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: b
     name = name or type(model).__name__
     if not any(isinstance(v, torch.Tensor) for v in tree_flatten((args, kwargs))[0]):
         raise InputError("example inputs contain no tensor; pass the tensors the model's forward takes")
+    from .checkpointing import tag_checkpoint_regions
+    from .live import record_python_state, warn_python_writes
     dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        with tag_checkpoint_regions(), record_python_state() as python_state:
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+    except FxoptError:
+        raise
     except Exception as exc:  # export raises many types; every one becomes a CaptureError
         _check_inputs_fit(model, args, kwargs, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -154,7 +160,9 @@ def capture_module(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: b
     gm = ep.module()
     _drop_guard_calls(gm)
     symbols = _symbol_names(gm) if dynamic_batch else {}
-    return Captured(gm, args, kwargs, model.training, dynamic_batch, name, symbols)
+    python_state = python_state.only(model)
+    warn_python_writes(python_state, {id(m): n or name for n, m in model.named_modules()})
+    return Captured(gm, args, kwargs, model.training, dynamic_batch, name, symbols, python_state)
 
 
 def _drop_guard_calls(gm: fx.GraphModule) -> None:

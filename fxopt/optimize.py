@@ -3,15 +3,23 @@ return an nn.Module that trains like the original, under the original's paramete
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
+from torch.utils.hooks import RemovableHandle
 
+from . import live
 from ._forward import signed_forward
 from .capture import Captured, capture_module, normalize_inputs
+from .checkpointing import ReentrantCheckpointError, checkpoint_regions  # noqa: F401 (re-exported)
 from .errors import FxoptError, InputError
+from .live import HookError  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "inductor", "triton")
 # torch.cuda.get_device_name() substring -> hardware preset
@@ -79,30 +87,71 @@ def _signature(args: tuple, kwargs: dict, training: bool):
                            for t in leaves)
 
 
+RECAPTURE_LIMIT = 8  # graphs per OptimizedModule before new inputs run eagerly (torch.compile's default)
+
+
+@dataclass
+class _Entry:
+    """One captured graph: ``gm`` as the passes left it (what reports show), ``run`` what is called
+    (reads the live tree; checkpoint regions wrapped), and the Python attributes it froze."""
+
+    gm: fx.GraphModule
+    run: object
+    report: OptimizeReport
+    guards: list  # (module __dict__, attr, value, where) read by forward at capture
+
+    def fits(self) -> bool:
+        return all(d.get(a, _MISSING) == v for d, a, v, _ in self.guards)
+
+
+_MISSING = object()
+
+
 class OptimizedModule(nn.Module):
     """The optimized model. It owns a private copy of the user's model (same parameter and buffer
     names, so ``state_dict`` round-trips and optimizers work); each (mode, input signature) gets its
-    own captured + rewritten graph, built on first use, all sharing those parameters."""
+    own captured + rewritten graph, built on first use. Graphs read parameters and buffers from the
+    module tree at every call, so assigning, loading (``assign=True``), ``functional_call`` and
+    FSDP's unsharded parameters are used as in eager. A replaced submodule, a tensor with a new
+    shape/dtype/device, or a changed Python attribute that forward read recaptures (``fxopt.live``);
+    hooks on the model's root run around the graph; hooks on submodules are refused (``HookError``)."""
 
     def __init__(self, model: nn.Module, *, pipeline: str, hardware, verify: bool, backend: str,
                  print_after_change: bool = False, dump_dir=None):
         super().__init__()
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; available: {BACKENDS}")
-        from .passes.manager import check_config
-        check_config(pipeline, hardware)  # PipelineError / HardwareError before anything is captured
+        live.refuse_wrapped(model)
+        live.refuse_foreign_hooks(model, "at optimize()")
         source = copy.deepcopy(model)
+        live.move_root_hooks(source, self)
         # share the copy's module tree: names, state_dict and .to() all act on the copy
         self._modules, self._parameters, self._buffers = source._modules, source._parameters, source._buffers
         object.__setattr__(self, "_source", source)
         self.training = model.training
         self._options = dict(pipeline=pipeline, hardware=hardware, verify=verify, backend=backend,
                              print_after_change=print_after_change, dump_dir=dump_dir)
-        self._graphs: dict = {}    # signature -> (graph_module, callable, report)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget every graph (the tree they were captured from changed, or after unpickling)."""
+        self._graphs: dict = {}    # key -> [_Entry]
         self._last = None
+        self._tree = None
+        self._captures = 0
+        self._warned: dict = {}
+
+    # ---- pickling: graphs are rebuilt lazily, on the first call after loading -----------------------
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_graphs={}, _last=None, _tree=None, _captures=0, _warned={})
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
     # ---- the graphs ------------------------------------------------------------------------
-    def _build(self, args: tuple, kwargs: dict):
+    def _build(self, args: tuple, kwargs: dict) -> _Entry:
         from .passes import PassManager
         from .passes.default import choose_pipeline
         source = self._source
@@ -119,67 +168,125 @@ class OptimizedModule(nn.Module):
             pipeline, verify=check, print_after_change=opts["print_after_change"],
             dump_dir=opts["dump_dir"], hardware=hardware_for(source, opts["hardware"]))
         gm, records = manager.run(captured)
-        self._bind(gm)
+        run = live.live_graph(gm, source)
+        if self.training:
+            checkpoint_regions(run)
         report = OptimizeReport(pipeline, records, reasons)
         if records:
             report.step_time_before_s = records[0].step_time_before_s
             report.step_time_after_s = records[-1].step_time_after_s
         if check:
             from .verify import verify
-            report.verification = verify(source, _Runner(gm, source), kwargs or args, training=self.training)
+            report.verification = verify(source, _Runner(run, source), kwargs or args, training=self.training)
             if not report.verification:
                 raise FxoptError(f"the optimized graph does not compute what the model computes:\n"
                                  f"{report.verification.table()}")
-        run = torch.compile(gm) if opts["backend"] == "inductor" else gm
-        return gm, run, report
-
-    def _bind(self, gm: fx.GraphModule) -> None:
-        """Point the graph's parameters and buffers at this module's own tensors (after .to() too).
-        Every name of a tied parameter (an LM head sharing the embedding) is bound, so the graph's
-        uses of both names update and accumulate into the one tensor."""
-        for name, tensor in list(self._source.named_parameters(remove_duplicate=False)) + \
-                list(self._source.named_buffers(remove_duplicate=False)):
-            prefix, _, leaf = name.rpartition(".")
-            try:
-                owner = gm.get_submodule(prefix)
-            except AttributeError:
-                continue  # a pass folded this tensor away
-            if leaf in owner._parameters:
-                owner._parameters[leaf] = tensor
-            elif leaf in owner._buffers:
-                owner._buffers[leaf] = tensor
+        if opts["backend"] == "inductor":
+            run = torch.compile(run)
+        guards = captured.python_state.guards() if captured.python_state else []
+        return _Entry(gm, run, report, guards)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        for gm, _, _ in self._graphs.values():
-            self._bind(gm)
-            for name, value in list(vars(gm).items()):  # graph constants move with the module
-                if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-                    setattr(gm, name, fn(value))
+        if self._tree is not None:
+            self._tree.recheck_metadata()
+        for entries in self._graphs.values():
+            for entry in entries:
+                run = getattr(entry.run, "_orig_mod", entry.run)
+                for module in [run] + [m for _, m in run.named_children()]:
+                    for name, value in list(vars(module).items()):  # graph constants move with the module
+                        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                            setattr(module, name, fn(value))
         return self  # inputs on a new device/dtype get their own graph on their first call
 
-    @signed_forward("_source")  # inspect.signature(opt.forward) is the model's (HF Trainer reads it)
+    def _check_tree(self, tree: live.TreeState) -> None:
+        """Per-call guards on the module tree; recapture (drop every graph) when it changed."""
+        if RemovableHandle.next_id != tree.hook_id:  # some hook was registered somewhere: look
+            live.refuse_foreign_hooks(self._source, "since optimize()")
+            tree.hook_id = RemovableHandle.next_id
+        why = tree.changed()
+        if why:
+            log.info("recapturing %s: %s", type(self._source).__name__, why)
+            self._reset()
+
+    def _entry(self, args, kwargs):
+        """The graph for these inputs and the current tree, or None to run the source eagerly."""
+        tracing = torch.compiler.is_exporting() or torch.compiler.is_compiling()
+        if self._tree is not None and not tracing:
+            self._check_tree(self._tree)
+        if self._tree is None:
+            self._tree = live.TreeState(self._source)
+        key = (_signature(args, kwargs, self.training), self._tree.modes())
+        entries = self._graphs.setdefault(key, [])
+        entry = next((e for e in entries if e.fits()), None)
+        if entry is not None or tracing:  # an outer capture inlines a graph, or the original
+            self._last = entry or self._last
+            return entry
+        if self._captures >= RECAPTURE_LIMIT:
+            if not self._warned.get("limit"):
+                self._warned["limit"] = True
+                warnings.warn(f"{type(self._source).__name__} was captured {RECAPTURE_LIMIT} times (new input "
+                              f"shapes, modes or attributes read by forward); further new inputs run the "
+                              f"original model eagerly, unoptimized", stacklevel=3)
+            return None
+        entry = self._build_for(args, kwargs)
+        entries.append(entry)
+        self._captures += 1
+        self._last = entry
+        return entry
+
+    def _build_for(self, args, kwargs) -> _Entry:
+        """Build a graph; inputs the model cannot run on at all give an InputError naming expected vs got."""
+        try:
+            return self._build(args, kwargs)
+        except FxoptError as exc:
+            eager_error = _eager_failure(self._source, args, kwargs, self.training)
+            if eager_error is None:
+                raise
+            known = sorted({_describe(k[0][1]) for k in self._graphs if self._graphs[k]})
+            expected = f"it was captured for inputs {' and '.join(known)}; " if known else ""
+            raise InputError(f"the inputs {_describe(_signature(args, kwargs, self.training)[1])} do not fit "
+                             f"{type(self._source).__name__}: {expected}the original model fails on them too: "
+                             f"{eager_error}") from exc
+
+    @signed_forward("_source")
     def forward(self, *args, **kwargs):
-        key = _signature(args, kwargs, self.training)
-        if key not in self._graphs:
-            self._graphs[key] = self._build(args, kwargs)
-        self._last = key
-        return self._graphs[key][1](*args, **kwargs)
+        live.warn_global_hooks(self._warned)
+        entry = self._entry(args, kwargs)
+        if entry is None:
+            return self._source(*args, **kwargs)
+        return entry.run(*args, **kwargs)
 
     # ---- what users read ----------------------------------------------------------------------
-    def _current(self):
-        if not self._graphs:
+    def _current(self) -> _Entry:
+        if self._last is None:
             raise InputError("the model has not been captured yet: call it once, or pass example_inputs "
                              "to fxopt.optimize")
-        return self._graphs[self._last]
+        return self._last
 
     @property
     def graph_module(self) -> fx.GraphModule:
-        return self._current()[0]
+        return self._current().gm
 
     @property
     def report(self) -> OptimizeReport:
-        return self._current()[2]
+        return self._current().report
+
+
+def _describe(leaves) -> str:
+    """``(float32[2, 3, 32, 32], 5)`` for a signature's leaves."""
+    return "(" + ", ".join(f"{str(x[1]).replace('torch.', '')}{list(x[0])}" if isinstance(x, tuple) else x
+                           for x in leaves) + ")"
+
+
+def _eager_failure(source: nn.Module, args, kwargs, training: bool) -> str | None:
+    """The error the original model raises on these inputs (run on a copy, without grad), or None."""
+    try:
+        with torch.no_grad():
+            copy.deepcopy(source).train(training)(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - reported, not swallowed
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return None
 
 
 class _Runner(nn.Module):
@@ -211,7 +318,5 @@ def optimize(model: nn.Module, example_inputs=None, *, pipeline: str = "default"
                           print_after_change=print_after_change, dump_dir=dump_dir)
     if example_inputs is not None:
         args, kwargs = normalize_inputs(example_inputs)
-        key = _signature(args, kwargs, opt.training)
-        opt._graphs[key] = opt._build(args, kwargs)
-        opt._last = key
+        opt._entry(args, kwargs)
     return opt
