@@ -78,7 +78,7 @@ PRESETS: dict[str, dict | None] = {
     "fxopt-amp-cl": {"autocast": "bf16", "channels_last": True},
 }
 
-_OWN_KEYS = {"optimize", "autocast", "channels_last", "lr_scale", "optimizer_fn"}
+_OWN_KEYS = {"optimize", "autocast", "channels_last", "lr_scale", "optimizer_fn", "transform"}
 _AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
@@ -340,6 +340,8 @@ def _check_variants(variants) -> dict[str, dict]:
             raise AblationError(f"variant {name!r}: lr_scale must be a positive number, got {lr_scale!r}")
         if cfg.get("optimizer_fn") is not None and not callable(cfg["optimizer_fn"]):
             raise AblationError(f"variant {name!r}: optimizer_fn must be callable(params) -> Optimizer")
+        if cfg.get("transform") is not None and not callable(cfg["transform"]):
+            raise AblationError(f"variant {name!r}: transform must be callable(model) -> model")
         out[name] = cfg
     return out
 
@@ -479,6 +481,12 @@ def _run(base: nn.Module, cfg: dict, seed: int, data, eval_data, steps: int, dev
     first = _to(next(batches), device, channels_last)
 
     model = copy.deepcopy(base).to(device)
+    if cfg.get("transform") is not None:  # an architecture change (fxopt.explore): new modules seeded per seed
+        torch.manual_seed(seed)
+        try:
+            model = cfg["transform"](model)
+        except Exception as exc:
+            raise _Failed(f"transform failed: {_reason(exc)}") from exc
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -671,8 +679,10 @@ def ablate(model_fn: Callable[[], nn.Module], variants: Mapping[str, dict | None
     keyword arguments (pipeline, backend, hardware, verify, ...) plus ablate's own keys:
     ``optimize`` (False: train the eager model, e.g. with only autocast), ``autocast`` ("bf16" or
     "fp16": forward and loss under ``torch.autocast``; fp16 with a GradScaler), ``channels_last``
-    (model and 4-D inputs), ``lr_scale`` (multiplies every param group's lr) and ``optimizer_fn``
-    (this variant's own). See :data:`PRESETS`.
+    (model and 4-D inputs), ``lr_scale`` (multiplies every param group's lr), ``optimizer_fn``
+    (this variant's own) and ``transform`` (``model -> model`` applied to the variant's copy of the
+    initial model under ``torch.manual_seed(seed)``: an architecture change, as fxopt.explore makes).
+    See :data:`PRESETS`.
     ``data``: an iterable of ``(inputs, target)`` batches that yields the same batches each time it
     is iterated (a list, a DataLoader without shuffling, :func:`fxopt.data.teacher_images`), cycled
     when shorter than ``steps``; a generator is read once and kept; or a function ``seed -> such an
