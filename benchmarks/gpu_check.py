@@ -64,7 +64,7 @@ STEP_SCHEMA = "fxopt.gpu_check.step/1"
 # ConvNeXt-T 45 s, ViT-B/16 22 s; steps 30-70 ms at batch 128) and CPU timings of the same code.
 # Per step: (expected wall on an H100/H200, least useful run, expected wall of the --cpu-smoke form).
 ESTIMATES_S = {
-    "1-pytest-gpu": (90, 30, 0),     # 8 gpu tests; Triton compiles every generated kernel
+    "1-pytest-gpu": (90, 30, 0),     # 8 gpu tests; Triton compiles every generated kernel (no CPU form)
     "2-calibrate": (30, 15, 6),      # quick grid + process start
     "3-bench": (240, 45, 10),        # elastic: models x variants by priority (BENCH_PLAN, BENCH_EST_S)
     "4-predicted": (60, 30, 15),     # predictions on the host CPU in parallel + one fxopt.profile
@@ -152,9 +152,6 @@ def _write_step(out: Path, step: str, **fields) -> None:
 # ---- step 1: pytest -m gpu ----------------------------------------------------------------------
 def step_pytest(ctx: Ctx) -> dict:
     """The gpu-marked tests, in their own process (junit XML -> counts and failures)."""
-    if ctx.smoke:
-        raise StepSkipped("needs CUDA: pytest -m gpu runs the compiled Triton kernels (a --cpu-smoke run "
-                          "records it skipped; the CPU suite covers the interpreter)")
     xml = ctx.out / "1-pytest-gpu.xml"
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import _checkout; _checkout.install(); "
             f"import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', "
@@ -243,7 +240,8 @@ def step_bench(ctx: Ctx) -> dict:
                 res = bench(entry["model"], variants=entry["run"], steps=steps, warmup=warmup, device=ctx.device,
                             batch=batch, tiny=ctx.smoke, log=ctx.log)
                 ctx.log(res.table())
-                record.update(bench=res.to_dict(), markdown=res.to_markdown())
+                title, _, table = res.to_markdown().partition("\n")
+                record.update(bench=res.to_dict(), markdown=f"{title}\n\n{table}")
             except Exception as exc:  # timm/torchvision missing, a model that does not build: recorded
                 record["error"] = f"{type(exc).__name__}: {exc}"
                 ctx.log(f"{entry['model']}: {record['error']}")
@@ -420,30 +418,31 @@ class Step:
     title: str
     run: Callable[[Ctx], dict]
     elastic: bool   # sizes itself to the time given (else: given its estimate plus half)
+    cuda_only: str = ""  # why a --cpu-smoke run records it skipped (no CPU form)
 
 
-STEPS = [Step("1-pytest-gpu", "pytest -m gpu (compiled Triton kernels vs float64)", step_pytest, False),
+STEPS = [Step("1-pytest-gpu", "pytest -m gpu (compiled Triton kernels vs float64)", step_pytest, False,
+              cuda_only="needs CUDA: pytest -m gpu runs the compiled Triton kernels (the CPU suite covers "
+                        "Triton's interpreter)"),
          Step("2-calibrate", "fxopt calibrate, quick grid", step_calibrate, False),
          Step("3-bench", "training-step bench", step_bench, True),
          Step("4-predicted", "predicted vs measured", step_predicted, False),
          Step("5-ablate", "convergence ablation, eager vs fxopt", step_ablate, True)]
 
 
-def _est(key: str, smoke: bool) -> tuple[float, float]:
-    est, least, smoke_est = ESTIMATES_S[key]
+def _est(key: str, smoke: bool, estimates=None) -> tuple[float, float]:
+    est, least, smoke_est = (estimates or ESTIMATES_S)[key]
     return (smoke_est, smoke_est) if smoke else (est, least)
 
 
-def allot(i: int, left_s: float, smoke: bool, steps=STEPS) -> float | None:
+def allot(i: int, left_s: float, smoke: bool, steps=STEPS, estimates=None) -> float | None:
     """Seconds step ``i`` gets with ``left_s`` left, or None when it does not fit. Earlier steps come
     first, but each keeps the least useful run of every later step in reserve; a fixed step gets up
     to 1.5x its estimate, an elastic one what the later steps' full estimates leave."""
-    est, least = _est(steps[i].key, smoke)
-    if est == 0:
-        return 0.0  # nothing to time here (a --cpu-smoke step that records itself skipped)
+    est, least = _est(steps[i].key, smoke, estimates)
     if left_s < least:
         return None
-    later = [_est(s.key, smoke) for s in steps[i + 1:]]
+    later = [_est(s.key, smoke, estimates) for s in steps[i + 1:]]
     if steps[i].elastic:
         return max(least, left_s - sum(e for e, _ in later))
     return max(least, min(left_s - sum(lo for _, lo in later), 1.5 * est))
@@ -487,7 +486,8 @@ def run_in_process(step: Step, ctx: Ctx) -> tuple[str, str, dict]:
     handler = logging.FileHandler(ctx.log_file)
     logging.getLogger("fxopt").addHandler(handler)
     try:
-        return "ok", "", step.run(ctx)
+        result = step.run(ctx)
+        return "ok", "", {**ctx.result, **result}  # what the step saved on the way, plus its return
     except StepSkipped as exc:
         return "skipped", str(exc), ctx.result
     except Exception as exc:
@@ -590,7 +590,9 @@ def main(argv=None) -> int:
         log_file = args.out / f"{step.key}.log"
         log_file.write_text(f"{step.title}; {cmd}\n")
         t = time.perf_counter()
-        if given is None:
+        if args.cpu_smoke and step.cuda_only:
+            status, reason, result = "skipped", step.cuda_only, {}
+        elif given is None:
             status, reason, result = ("skipped", f"budget: needs ~{_est(step.key, args.cpu_smoke)[1]:.0f} s at "
                                       f"least, {max(left, 0):.0f} s left", {})
         elif isolate:
