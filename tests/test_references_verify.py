@@ -1,0 +1,99 @@
+"""fxopt.verify's tolerance rule against hand-computed bounds.
+
+The rule (fxopt/verify.py): e_cand <= multiple * e_ref + floor * max(1, max|ref|), where the floor
+follows the coarser of the reference tensor's and the candidate tensor's dtype (plus the
+``reference_precision``'s). Values here are exactly representable in every dtype used, so e_ref is
+0 unless a test sets it, and each bound is computed by hand from the documented floors.
+"""
+import math
+
+import pytest
+import torch
+
+from fxopt.verify import check_tensor
+
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+VALUES = [1.0, -2.0, 0.5, 0.0]          # exact in bf16, fp16, fp32: e_ref = 0; max|ref| = 2
+
+
+def _t(dtype, values=VALUES):
+    return torch.tensor(values, dtype=dtype)
+
+
+@pytest.mark.parametrize("ref_dtype, cand_dtype, floor", [
+    (torch.float32, torch.float32, 1e-5),
+    (torch.float32, torch.bfloat16, 1e-2),   # the candidate's coarser dtype wins
+    (torch.bfloat16, torch.float32, 1e-2),   # the reference's coarser dtype wins
+    (torch.float32, torch.float16, 1e-3),
+    (torch.float16, torch.bfloat16, 1e-2),
+    (torch.float64, torch.float32, 1e-5),
+    (torch.float64, torch.float64, 1e-12),
+])
+def test_floor_is_the_coarser_dtypes(ref_dtype, cand_dtype, floor):
+    ref64 = _t(torch.float64)
+    c = check_tensor("t", "output", ref64, _t(ref_dtype), _t(cand_dtype))
+    assert c.ok and c.ref_error == 0 and c.cand_error == 0
+    assert c.allowed == pytest.approx(floor * 2.0, rel=1e-12)  # max(1, max|ref|) = 2
+
+
+def test_a_bf16_sized_error_passes_only_when_a_side_is_bf16():
+    ref64 = _t(torch.float64)
+    off = ref64 + torch.tensor([0.0, 0.0, 0.0, 0.015], dtype=torch.float64)  # 0.015 <= 1e-2 * 2
+    assert check_tensor("t", "output", ref64, _t(torch.float32), off.bfloat16()).ok
+    assert not check_tensor("t", "output", ref64, _t(torch.float32), off.float()).ok
+
+
+def test_reference_precision_adds_its_floor():
+    ref64 = _t(torch.float64)
+    c = check_tensor("t", "output", ref64, _t(torch.float32), _t(torch.float32), reference_precision="bf16")
+    assert c.allowed == pytest.approx(1e-2 * 2.0)
+    c = check_tensor("t", "output", ref64, _t(torch.float32), _t(torch.float32), reference_precision="fp16")
+    assert c.allowed == pytest.approx(1e-3 * 2.0)
+
+
+def test_multiple_of_the_references_own_error():
+    ref64 = _t(torch.float64)
+    ref = _t(torch.float32, [1.0, -2.0, 0.5, 0.001])   # e_ref = 0.001 (and fp32 rounding of 0.001)
+    e_ref = abs(float(torch.tensor(0.001, dtype=torch.float32)) - 0.0)
+    c = check_tensor("t", "output", ref64, ref, ref)
+    assert c.ref_error == pytest.approx(e_ref, rel=1e-12)
+    assert c.allowed == pytest.approx(3.0 * e_ref + 1e-5 * 2.0, rel=1e-12)
+    c = check_tensor("t", "output", ref64, ref, ref, multiple=10)
+    assert c.allowed == pytest.approx(10.0 * e_ref + 1e-5 * 2.0, rel=1e-12)
+    c = check_tensor("t", "output", ref64, ref, _t(torch.float32), multiple=0)
+    assert c.allowed == pytest.approx(1e-5 * 2.0)
+
+
+def test_scale_is_at_least_one():
+    small = torch.tensor([0.25, -0.125], dtype=torch.float64)
+    c = check_tensor("t", "output", small, small.float(), small.float())
+    assert c.allowed == pytest.approx(1e-5 * 1.0)
+    big = torch.tensor([8.0, -64.0], dtype=torch.float64)
+    c = check_tensor("t", "output", big, big.float(), big.float())
+    assert c.allowed == pytest.approx(1e-5 * 64.0)
+
+
+def test_floor_overrides():
+    ref64 = _t(torch.float64)
+    c = check_tensor("t", "output", ref64, _t(torch.float32), _t(torch.float32), floor=0.5)
+    assert c.allowed == pytest.approx(0.5 * 2.0)
+    c = check_tensor("t", "output", ref64, _t(torch.float32), _t(torch.bfloat16), floor={torch.float32: 1e-3})
+    assert c.allowed == pytest.approx(1e-2 * 2.0)   # bf16's default entry is still the coarser
+    c = check_tensor("t", "output", ref64, _t(torch.float32), _t(torch.float32), floor={torch.float32: 1e-3})
+    assert c.allowed == pytest.approx(1e-3 * 2.0)
+
+
+def test_integers_are_exact():
+    r = torch.tensor([3, 4, 5])
+    assert check_tensor("t", "buffer", r.double(), r, r).allowed == 0
+    assert not check_tensor("t", "buffer", r.double(), r, r + torch.tensor([0, 0, 1])).ok
+
+
+def test_non_finite_candidate_always_fails():
+    ref64 = _t(torch.float64)
+    nan = _t(torch.float32, [1.0, -2.0, math.nan, 0.0])
+    c = check_tensor("t", "output", ref64, _t(torch.float32), nan, floor=1e9)
+    assert not c.ok and c.cand_error == math.inf
+    inf = torch.tensor([math.inf, 1.0], dtype=torch.float64)
+    assert check_tensor("t", "output", inf, inf.float(), inf.float()).ok
+    assert not check_tensor("t", "output", inf, inf.float(), torch.tensor([-math.inf, 1.0])).ok
