@@ -57,7 +57,7 @@ class Distributed:
     bucket_mb: float = 25.0
     first_bucket_mb: float = DDP_FIRST_BUCKET_MB
     grad_dtype: str | None = None
-    fsdp_depth: int = 1
+    fsdp_depth: int | None = None      # module-path depth of FSDP units (None: the shallowest with 4+ units)
     prefetch: bool = True
     algorithm: str = "auto"            # inter-node all-reduce: auto, ring or tree
 
@@ -70,7 +70,8 @@ class Distributed:
             (self.bucket_mb > 0 and self.first_bucket_mb > 0, "bucket_mb and first_bucket_mb must be > 0"),
             (self.grad_dtype is None or self.grad_dtype in DTYPE_SIZES,
              f"grad_dtype must be None or one of {sorted(DTYPE_SIZES)}"),
-            (isinstance(self.fsdp_depth, int) and self.fsdp_depth >= 1, "fsdp_depth must be an int >= 1"),
+            (self.fsdp_depth is None or (isinstance(self.fsdp_depth, int) and self.fsdp_depth >= 1),
+             "fsdp_depth must be None or an int >= 1"),
             (self.algorithm in ("auto", "ring", "tree"), "algorithm must be auto, ring or tree"),
         ]
         bad = [why for ok, why in checks if not ok]
@@ -283,8 +284,16 @@ class Unit:
     reduce_scatter: CommTime
 
 
-def fsdp_units(params: list[Param], depth: int) -> dict[str, list[Param]]:
-    """Parameters grouped per module at ``depth`` (``layer1.0.conv1.weight`` -> ``layer1`` at 1)."""
+MIN_FSDP_UNITS = 4
+
+
+def fsdp_units(params: list[Param], depth: int | None) -> dict[str, list[Param]]:
+    """Parameters grouped per module at ``depth`` (``layer1.0.conv1.weight`` -> ``layer1`` at 1);
+    ``None``: the shallowest depth with at least MIN_FSDP_UNITS units (a model wrapped in one
+    ``trunk`` module is sharded per stage, as users apply ``fully_shard`` per block)."""
+    if depth is None:
+        deepest = max((p.name.count(".") for p in params), default=1)
+        depth = next((d for d in range(1, deepest + 1) if len(fsdp_units(params, d)) >= MIN_FSDP_UNITS), deepest)
     units: dict[str, list[Param]] = {}
     for p in params:
         parts = p.name.split(".")[:-1]
