@@ -215,3 +215,74 @@ def test_totals_split_matrix_and_other_flops():
     assert t["other_flops_fwd"] == b * o                   # relu
     assert t["other_flops_bwd"] == b * o + b * o           # threshold_backward + bias-grad sum
     assert t["kernels"] == sum(c.kernels for c in r.calls)
+
+
+# ---- single ATen calls costed directly (no capture): the rule table's classes by hand ----------------
+
+aten = torch.ops.aten
+N, C, H = 2, 3, 4
+NUM = N * C * H * H
+
+
+def _direct(func, *args, **kwargs):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxopt.cost_models import cost_call
+    with FakeTensorMode() as mode:
+        args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else
+                     [mode.from_tensor(t) for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                     else a for a in args)
+        out = func(*args, **kwargs)
+        return cost_call(func, args, kwargs, out)
+
+
+def _t(*shape, dtype=torch.float32):
+    return torch.zeros(*shape, dtype=dtype)
+
+
+# (op, args, op class, FLOPs, kernels, bytes read, bytes written); bytes None where the real traffic
+# is the cost model's choice (multi-pass kernels)
+DIRECT = {
+    "native_dropout": (aten.native_dropout.default, (_t(N, C, H, H), 0.5, True), "random", 2 * NUM, 1, None, None),
+    "native_dropout_backward": (aten.native_dropout_backward.default,
+                                (_t(N, C, H, H), _t(N, C, H, H, dtype=torch.bool), 2.0), "pointwise", 2 * NUM, 1,
+                                NUM * F32 + NUM * 1, NUM * F32),
+    "log_softmax": (aten._log_softmax.default, (_t(6, 10), -1, False), "softmax", 5 * 60, 1, None, None),
+    "log_softmax_backward": (aten._log_softmax_backward_data.default,
+                             (_t(6, 10), _t(6, 10), -1, torch.float32), "softmax", 4 * 60, 1, None, None),
+    "nll_loss": (aten.nll_loss_forward.default, (_t(6, 10), torch.zeros(6, dtype=torch.long), None, 1, -100),
+                 "reduction", 60, 1, 60 * F32 + 6 * I64, 2 * F32),
+    "avg_pool": (aten.avg_pool2d.default, (_t(N, C, H, H), [2, 2]), "pooling", NUM, 1, NUM * F32, NUM // 4 * F32),
+    "avg_pool_backward": (aten.avg_pool2d_backward.default,
+                          (_t(N, C, H // 2, H // 2), _t(N, C, H, H), [2, 2], [2, 2], [0, 0], False, True, None),
+                          "pooling", NUM, 1, (NUM // 4 + NUM) * F32, NUM * F32),
+    "upsample": (aten.upsample_nearest2d.default, (_t(N, C, H, H), [2 * H, 2 * H]), "pooling", 4 * NUM, 1,
+                 NUM * F32, 4 * NUM * F32),
+    "upsample_backward": (aten.upsample_nearest2d_backward.default,
+                          (_t(N, C, 2 * H, 2 * H), [2 * H, 2 * H], [N, C, H, H]), "pooling", 4 * NUM, 1,
+                          4 * NUM * F32, NUM * F32),
+    "foreach_add": (aten._foreach_add.List, ([_t(3), _t(5)], [_t(3), _t(5)]), "optimizer", 8, 1,
+                    16 * F32, 8 * F32),
+    "fill_": (aten.fill_.Scalar, (_t(5, 6), 1.0), "memory", 0, 1, 0, 30 * F32),
+    "copy_": (aten.copy_.default, (_t(5, 6), _t(5, 6, dtype=torch.bfloat16)), "memory", 0, 1, 30 * BF16, 30 * F32),
+    "add_": (aten.add_.Tensor, (_t(5, 6), _t(5, 6)), "pointwise", 30, 1, 2 * 30 * F32, 30 * F32),
+    "empty": (aten.empty.memory_format, ([5, 6],), "alloc", 0, 0, 0, 0),
+    "view": (aten.view.default, (_t(5, 6), [30]), "view", 0, 0, 0, 0),
+    "sym_size": (aten.sym_size.int, (_t(5, 6), 0), "meta", 0, 0, 0, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DIRECT))
+def test_single_call_by_hand(name):
+    func, args, op_class, flops, kernels, read, written = DIRECT[name]
+    c = _direct(func, *args)
+    assert (c.op_class, c.flops, c.kernels) == (op_class, flops, kernels)
+    if read is not None:
+        assert (c.bytes_read, c.bytes_written) == (read, written)
+
+
+def test_in_place_ops_are_pointwise_only_when_their_base_is():
+    from fxopt.cost_models import classify
+    assert classify(aten.sigmoid_.default).op_class == "pointwise"
+    assert classify(aten.scatter_reduce_.two).op_class == "unknown"   # scatter_reduce is not pointwise
+    assert classify(aten.sort.default).op_class == "unknown"
