@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fxopt-installed
 
-.PHONY: demo test venv clean wheel-check
+.PHONY: demo test venv clean wheel-check gpu-check gpu-check-smoke
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ test: $(STAMP)
 # fxopt.cost_models are packaged (also run by tests/test_packaging.py).
 wheel-check: $(STAMP)
 	$(PY) -m pytest -q tests/test_packaging.py
+
+# The one prepared GPU check (issue 15; benchmarks/gpu_check.py): on the lent GPU machine, which
+# has torch/triton/timm/torchvision in its python3 and a bare copy of this tree (no venv, no install).
+# Then: python3 benchmarks/gpu_report.py gpu-check-out --write docs/BENCHMARKS.md
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-check:
+	PYTHONPATH=. python3 benchmarks/gpu_check.py --budget-s 480 --out $(GPU_CHECK_OUT)
+
+# The same driver on a CPU with tiny models (what CI runs, through tests/test_gpu_check.py).
+gpu-check-smoke: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --cpu-smoke --out gpu-check-smoke-out
+	$(PY) benchmarks/gpu_report.py gpu-check-smoke-out
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
