@@ -1,6 +1,7 @@
 """Hardware presets are data (``hardware/*.json``); a measured profile is the same schema."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,7 +17,7 @@ DTYPE_KEYS = {"float64": "fp64", "float32": "fp32", "bfloat16": "bf16", "float16
               "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Hardware:
     """Peaks, efficiencies and launch cost of one device. All rates in FLOP/s and bytes/s."""
 
@@ -36,6 +37,13 @@ class Hardware:
     # to ``efficiency["matrix"]`` / ``efficiency["memory"]``
     efficiency_by_class: dict = field(default_factory=dict)
     nhwc_speedup: dict = field(default_factory=dict)  # measured cells overriding layout.NHWC_SPEEDUP
+    # shape-aware kernel-time parameters (``cost_models.kernels``): sections "matrix" (per regime),
+    # "kind_eff", "memory", "host"; what a profile lacks falls back to the priors there
+    kernel_model: dict = field(default_factory=dict)
+
+    def kernel_param(self, section: str) -> dict:
+        """One section of the kernel-time parameters: this profile's values over the priors."""
+        return _kernel_params(self)[section]
 
     def layout_table(self) -> dict:
         """NHWC speedups per conv class and precision: this device's measured cells over the priors."""
@@ -69,6 +77,17 @@ class Hardware:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+@functools.lru_cache(maxsize=64)
+def _kernel_params(hw: "Hardware") -> dict:
+    from . import kernels as k
+    mine = hw.kernel_model
+    matrix = {r: {**k.DEFAULT_MATRIX[r], **mine.get("matrix", {}).get(r, {})} for r in k.REGIMES}
+    memory = {**k.DEFAULT_MEMORY, **{a: b for a, b in mine.get("memory", {}).items() if a != "efficiency"}}
+    memory["efficiency"] = {**k.DEFAULT_MEMORY["efficiency"], **mine.get("memory", {}).get("efficiency", {})}
+    return {"matrix": matrix, "memory": memory, "kind_eff": {**k.DEFAULT_KIND_EFF, **mine.get("kind_eff", {})},
+            "host": {**k.DEFAULT_HOST, **mine.get("host", {})}}
+
+
 def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
@@ -84,6 +103,16 @@ def load_hardware(spec: "str | Path | Hardware | None" = "h100") -> Hardware:
         if not path.exists():
             raise HardwareError(f"unknown hardware preset {spec!r}; known presets: {presets()}, "
                                 f"or pass the path of a profile JSON")
+    try:
+        return _load_path(str(path.resolve()), path.stat().st_mtime_ns)
+    except OSError as exc:
+        raise HardwareError(f"cannot read hardware profile {path}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=32)
+def _load_path(path: str, mtime_ns: int) -> Hardware:
+    """Profiles are read once per file version: every pass of a pipeline gets the same object."""
+    path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:

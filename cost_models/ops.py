@@ -211,6 +211,10 @@ class CallCost:
     dtype: str | None       # dtype of the first floating input (drives the peak)
     known: bool
     conv_layout: tuple | None = None  # (conv class, precision, is NHWC) of a conv call: its layout factor
+    gemms: tuple = ()        # the (b, m, n, k) GEMMs a matrix call runs, at concrete (hint) sizes
+    kind: str | None = None  # matrix kernel kind (gemm, conv, conv_1x1, attention_fwd/bwd)
+    traffic: str = ""        # the real-traffic rule applied, when bytes exceed the minimum
+    extra_bytes: object = 0  # bytes beyond the minimum traffic (multi-pass kernels); in bytes_read
 
 
 def cost_call(func, args, kwargs, out) -> CallCost:
@@ -240,8 +244,184 @@ def cost_call(func, args, kwargs, out) -> CallCost:
     else:
         flops = 0
     kernels = _kernels(name, args, kwargs)
-    return CallCost(name, rule.op_class, flops, bytes_read, bytes_written, kernels, dtype, rule.known,
-                    _conv_layout(name, args))
+    extra, traffic, extra_kernels = 0, "", 0
+    if name in TRAFFIC:
+        extra, traffic, extra_kernels = TRAFFIC[name](args, kwargs, out) or (0, "", 0)
+    kind, gemms = _matrix_shape(name, rule, args, kwargs, out)
+    return CallCost(name, rule.op_class, flops, bytes_read + extra, bytes_written, kernels + extra_kernels,
+                    dtype, rule.known, _conv_layout(name, args), gemms, kind, traffic, extra)
+
+
+# ---- GEMM shapes of matrix calls (what the tile/wave model prices) ------------------------
+
+def _hints(*xs) -> tuple:
+    """Sizes as they are: ints, or SymInts that analyze turns into formulas (kernels take a hint)."""
+    return tuple(xs)
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _mm(args, kwargs, out):
+    a, b = args[-2], args[-1]
+    return "gemm", (_hints(1, a.shape[0], b.shape[1], a.shape[1]),)
+
+
+def _bmm(args, kwargs, out):
+    a, b = args[-2], args[-1]
+    if args[0] is not a and len(args) >= 3:   # baddbmm(self, b1, b2)
+        a, b = args[1], args[2]
+    return "gemm", (_hints(a.shape[0], a.shape[1], b.shape[2], a.shape[2]),)
+
+
+def _addmm(args, kwargs, out):
+    a, b = args[1], args[2]
+    return "gemm", (_hints(1, a.shape[0], b.shape[1], a.shape[1]),)
+
+
+def _conv_kind(w, groups, cin) -> str:
+    if groups > 1 and groups == cin:
+        return "depthwise"
+    return "conv_1x1" if all(int(k) == 1 for k in w.shape[2:]) else "conv"
+
+
+def _conv(args, kwargs, out):
+    """Implicit GEMM: rows = output pixels, cols = output channels per group, K = C_in/g x kernel."""
+    x, w = args[0], args[1]
+    transposed, groups = bool(args[6]) if len(args) > 6 else False, int(args[8]) if len(args) > 8 else 1
+    if x.dim() < 3:
+        return None, ()
+    ksize = _prod(_hints(*w.shape[2:]))
+    if transposed:   # w: [C_in, C_out/g, k...]
+        n, k = w.shape[1], w.shape[0] // groups * ksize
+    else:
+        n, k = _hints(w.shape[0])[0] // groups, _hints(w.shape[1])[0] * ksize
+    m = _prod(_hints(out.shape[0], *out.shape[2:]))
+    return _conv_kind(w, groups, _hints(x.shape[1])[0]), ((groups, m, n, k),)
+
+
+def _conv_backward(args, kwargs, out):
+    """grad_input: rows = input pixels, K = C_out/g x kernel; grad_weight: K = output pixels."""
+    go, x, w = args[0], args[1], args[2]
+    groups, mask = int(args[9]), args[10]
+    if x.dim() < 3:
+        return None, ()
+    ksize = _prod(_hints(*w.shape[2:]))
+    cin_g, cout_g = _hints(x.shape[1])[0] // groups, _hints(go.shape[1])[0] // groups
+    gemms = []
+    if mask[0]:
+        gemms.append((groups, _prod(_hints(x.shape[0], *x.shape[2:])), cin_g, cout_g * ksize))
+    if mask[1]:
+        gemms.append((groups, cout_g, cin_g * ksize, _prod(_hints(go.shape[0], *go.shape[2:]))))
+    return _conv_kind(w, groups, _hints(x.shape[1])[0]), tuple(gemms)
+
+
+def _attention(backward: bool):
+    """Fused attention as its two score GEMMs per (batch, head): Q K^T and P V (the backward's
+    five GEMMs have the same dims)."""
+    def dims(args, kwargs, out):
+        q, k = (args[1], args[2]) if backward else (args[0], args[1])
+        if q.dim() != 4:
+            return None, ()
+        b, h, lq, e = _hints(*q.shape)
+        lk = _hints(k.shape[2])[0]
+        return ("attention_bwd" if backward else "attention_fwd"), ((b * h, lq, lk, e), (b * h, lq, e, lk))
+    return dims
+
+
+_GEMM_DIMS = {"mm": _mm, "bmm": _bmm, "baddbmm": _bmm, "addmm": _addmm, "_addmm_activation": _addmm,
+              "convolution": _conv, "convolution_backward": _conv_backward}
+
+
+def _matrix_shape(name: str, rule: Rule, args, kwargs, out) -> tuple:
+    if not is_matrix(rule):
+        return None, ()
+    if name in _GEMM_DIMS:
+        try:
+            return _GEMM_DIMS[name](args, kwargs, out)
+        except (IndexError, AttributeError, TypeError, ValueError):
+            return matrix_kind(rule.op_class, name), ()
+    if "attention" in name:
+        return _attention("backward" in name)(args, kwargs, out)
+    return matrix_kind(rule.op_class, name), ()
+
+
+def matrix_kind(op_class: str, name: str = "") -> str:
+    """The kernel kind of a matrix call known only by its class."""
+    if op_class == "attention":
+        return "attention_bwd" if "backward" in name else "attention_fwd"
+    return "conv" if op_class == "conv" else "gemm"
+
+
+# ---- real traffic: kernels that read their inputs more than once ---------------------------
+
+def _row(t) -> int:
+    from .layout import _int
+    return _int(t.shape[-1]) * t.element_size() if t.dim() else 0
+
+
+def _bn_forward(args, kwargs, out):
+    """Training batch norm (ATen/cuDNN): a statistics pass over x, then a normalize pass reading x
+    again (and a second kernel). Eval batch norm is one pass."""
+    saved_mean = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+    if saved_mean is None or saved_mean.numel() == 0:   # eval: no batch statistics saved
+        return None
+    return tensor_bytes(args[0]), "batch-norm training: statistics pass + normalize pass (x read twice)", 1
+
+
+def _bn_backward(args, kwargs, out):
+    """Batch-norm backward: a reduction pass over (dy, x), then the dx pass reading both again."""
+    go, x = args[0], args[1]
+    return tensor_bytes(go) + tensor_bytes(x), "batch-norm backward: reduce (dy, x) then dx pass reads them again", 1
+
+
+# a row whose bytes fit on chip is read once; longer rows are re-read from memory
+LN_ONE_PASS_ROW = 16384            # bytes: ATen's vectorized layer norm keeps the row on chip
+SOFTMAX_ONE_PASS_ROW = 48 * 1024   # bytes: the shared-memory softmax kernel holds the row
+
+
+def _ln_forward(args, kwargs, out):
+    x = args[0]
+    if _row(x) <= LN_ONE_PASS_ROW:
+        return None
+    return tensor_bytes(x), f"layer norm, row {_row(x)} B > {LN_ONE_PASS_ROW} B: moments then normalize (x read twice)", 0
+
+
+def _ln_backward(args, kwargs, out):
+    """dx needs row reductions of (dy, x); dgamma/dbeta a second kernel reducing over rows."""
+    go, x = args[0], args[1]
+    return tensor_bytes(go) + tensor_bytes(x), "layer-norm backward: dx kernel + dgamma/dbeta kernel re-read (dy, x)", 1
+
+
+def _softmax_forward(args, kwargs, out):
+    x = args[0]
+    dim = args[1] if len(args) > 1 else -1
+    if dim not in (-1, x.dim() - 1) or _row(x) <= SOFTMAX_ONE_PASS_ROW:
+        return None
+    return 2 * tensor_bytes(x), f"softmax, row {_row(x)} B > {SOFTMAX_ONE_PASS_ROW} B: max, sum and write passes (x read 3x)", 0
+
+
+def _softmax_backward(args, kwargs, out):
+    go, y = args[0], args[1]
+    if _row(y) <= SOFTMAX_ONE_PASS_ROW:
+        return None
+    return tensor_bytes(go) + tensor_bytes(y), "softmax backward, long rows: dot pass then dx pass (dy, y read twice)", 0
+
+
+TRAFFIC = {
+    **dict.fromkeys(("native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+                     "_batch_norm_with_update", "cudnn_batch_norm"), _bn_forward),
+    **dict.fromkeys(("native_batch_norm_backward", "batch_norm_backward", "cudnn_batch_norm_backward"),
+                    _bn_backward),
+    "native_layer_norm": _ln_forward,
+    "native_layer_norm_backward": _ln_backward,
+    **dict.fromkeys(("_softmax", "_log_softmax", "_safe_softmax"), _softmax_forward),
+    **dict.fromkeys(("_softmax_backward_data", "_log_softmax_backward_data"), _softmax_backward),
+}
 
 
 # conv op -> positions of (input, weight, groups) in its arguments

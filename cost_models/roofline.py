@@ -1,9 +1,6 @@
-"""Roofline time of one call: max(FLOPs / peak, bytes / bandwidth) plus a launch overhead.
-
-Peaks are scaled by the device's measured efficiencies (a 8192^3 bf16 GEMM reaches ~81% of the
-datasheet peak on an H100, a device copy ~90% of its bandwidth); per-op-class calibration
-refines this once a measured profile is loaded (``Hardware.efficiency_by_class``: a matrix class
-scales its FLOP/s peak, any other class its bandwidth).
+"""Precision settings and the adapter from what a caller knows of a call (class, dtype, FLOPs,
+bytes, GEMM dims) to ``cost_models.kernels.kernel_time``, the one function that computes a
+kernel's time. The old constant-efficiency roofline is gone: efficiencies depend on the shape.
 """
 from __future__ import annotations
 
@@ -13,7 +10,8 @@ import sympy
 import torch
 
 from .hardware import DTYPE_KEYS, Hardware
-from .ops import MATRIX_CLASSES
+from .kernels import CallTime, KernelTime, kernel_time  # noqa: F401  (CallTime: old name)
+from .ops import MATRIX_CLASSES, matrix_kind
 
 
 @dataclass(frozen=True)
@@ -28,40 +26,39 @@ class Precision:
         return cls(torch.get_float32_matmul_precision() != "highest", torch.backends.cudnn.allow_tf32)
 
 
-@dataclass(frozen=True)
-class CallTime:
-    compute_s: object
-    memory_s: object
-    launch_s: float
-
-    @property
-    def total_s(self):
-        return _max(self.compute_s, self.memory_s) + self.launch_s
-
-
-def _max(a, b):
-    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
-        return sympy.Max(a, b)
-    return max(a, b)
-
-
-def peak_for(op_class: str, dtype: str | None, hw: Hardware, precision: Precision) -> float:
+def regime(op_class: str, dtype: str | None, precision: Precision) -> tuple[str, str]:
+    """``(peak key, kernel-model regime)`` of a matrix call: fp32 runs FFMA unless TF32 is on."""
     key = DTYPE_KEYS.get(dtype or "float32", "fp32")
-    if op_class not in MATRIX_CLASSES:
-        return hw.vector_peak(key)
     tf32 = precision.tf32_conv if op_class == "conv" else precision.tf32_matmul
     if key == "fp32" and tf32:
         key = "tf32"
-    return hw.matrix_peak(key) * hw.class_efficiency(op_class, matrix=True)
+    return key, {"fp32": "fp32", "tf32": "tf32", "fp64": "fp32"}.get(key, "bf16")
+
+
+def peak_for(op_class: str, dtype: str | None, hw: Hardware, precision: Precision) -> float:
+    """The sustained FLOP/s of a large, well-shaped call of this class (the roof lints and
+    scaling formulas draw): the regime's peak times its asymptotic efficiency."""
+    if op_class not in MATRIX_CLASSES:
+        return hw.vector_peak(DTYPE_KEYS.get(dtype or "float32", "fp32"))
+    key, reg = regime(op_class, dtype, precision)
+    return hw.matrix_peak(key) * hw.kernel_param("matrix")[reg]["eff"] * \
+        hw.kernel_param("kind_eff").get(matrix_kind(op_class), 1.0)
 
 
 def call_time(op_class: str, dtype: str | None, flops, nbytes, kernels: int, hw: Hardware,
-              precision: Precision = Precision(), factor: float = 1.0) -> CallTime:
-    """``factor`` slows the compute term (a conv in its slower layout, see cost_models.layout)."""
-    compute = factor * flops / peak_for(op_class, dtype, hw, precision) if flops else 0.0
-    eff = hw.efficiency.get("memory", 1.0) if op_class in MATRIX_CLASSES else hw.class_efficiency(op_class, False)
-    memory = nbytes / (hw.memory_bandwidth * eff) if nbytes else 0.0
-    return CallTime(compute, memory, kernels * hw.launch_overhead_s)
+              precision: Precision = Precision(), factor: float = 1.0, gemms=(), kind: str | None = None,
+              l2_resident: bool = False) -> KernelTime:
+    """Time of one call (``cost_models.kernels.kernel_time``), from what the caller knows of it:
+    its class, dtype, FLOPs, bytes and, for matrix calls, the GEMMs it runs. ``factor`` slows the
+    compute term (a conv in its slower layout, see cost_models.layout)."""
+    if kind == "depthwise":   # cuDNN's depthwise kernels stream memory: priced as memory-bound
+        op_class = "depthwise"
+    elif op_class in MATRIX_CLASSES:
+        key, reg = regime(op_class, dtype, precision)
+        return kernel_time(op_class, kind or matrix_kind(op_class), reg, hw.matrix_peak(key), flops, nbytes,
+                           kernels, gemms, hw, factor)
+    return kernel_time(op_class, None, None, hw.vector_peak(DTYPE_KEYS.get(dtype or "float32", "fp32")),
+                       flops, nbytes, kernels, (), hw, factor, l2_resident)
 
 
 def bound(compute_s: float, memory_s: float, launch_s: float) -> str:

@@ -13,6 +13,8 @@ from .capture import Captured, capture
 from .cost_models.hardware import load_hardware
 from .cost_models.roofline import Precision
 from .cost_models.trace import OPTIMIZER_NODE, trace_step
+from .distributed import Distributed
+from .distributed import apply as apply_distributed
 from .errors import InputError
 from .nodeinfo import NodeInfo, node_info
 from .report import CallRow, GraphReport
@@ -67,13 +69,19 @@ def _input_summary(captured: Captured) -> str:
 
 def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardware="h100",
             training: bool = True, dtype=None, *, optimizer: str | None = "sgd",
-            dynamic_batch: bool = False, precision: Precision | None = None) -> GraphReport:
+            dynamic_batch: bool = False, precision: Precision | None = None,
+            distributed=None) -> GraphReport:
     """Cost one training step (forward, backward, optimizer step) of a model analytically.
 
     ``dtype`` ("bf16", "fp16", a torch.dtype) costs the model as if its weights and inputs were
     cast to it; ``precision`` says whether fp32 GEMMs/convs use TF32 (default: torch's settings).
+    ``distributed`` (``{"world_size": 64, "strategy": "ddp"}`` or ``fxopt.Distributed``) adds the
+    communication of data-parallel training (``report.distributed``; fxopt/distributed.py).
     """
     dtype = parse_dtype(dtype)
+    dist_spec = Distributed.parse(distributed)  # checked before any work
+    if dist_spec is not None:
+        dist_spec.resolve(load_hardware(hardware).name)
     if isinstance(model_or_captured, Captured):
         captured = model_or_captured  # already specialized: dtype casts its weights and inputs only
     else:
@@ -91,7 +99,9 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
     sym_map = _symbol_map(captured)
     calls = [CallRow(r.node, r.phase, r.cost.op, r.cost.op_class, _num(r.cost.flops, sym_map),
                      _num(r.cost.bytes_read, sym_map), _num(r.cost.bytes_written, sym_map),
-                     r.cost.kernels, r.cost.dtype, r.cost.known, r.cost.conv_layout) for r in trace.records]
+                     r.cost.kernels, r.cost.dtype, r.cost.known, r.cost.conv_layout,
+                     tuple(tuple(_num(d, sym_map) for d in g) for g in r.cost.gemms), r.cost.kind,
+                     r.cost.traffic, _num(r.cost.extra_bytes, sym_map)) for r in trace.records]
     nodes = {n.name: node_info(n) for n in captured.graph.nodes}
     nodes[OPTIMIZER_NODE] = NodeInfo(OPTIMIZER_NODE, str(optimizer), "(optimizer)", "", "")
     report = GraphReport(model=captured.source_name, calls=calls, nodes=nodes, hardware=hw,
@@ -99,6 +109,8 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
                          saved_bytes={k: _num(v, sym_map) for k, v in trace.saved_bytes.items()},
                          symbols={s.name: s for s in sym_map.values()}, training=training,
                          inputs=_input_summary(captured), captured=captured)
+    if dist_spec is not None:
+        report.distributed = apply_distributed(report, dist_spec)
     if report.unknown_ops:
         warnings.warn(f"{captured.source_name}: no cost formula for {report.unknown_ops}; they are counted "
                       f"as memory traffic with 0 FLOPs and listed in the report", UnknownOpWarning,

@@ -1,15 +1,13 @@
-"""``fxopt calibrate``: micro-benchmarks that turn a device into a hardware profile.
+"""``fxopt calibrate``: measure a device (or import a published table) into a hardware profile.
 
-A plain roofline is far off (ResNet-50 -50 %, ViT-B/16 -33 % on an H100): memory-bound kernels
-reach well under peak bandwidth, small GEMMs and convs well under peak FLOP/s. This module
-measures what each op class really reaches and writes a profile with the schema of
-``cost_models/hardware/h100.json`` plus:
-
-* ``efficiency_by_class``: per op class, the fraction of peak it reaches (FLOP/s for matmul,
-  conv, attention; bandwidth for pointwise, reduction, norm, softmax, memory), which the
-  roofline uses in place of the global efficiencies;
-* ``measured``: device, versions, date, every raw measurement, and an ``nhwc_speedup`` table
-  shaped like ``fxopt.cost_models.layout.NHWC_SPEEDUP`` (unmeasured cells keep the priors).
+The cost model prices a kernel by its shape (``cost_models.kernels``: tiles, waves, K pipeline,
+alignment for matrix kernels; a bandwidth ramp and a fixed latency for memory-bound ones; host
+dispatch per launch). Calibration measures exactly those parameters: a GEMM grid per regime
+(FFMA fp32, TF32, bf16; aligned, misaligned, small, long-K), memory-bound kernels from a few KB
+to hundreds of MB (ramp and latency), convs 1x1/3x3/depthwise/grouped in NCHW and NHWC (layout
+table, conv and depthwise efficiencies), and the host's per-op dispatch time. The measurements
+go through the same fit as an imported table (``cost_models.fit``) and the profile says where
+every number came from.
 
 On a GPU the peaks are the datasheet preset of the device (H100/H200/A100), so efficiencies are
 fractions of the datasheet; an unknown GPU and the CPU use the best measured rate as the peak.
@@ -22,22 +20,29 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .cost_models.hardware import load_hardware
+from .cost_models import fit
+from .cost_models.hardware import Hardware, load_hardware
 from .cost_models.layout import NHWC_SPEEDUP
 from .errors import FxoptError
 
-SCHEMA = "fxopt.hardware_profile/1"
+SCHEMA = "fxopt.hardware_profile/2"
 
-# (M, N, K): large, transformer-like, aligned and misaligned, small
-GEMM_SHAPES = [(8192, 8192, 8192), (4096, 4096, 4096), (2048, 2048, 2048), (1024, 1024, 1024),
-               (25216, 768, 768), (25216, 3072, 768), (25216, 768, 3072), (4095, 4097, 4093),
-               (1000, 1000, 1000), (512, 512, 512), (256, 256, 256), (64, 64, 64)]
+# (M, N, K): square, transformer-like, misaligned, small, long-K (weight gradients), skinny
+GEMM_SHAPES = [(8192, 8192, 8192), (4096, 4096, 4096), (2048, 2048, 2048), (1024, 1024, 1024), (512, 512, 512),
+               (256, 256, 256), (128, 128, 128), (25216, 768, 768), (25216, 3072, 768), (25216, 768, 3072),
+               (768, 768, 25216), (4095, 4097, 4093), (1000, 1000, 1000), (64, 4096, 4096), (4096, 64, 4096),
+               (100, 100, 100), (4096, 4096, 64)]
 GEMM_SHAPES_QUICK = [(256, 256, 256), (128, 128, 128), (127, 129, 131), (32, 32, 32)]
+# (rows, cols) of memory-bound kernels: 4 KB .. 256 MB in fp32
+MEMORY_SHAPES = [(1, 1024), (16, 1024), (256, 1024), (2048, 1024), (8192, 1024), (32768, 1024), (65536, 1024)]
+MEMORY_SHAPES_QUICK = [(1, 256), (64, 256), (1024, 256)]
+MEMORY_OPS = ("add", "mulu", "relu", "gelu", "layer_norm", "softmax")
 # (name, NHWC_SPEEDUP class, N, C_in, H, C_out, kernel, groups)
 CONVS = [("3x3 64->64 56x56", "dense", 64, 64, 56, 64, 3, 1),
          ("3x3 256->256 14x14", "dense", 64, 256, 14, 256, 3, 1),
@@ -65,57 +70,13 @@ def _device(device) -> torch.device:
     return device
 
 
-def time_fn(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()``: CUDA events around each call on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        pairs = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize(device)
-        times = [s.elapsed_time(e) * 1e-3 for s, e in pairs]
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _dtypes(device: torch.device, quick: bool) -> list[torch.dtype]:
-    if device.type == "cuda":
-        return [torch.bfloat16, torch.float16, torch.float32]
-    return [torch.float32] if quick else [torch.float32, torch.bfloat16]
-
-
-def _gemms(device, quick, reps) -> list[dict]:
-    out = []
-    for dtype in _dtypes(device, quick):
-        for m, n, k in GEMM_SHAPES_QUICK if quick else GEMM_SHAPES:
-            a = torch.randn(m, k, device=device, dtype=dtype)
-            b = torch.randn(k, n, device=device, dtype=dtype)
-            t = time_fn(lambda: torch.mm(a, b), device, reps)
-            out.append({"m": m, "n": n, "k": k, "dtype": str(dtype).replace("torch.", ""),
-                        "aligned": all(d % 8 == 0 for d in (m, n, k)), "time_s": t,
-                        "flops_per_s": 2 * m * n * k / t})
-            del a, b
-    return out
-
-
 def _convs(device, quick, reps) -> list[dict]:
     """Forward + backward of each conv, in NCHW and NHWC."""
     out = []
     dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
     for dtype in dtypes:
         for name, cls, n, cin, hw, cout, k, groups in CONVS_QUICK if quick else CONVS:
-            row = {"name": name, "class": cls, "dtype": str(dtype).replace("torch.", "")}
+            row = {"name": name, "class": cls, "dtype": str(dtype).replace("torch.", ""), "shape": (n, cin, hw)}
             for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
                 x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
                 w = torch.randn(cout, cin // groups, k, k, device=device, dtype=dtype).contiguous(memory_format=fmt)
@@ -135,27 +96,6 @@ def _convs(device, quick, reps) -> list[dict]:
             row["nhwc_speedup"] = row["nchw_time_s"] / row["nhwc_time_s"]
             out.append(row)
     return out
-
-
-def _bandwidth(device, quick, reps) -> list[dict]:
-    """Bytes/s of a copy, pointwise ops, reductions, softmax and layer norm on a large tensor."""
-    numel = (1 << 20) if quick else (1 << 28)
-    rows = []
-    for dtype in ([torch.float32] if device.type != "cuda" else [torch.bfloat16, torch.float32]):
-        x = torch.randn(numel // 1024, 1024, device=device, dtype=dtype)
-        e = x.element_size()
-        cases = [("memory", "copy", lambda: x.clone(), 2 * numel * e),
-                 ("pointwise", "add", lambda: x + x, 2 * numel * e),
-                 ("pointwise", "gelu", lambda: F.gelu(x), 2 * numel * e),
-                 ("reduction", "sum(-1)", lambda: x.sum(-1), numel * e),
-                 ("softmax", "softmax(-1)", lambda: torch.softmax(x, -1), 2 * numel * e),
-                 ("norm", "layer_norm", lambda: F.layer_norm(x, (1024,)), 2 * numel * e)]
-        for cls, name, fn, nbytes in cases:
-            t = time_fn(fn, device, reps)
-            rows.append({"class": cls, "name": name, "dtype": str(dtype).replace("torch.", ""),
-                         "bytes": nbytes, "time_s": t, "bytes_per_s": nbytes / t})
-        del x
-    return rows
 
 
 def _launch_overhead(device, reps) -> float:
@@ -199,8 +139,112 @@ def _preset_for(device) -> str | None:
     return next((preset for key, preset in GPU_PRESETS if key in name), None)
 
 
-def _median(xs) -> float:
-    return float(statistics.median(xs)) if xs else 1.0
+def time_fn(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()``: CUDA events around each call on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        pairs = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            pairs.append((start, end))
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) * 1e-3 for s, e in pairs]
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _regimes(device: torch.device, quick: bool) -> list[tuple[str, torch.dtype, bool]]:
+    """(fit dtype name, torch dtype, TF32 on) per matrix regime measured on this device."""
+    if device.type == "cuda":
+        return [("float32", torch.float32, False), ("tf32", torch.float32, True), ("bfloat16", torch.bfloat16, False)]
+    return [("float32", torch.float32, False)]
+
+
+def _gemms(device, quick, reps) -> list:
+    out = []
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for name, dtype, tf32 in _regimes(device, quick):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            for m, n, k in GEMM_SHAPES_QUICK if quick else GEMM_SHAPES:
+                a = torch.randn(m, k, device=device, dtype=dtype)
+                b = torch.randn(k, n, device=device, dtype=dtype)
+                out.append(fit.Measurement("mm", name, (1, m, n, k), time_fn(lambda: torch.mm(a, b), device, reps),
+                                           _versions(device)["device"], "fxopt calibrate"))
+                del a, b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    return out
+
+
+def _memory(device, quick, reps) -> list:
+    """Memory-bound kernels over sizes: their ramp, latency and per-class sustained bandwidth."""
+    out = []
+    for rows, cols in MEMORY_SHAPES_QUICK if quick else MEMORY_SHAPES:
+        x = torch.randn(rows, cols, device=device)
+        y = torch.randn(rows, cols, device=device)
+        w = torch.ones(cols, device=device)
+        fns = {"add": lambda: x + y, "mulu": lambda: x * 2.0, "relu": lambda: torch.relu(x),
+               "gelu": lambda: F.gelu(x), "layer_norm": lambda: F.layer_norm(x, (cols,), w, w),
+               "softmax": lambda: torch.softmax(x, -1)}
+        for op in MEMORY_OPS:
+            out.append(fit.Measurement(op, "float32", (rows, cols), time_fn(fns[op], device, reps),
+                                       _versions(device)["device"], "fxopt calibrate"))
+        del x, y
+    return out
+
+
+def _base_hardware(device) -> tuple[Hardware, str | None]:
+    """The device's preset (datasheet peaks) or, without one, a profile whose peaks are measured."""
+    preset_name = _preset_for(device)
+    if preset_name:
+        return load_hardware(preset_name), preset_name
+    return None, None
+
+
+def _measured_peaks(device, gemms, memory) -> Hardware:
+    """An unknown device: the best measured rates stand in for the peaks."""
+    best_flops = max((2.0 * m.dims[0] * m.dims[1] * m.dims[2] * m.dims[3] / m.seconds for m in gemms), default=1e9)
+    best_bw = max((float(fit.call_cost(m.op, m.dtype, m.dims).bytes_read
+                         + fit.call_cost(m.op, m.dtype, m.dims).bytes_written) / m.seconds for m in memory),
+                  default=1e9)
+    props = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+    return Hardware(name=f"{device.type}-measured", description=f"measured {_versions(device)['device']} "
+                    f"({device.type}); peaks = best measured rates", memory_bandwidth=best_bw,
+                    tensor_flops={"tf32": best_flops, "bf16": best_flops, "fp16": best_flops},
+                    vector_flops={"fp32": best_flops, "bf16": best_flops, "fp16": best_flops},
+                    sm_count=props.multi_processor_count if props else 1,
+                    memory_bytes=props.total_memory if props else 0)
+
+
+def _conv_params(convs: list, hw: Hardware) -> tuple[dict, dict, list]:
+    """NHWC speedups measured per class, and depthwise convs' sustained share of bandwidth."""
+    speedup = {cls: dict(cols) for cls, cols in NHWC_SPEEDUP.items()}
+    measured_cells = []
+    for cls in speedup:
+        for dtype, col in (("bfloat16", "16bit"), ("float32", "tf32" if hw.name != "cpu-measured" else "fp32")):
+            vals = [r["nhwc_speedup"] for r in convs if r["class"] == cls and r["dtype"] == dtype]
+            if vals:
+                speedup[cls][col] = round(statistics.median(vals), 3)
+                measured_cells.append(f"{cls}/{col}")
+    dw = [r for r in convs if r["class"] == "depthwise" and r["dtype"] == "float32"]
+    memory = {}
+    if dw:   # fwd + grad input + grad weight each stream x (and y / dy) once: about 6 tensors
+        r = dw[0]
+        n, c, h = r["shape"][:3]
+        nbytes = 6 * n * c * h * h * 4
+        memory["depthwise"] = round(min(1.0, nbytes / min(r["nchw_time_s"], r["nhwc_time_s"]) / hw.memory_bandwidth), 4)
+    return speedup, memory, measured_cells
 
 
 def calibrate(device=None, quick: bool = False, out: "str | Path | None" = None) -> dict:
@@ -210,91 +254,79 @@ def calibrate(device=None, quick: bool = False, out: "str | Path | None" = None)
     with ``fxopt.cost_models.load_hardware(path)`` and ``analyze(..., hardware=path)`` uses it.
     """
     device = _device(device)
-    reps = (5 if quick else 20) if device.type == "cpu" else (10 if quick else 50)
-    gemms = _gemms(device, quick, reps)
+    reps = (5 if quick else 20) if device.type == "cpu" else (10 if quick else 30)
+    gemms, memory = _gemms(device, quick, reps), _memory(device, quick, reps)
     convs = _convs(device, quick, reps)
-    bws = _bandwidth(device, quick, reps)
-    launch = _launch_overhead(device, reps)
-    preset_name = _preset_for(device)
-
-    main_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    best = lambda rows, key, **match: max((r[key] for r in rows if all(r[k] == v for k, v in match.items())),
-                                          default=0.0)
-    copy_bw = best(bws, "bytes_per_s", name="copy")
-    if preset_name:  # datasheet peaks: efficiencies are fractions of the datasheet
-        preset = load_hardware(preset_name)
-        tensor_flops, vector_flops = dict(preset.tensor_flops), dict(preset.vector_flops)
-        bandwidth, description = preset.memory_bandwidth, preset.description + " (measured profile)"
-        extra = {"l2_bytes": preset.l2_bytes}
-    else:  # the best measured rates stand in for the peaks
-        fp32 = best(gemms, "flops_per_s", dtype="float32")
-        low = best(gemms, "flops_per_s", dtype="bfloat16") or fp32
-        tensor_flops = {"tf32": fp32, "bf16": low, "fp16": best(gemms, "flops_per_s", dtype="float16") or low}
-        vector_flops = {"fp32": fp32, "bf16": low, "fp16": tensor_flops["fp16"]}
-        bandwidth = copy_bw
-        description = f"measured {_versions(device)['device']} ({device.type}); peaks = best measured rates"
-        extra = {}
-
-    def peak(dtype: str) -> float:
-        key = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-        if key == "fp32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-            key = "tf32"
-        return vector_flops["fp32"] if key == "fp32" else tensor_flops[key]
-
-    matmul_eff = [r["flops_per_s"] / peak(r["dtype"]) for r in gemms if r["dtype"] == main_dtype]
-    conv_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    conv_peak = lambda r: (tensor_flops["tf32"] if r["dtype"] == "float32" and device.type == "cuda"
-                           and torch.backends.cudnn.allow_tf32 else peak(r["dtype"]))
-    conv_eff = [max(r["nchw_flops_per_s"], r["nhwc_flops_per_s"]) / conv_peak(r) for r in convs
-                if r["dtype"] == conv_dtype and r["class"] in ("dense", "1x1")]
-    bw_dtype = "bfloat16" if device.type == "cuda" else "float32"
-    by_class: dict = {"matmul": _median(matmul_eff), "attention": _median(matmul_eff), "conv": _median(conv_eff)}
-    for cls in ("memory", "pointwise", "reduction", "softmax", "norm"):
-        vals = [r["bytes_per_s"] / bandwidth for r in bws if r["class"] == cls and r["dtype"] == bw_dtype]
-        by_class[cls] = _median(vals)
-    by_class = {k: round(min(v, 1.0), 4) for k, v in by_class.items()}
-
-    speedup = {cls: dict(cols) for cls, cols in NHWC_SPEEDUP.items()}
-    measured_cells = []
-    for cls in speedup:
-        for dtype, col in (("bfloat16", "16bit"), ("float32", "tf32" if device.type == "cuda" else "fp32")):
-            vals = [r["nhwc_speedup"] for r in convs if r["class"] == cls and r["dtype"] == dtype]
-            if vals:
-                speedup[cls][col] = round(_median(vals), 3)
-                measured_cells.append(f"{cls}/{col}")
-
+    host = _launch_overhead(device, reps)
     versions = _versions(device)
-    big = [r["flops_per_s"] for r in gemms if r["dtype"] == main_dtype and r["m"] >= 1024 and r["aligned"]]
-    matrix_eff = max(big or [r["flops_per_s"] for r in gemms if r["dtype"] == main_dtype]) / peak(main_dtype)
-    profile = {
-        "schema": SCHEMA,
-        "name": f"{preset_name}-measured" if preset_name else f"{device.type}-measured",
-        "description": description,
-        "sm_count": versions.get("sm_count", 0),
-        "memory_bytes": (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0),
-        **extra,
-        "memory_bandwidth": bandwidth,
-        "tensor_flops": tensor_flops,
-        "vector_flops": vector_flops,
-        "efficiency": {"matrix": round(min(matrix_eff, 1.0), 4), "memory": round(min(copy_bw / bandwidth, 1.0), 4)},
-        "efficiency_by_class": by_class,
-        "nhwc_speedup": {cls: {col: speedup[cls][col]} for cls, col in (c.split("/") for c in measured_cells)},
-        "launch_overhead_s": launch,
-        "source": f"fxopt calibrate{' --quick' if quick else ''} on {versions['device']}, {versions['date']}",
-        "measured": {**versions, "quick": quick, "reps": reps, "nhwc_speedup": speedup,
-                     "nhwc_speedup_measured_cells": measured_cells,
-                     "raw": {"gemm": gemms, "conv": convs, "bandwidth": bws, "launch_overhead_s": launch}},
-    }
+    base, preset_name = _base_hardware(device)
+    if base is None:
+        base = _measured_peaks(device, gemms, memory)
+    source = f"fxopt calibrate{' --quick' if quick else ''} on {versions['device']}, {versions['date']}"
+    hw = fit.fit_profile(gemms + memory, base, source, iters=40 if quick else 120)
+    speedup, conv_memory, cells = _conv_params(convs, hw)
+    km = dict(hw.kernel_model)
+    km["memory"] = {**km.get("memory", {}), "efficiency": {**km.get("memory", {}).get("efficiency", {}), **conv_memory}}
+    km["host"] = {"fwd": host, "bwd": host, "opt": host}
+    hw = replace(hw, kernel_model=km, name=f"{preset_name}-measured" if preset_name else base.name,
+                 description=base.description + (" (measured profile)" if preset_name else ""),
+                 nhwc_speedup={cls: {col: speedup[cls][col]} for cls, col in (c.split("/") for c in cells)},
+                 launch_overhead_s=host, source=source)
+    profile = {"schema": SCHEMA, **_profile_fields(hw),
+               "measured": {**versions, "quick": quick, "reps": reps, "nhwc_speedup": speedup,
+                            "nhwc_speedup_measured_cells": cells,
+                            "fit_mape": _fit_errors(gemms + memory, hw),
+                            "raw": {"gemm": [m.__dict__ for m in gemms], "memory": [m.__dict__ for m in memory],
+                                    "conv": convs, "host_dispatch_s": host}}}
     if out is not None:
         Path(out).write_text(json.dumps(profile, indent=1))
     return profile
 
 
+def import_table(path: "str | Path", device: str | None = None, base: str = "h100",
+                 out: "str | Path | None" = None) -> dict:
+    """A profile fitted to an external table of measured per-op times (format: ``cost_models.fit``).
+
+    ``base`` supplies the datasheet peaks the fitted efficiencies are fractions of; ``device``
+    picks that device's rows from a table holding several.
+    """
+    rows = fit.read_table(path, device)
+    hw = load_hardware(base)
+    source = f"fitted to {Path(path).name}{f' ({device})' if device else ''} on the peaks of {hw.name}"
+    hw = fit.fit_profile(rows, hw, source)
+    hw = replace(hw, name=f"{hw.name}-imported", source=source)
+    profile = {"schema": SCHEMA, **_profile_fields(hw),
+               "measured": {"imported": str(path), "device": device, "rows": len(rows),
+                            "fit_mape": _fit_errors(rows, hw)}}
+    if out is not None:
+        Path(out).write_text(json.dumps(profile, indent=1))
+    return profile
+
+
+def _profile_fields(hw: Hardware) -> dict:
+    return {k: v for k, v in hw.to_dict().items() if v not in (None, {}, "") or k == "name"}
+
+
+def _fit_errors(rows: list, hw: Hardware) -> dict:
+    """In-sample MAPE per op class (what the fit achieved on the rows it saw)."""
+    groups: dict = {}
+    for m in rows:
+        groups.setdefault(m.op_class if m.regime in (None, "fp32") else f"{m.regime} gemm", []).append(m)
+    return {k: round(fit.mape(v, hw), 4) for k, v in groups.items()}
+
+
 def summary(profile: dict) -> str:
     """A few lines a person reads after ``fxopt calibrate``."""
     m = profile["measured"]
-    lines = [f"{profile['name']}: {m['device']} (torch {m['torch']}, {m['date']})",
-             f"  bandwidth {profile['memory_bandwidth'] / 1e9:,.1f} GB/s, launch {profile['launch_overhead_s'] * 1e6:.2f} us",
-             f"  efficiency {profile['efficiency']}",
-             "  by class   " + ", ".join(f"{k} {v:.2f}" for k, v in profile["efficiency_by_class"].items())]
+    km = profile.get("kernel_model", {})
+    lines = [f"{profile['name']}: {m.get('device') or m.get('imported')} ({profile.get('source', '')})",
+             f"  bandwidth {profile['memory_bandwidth'] / 1e9:,.1f} GB/s (peak the efficiencies refer to)"]
+    for regime, p in km.get("matrix", {}).items():
+        lines.append(f"  {regime:5} GEMM: eff {p['eff']:.2f}, k_half {p['k_half']:.0f}, reuse {p['reuse']:.2f}, "
+                     f"latency {p['latency_s'] * 1e6:.1f} us")
+    if "memory" in km:
+        lines.append("  memory-bound: " + ", ".join(f"{k} {v:.2f}" for k, v in km["memory"].get("efficiency", {}).items()))
+    if "host" in km:
+        lines.append(f"  host dispatch {km['host']['fwd'] * 1e6:.2f} us per op")
+    lines.append("  fit MAPE (in-sample): " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in m.get("fit_mape", {}).items()))
     return "\n".join(lines)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 
@@ -10,9 +11,15 @@ import torch
 
 from . import zoo
 from .analyze import UnknownOpWarning, analyze
+from . import __version__
+from ._torch_private import quiet_torch_warnings
+from .cli_output import (configure_logging, diff_dict, dumps, models_dict, models_text, optimize_dict,
+                         optimize_text, silence_closed_stdout)
 from .cost_models.hardware import presets
 from .errors import FxoptError
-from .models import resolve
+from .models import input_overrides, resolve
+
+log = logging.getLogger(__name__)
 
 
 def _build(spec: str, batch: int, tiny: bool):
@@ -32,7 +39,8 @@ def cmd_report(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnknownOpWarning)  # the report lists them itself
         report = analyze(spec.model, spec.inputs, hardware=args.hw, training=not args.eval,
-                         dtype=args.dtype, optimizer=optimizer, dynamic_batch=args.symbolic)
+                         dtype=args.dtype, optimizer=optimizer, dynamic_batch=args.symbolic,
+                         distributed=_distributed(args))
     report.model = spec.name
     found = None
     if args.lint and not args.symbolic:
@@ -63,6 +71,45 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _distributed(args, world_size=None):
+    """The Distributed spec of --gpus/--gpus-per-node/--strategy/--cluster/--bucket-mb (None: one GPU)."""
+    n = world_size or getattr(args, "gpus", None)
+    if not n:
+        return None
+    return {"world_size": n, "strategy": args.strategy, "gpus_per_node": args.gpus_per_node,
+            "cluster": args.cluster, "bucket_mb": args.bucket_mb, "grad_dtype": args.grad_dtype}
+
+
+def _add_distributed_args(p, gpus_help: str, gpus_type=int) -> None:
+    from .cost_models.comm import cluster_presets
+    from .distributed import STRATEGIES
+    p.add_argument("--gpus", type=gpus_type, default=None, help=gpus_help)
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default: the cluster preset's (8)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ddp",
+                   help="ddp, fsdp (FULL_SHARD/ZeRO-3) or shard_grad_op (ZeRO-2)")
+    p.add_argument("--cluster", default=None,
+                   help=f"cluster preset ({', '.join(cluster_presets())}) or JSON path (default: the --hw's)")
+    p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb")
+    p.add_argument("--grad-dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="dtype gradients are communicated in (default: the parameters')")
+
+
+def cmd_scaling(args) -> int:
+    from .distributed import gpu_scaling
+    spec = _build(args.model, args.batch, args.tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnknownOpWarning)
+        d = _distributed(args, world_size=1)
+        d.pop("world_size")
+        result = gpu_scaling(spec.model, spec.inputs, args.gpus, hardware=args.hw, dtype=args.dtype, **d)
+    result.model = spec.name
+    print(json.dumps(result.to_dict(), indent=1) if args.format == "json" else
+          result.table(tablefmt="github" if args.format == "md" else "simple"))
+    if args.plot:
+        result.plot(args.plot)
+    return 0
+
+
 def cmd_sweep(args) -> int:
     import functools
     import inspect
@@ -84,14 +131,23 @@ def cmd_bench(args) -> int:
     from .bench import bench
     res = bench(args.model, variants=args.variants, steps=args.steps, warmup=args.warmup, device=args.device,
                 batch=args.batch, tiny=args.tiny, hardware=args.hw,
-                log=lambda m: print(m, file=sys.stderr, flush=True))
+                log=logging.getLogger("fxopt.bench").info)  # fxopt bench -v shows each variant as it starts
     print(res.to_json() if args.format == "json" else res.to_markdown() if args.format == "md" else res.table())
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate, summary
-    prof = calibrate(device=args.device, quick=args.quick, out=args.out)
+    if args.comm:
+        from .distributed import calibrate_comm
+        prof = calibrate_comm(out=args.out, quick=args.quick)
+        print(json.dumps(prof["intra"]["by_collective"], indent=1) + (f"\nwrote {args.out}" if args.out else ""))
+        return 0
+    from .calibrate import calibrate, import_table, summary
+    if args.import_csv:
+        prof = import_table(args.import_csv, device=args.import_device or args.device, base=args.hw or "h100",
+                            out=args.out)
+    else:
+        prof = calibrate(device=args.device, quick=args.quick, out=args.out)
     print(summary(prof) + (f"\nwrote {args.out} (use: fxopt report MODEL --hw {args.out})" if args.out else ""))
     return 0
 
@@ -137,14 +193,20 @@ def _optimized(args, print_after_change: bool):
 
 def cmd_optimize(args) -> int:
     opt = _optimized(args, print_after_change=False)
-    print(opt.report.table())
+    if args.format == "json":
+        print(dumps(optimize_dict(opt.report, args.model)))
+    else:
+        print(optimize_text(opt.report, verbose=args.verbose > 0))
     if args.dump_dir:
-        print(f"graphs and diffs written to {args.dump_dir}/")
+        print(f"graphs and diffs written to {args.dump_dir}/", file=sys.stderr if args.format == "json" else sys.stdout)
     return 0 if opt.report.verification is None or opt.report.verification else 1
 
 
 def cmd_diff(args) -> int:
     opt = _optimized(args, print_after_change=False)
+    if args.format == "json":
+        print(dumps(diff_dict(opt.report, args.model)))
+        return 0
     for i, record in enumerate(opt.report.records, 1):
         state = "rolled back" if record.rolled_back else ("changed" if record.modified else "no change")
         print(f"=== {i:02d} {record.name}: {state}")
@@ -154,15 +216,14 @@ def cmd_diff(args) -> int:
 
 
 def cmd_models(args) -> int:
-    for name in zoo.names():
-        print(f"{name:12s} {zoo.ZOO[name].description}")
-    print("hf:<ModelClass>          a HF transformers model built from its default config")
-    print("path/to/file.py:factory  your own model")
+    print(dumps(models_dict(zoo)) if args.format == "json" else models_text(zoo))
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxopt", description="Cost, rewrite and verify training graphs.")
+    p.add_argument("--version", action="version", version=f"fxopt {__version__} (torch {torch.__version__})")
+    _add_verbosity(p, 0)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("report", help="analytical cost of one training step, per node/op class/block")
@@ -182,6 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eval", action="store_true", help="forward only (inference)")
     r.add_argument("--optimizer", choices=["sgd", "adamw", "none"], default="sgd")
     r.add_argument("--lint", type=int, default=0, metavar="N", help="append the top N lint findings")
+    _add_distributed_args(r, "cost data-parallel training on N GPUs (communication, exposed time)")
     r.set_defaults(func=cmd_report)
 
     li = sub.add_parser("lint", help="performance lints: where time is lost, the change, its est. saving")
@@ -213,6 +275,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="verify each pass and the result numerically (rolls back failing passes)")
         if name == "optimize":
             o.add_argument("--dump-dir", default=None, help="write 00_capture.txt, NN_<pass>.txt/.diff here")
+        o.add_argument("--format", choices=["table", "json"], default="table",
+                       help="json: schema fxopt.optimize/1 or fxopt.diff/1 (README)")
         o.set_defaults(func=func)
 
     s = sub.add_parser("sweep", help="cost every variant of a model family over a grid of hyper-parameters")
@@ -245,7 +309,16 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="micro-benchmark this device into a hardware profile JSON")
     c.add_argument("--out", default=None, help="write the profile here (then: --hw PATH)")
     c.add_argument("--quick", action="store_true", help="tiny grid (seconds)")
-    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available); with --import: "
+                   "the device whose rows to fit (the table's Device column)")
+    c.add_argument("--import", dest="import_csv", metavar="FILE.csv", default=None,
+                   help="fit the profile to a table of measured per-op times instead of measuring "
+                        "(columns: fxopt.cost_models.fit; NeuSight's tables are read as they are)")
+    c.add_argument("--device-name", dest="import_device", default=None,
+                   help="with --import: the rows of this device (the table's Device/device column)")
+    c.add_argument("--hw", default=None, help="with --import: the preset whose peaks the fit refers to (default h100)")
+    c.add_argument("--comm", action="store_true", help="measure NCCL collectives on this node's GPUs (2+) into a "
+                                                       "cluster JSON (--out; then: --cluster PATH)")
     c.set_defaults(func=cmd_calibrate)
 
     pr = sub.add_parser("profile", help="measured time per fx node vs the cost model's prediction")
@@ -263,18 +336,64 @@ def _parser() -> argparse.ArgumentParser:
     from .ablate import add_cli as add_ablate_cli
     add_ablate_cli(sub)
 
+    sc = sub.add_parser("scaling", help="predicted step time, exposed communication, throughput and scaling "
+                                        "efficiency on 1..N GPUs")
+    sc.add_argument("model", help="zoo name, hf:<ModelClass>, or path/to/file.py:factory")
+    sc.add_argument("--batch", type=int, default=32, help="per-GPU batch")
+    sc.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    sc.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    sc.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
+    sc.add_argument("--format", choices=["table", "md", "json"], default="table")
+    sc.add_argument("--plot", default=None, metavar="OUT.png|OUT.svg", help="also plot step time and efficiency")
+    _add_distributed_args(sc, "world sizes, e.g. 1,8,64,512,4096",
+                          gpus_type=lambda s: [int(x) for x in s.split(",")])
+    sc.set_defaults(func=cmd_scaling, gpus=[1, 8, 64, 512, 4096])
+
     m = sub.add_parser("models", help="list the built-in models")
+    m.add_argument("--format", choices=["table", "json"], default="table", help="json: schema fxopt.models/1")
     m.set_defaults(func=cmd_models)
+
+    for command in sub.choices.values():  # -v/-q after the subcommand too (fxopt optimize M -v)
+        _add_verbosity(command, argparse.SUPPRESS)
+        if any(a.dest == "model" for a in command._actions):
+            _add_input_knobs(command)
     return p
+
+
+def _add_input_knobs(parser: argparse.ArgumentParser) -> None:
+    """--image-size / --seq-len for every command that takes a MODEL spec (zoo, hf:, timm:, torchvision:)."""
+    known = {o for a in parser._actions for o in a.option_strings}
+    if "--image-size" not in known:
+        parser.add_argument("--image-size", type=int, default=None, metavar="PX",
+                            help="side of the example images (zoo, hf vision, timm, torchvision models)")
+    if "--seq-len" not in known:
+        parser.add_argument("--seq-len", type=int, default=None, metavar="N",
+                            help="tokens per example (hf text models)")
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    """-v (info, -vv debug: what passes decide, what is captured) and -q (errors only, no progress)."""
+    if any("--verbose" in a.option_strings for a in parser._actions):
+        return
+    parser.add_argument("-v", "--verbose", action="count", default=default,
+                        help="more detail: -v lists every decision and logs progress, -vv debug logs")
+    parser.add_argument("-q", "--quiet", action="count", default=default,
+                        help="errors only (no warnings, no progress bars)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    configure_logging(args.verbose - args.quiet)
     try:
-        return args.func(args)
+        with quiet_torch_warnings(), input_overrides(getattr(args, "image_size", None),
+                                                     getattr(args, "seq_len", None)):
+            return args.func(args)
     except FxoptError as exc:
         print(f"fxopt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `fxopt report ... | head`: the reader left; stop like cat and grep do
+        silence_closed_stdout()
+        return 141  # 128 + SIGPIPE, the shell's code for a writer whose reader went away
 
 
 if __name__ == "__main__":

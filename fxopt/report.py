@@ -15,6 +15,7 @@ from tabulate import tabulate
 from .cost_models.hardware import Hardware
 from .cost_models.layout import conv_factor
 from .cost_models.ops import MATRIX_CLASSES
+from .cost_models.kernels import critical_path, host_time
 from .cost_models.roofline import Precision, bound, call_time
 from .nodeinfo import NodeInfo
 
@@ -37,6 +38,10 @@ class CallRow:
     dtype: str | None
     known: bool
     conv_layout: tuple | None = None
+    gemms: tuple = ()          # the call's (b, m, n, k) GEMMs (formulas in a symbolic report)
+    kind: str | None = None    # matrix kernel kind (cost_models.ops.matrix_kind)
+    traffic: str = ""          # the real-traffic rule, when the kernel moves more than the minimum
+    extra_bytes: object = 0    # bytes beyond the minimum traffic (included in bytes_read)
 
     @property
     def matrix(self) -> bool:
@@ -44,10 +49,11 @@ class CallRow:
 
 
 def row_time(c: CallRow, hw: Hardware, precision: Precision, flops=None, nbytes=None):
-    """Roofline time of one call (optionally with other FLOPs/bytes, e.g. a formula's)."""
+    """Predicted time of one call (optionally with other FLOPs/bytes, e.g. a formula's)."""
     flops = c.flops if flops is None else flops
     nbytes = c.bytes_read + c.bytes_written if nbytes is None else nbytes
-    return call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, precision, time_factor(c, hw))
+    return call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, precision, time_factor(c, hw),
+                     gemms=c.gemms, kind=c.kind)
 
 
 def time_factor(c: CallRow, hw: Hardware) -> float:
@@ -58,8 +64,8 @@ def time_factor(c: CallRow, hw: Hardware) -> float:
 class _Acc:
     """Sums of one group of calls; the bound is the term that holds most of the group's time."""
 
-    FIELDS = ("fwd_flops", "bwd_flops", "matrix_flops", "bytes_read", "bytes_written", "kernels",
-              "time_s", "fwd_time_s", "bwd_time_s")
+    FIELDS = ("fwd_flops", "bwd_flops", "matrix_flops", "bytes_read", "bytes_written", "extra_bytes", "kernels",
+              "time_s", "fwd_time_s", "bwd_time_s", "compute_s", "memory_s", "latency_s", "host_bound_s")
 
     def __init__(self):
         for f in self.FIELDS:
@@ -67,7 +73,18 @@ class _Acc:
         self.by_bound: Counter = Counter()
         self.classes: Counter = Counter()
 
-    def add(self, row: CallRow, t, row_bound: str) -> None:
+    def add(self, row: CallRow, kt, row_bound: str, idle: float = 0.0) -> None:
+        """``kt``: the call's KernelTime; its roof time counts as compute or memory, whichever
+        bounds it; ``idle``: GPU time waiting for the host before this call."""
+        t = kt.total_s + idle
+        roof = kt.total_s - kt.latency_s
+        if row_bound == "compute":
+            self.compute_s += roof
+        else:
+            self.memory_s += roof
+        self.latency_s += kt.latency_s
+        self.host_bound_s += idle
+        self.extra_bytes += row.extra_bytes
         flops_field = "fwd_flops" if row.phase == "fwd" else "bwd_flops"
         setattr(self, flops_field, getattr(self, flops_field) + row.flops)
         self.matrix_flops += row.flops if row.matrix else 0
@@ -111,11 +128,26 @@ class GraphReport:
         self.captured = captured         # the graph the calls came from (lint reads its shapes); None
                                          # for a report re-evaluated with .at() (shapes are formulas)
         self._times = [row_time(c, hardware, precision) for c in calls]
+        self._host_idle = self._critical_path()
+        self.distributed = None          # a DistributedCost (fxopt/distributed.py) when analyzed with distributed=
 
     @property
     def call_times(self) -> list:
-        """The roofline CallTime of each call, parallel to ``calls``."""
+        """The predicted KernelTime of each call (compute, memory, latency), parallel to ``calls``."""
         return self._times
+
+    @property
+    def host_idle(self) -> list:
+        """Per call, the GPU time spent waiting for the host to launch it (eager dispatch);
+        zeros in a symbolic report, whose step is the GPU's sum."""
+        return self._host_idle
+
+    def _critical_path(self) -> list:
+        if self.is_symbolic or not self.calls:
+            return [0.0] * len(self.calls)
+        gpu = [float(t.total_s) for t in self._times]
+        host = [host_time(c.phase, c.kernels, self.hardware) for c in self.calls]
+        return critical_path(gpu, host)[2]
 
     # ---- shape of the report ------------------------------------------------------------
     @property
@@ -134,7 +166,8 @@ class GraphReport:
             return _concrete(x.xreplace(subs)) if isinstance(x, sympy.Basic) else x
 
         calls = [replace(c, flops=conc(c.flops), bytes_read=conc(c.bytes_read),
-                         bytes_written=conc(c.bytes_written)) for c in self.calls]
+                         bytes_written=conc(c.bytes_written), extra_bytes=conc(c.extra_bytes),
+                         gemms=tuple(tuple(conc(d) for d in g) for g in c.gemms)) for c in self.calls]
         saved = {k: conc(v) for k, v in self.saved_bytes.items()}
         rest = {k: v for k, v in self.symbols.items() if k not in values}
         inputs = self.inputs + " at " + ", ".join(f"{k}={v}" for k, v in values.items())
@@ -153,18 +186,27 @@ class GraphReport:
 
     def _group(self, key) -> dict:
         groups: dict = {}
-        for c, t in zip(self.calls, self._times):
+        for c, t, idle in zip(self.calls, self._times, self._host_idle):
             k = key(c)
             if k is None:
                 continue
-            groups.setdefault(k, _Acc()).add(c, t.total_s, self._bound(t))
+            groups.setdefault(k, _Acc()).add(c, t, self._bound(t), idle)
         return groups
 
     @property
     def totals(self) -> dict:
+        """Step totals; with ``distributed``, plus comm_bytes/comm_time_s/exposed_comm_s, and the
+        exposed communication in step_time_s."""
+        out = self._one_gpu_totals()
+        return out if self.distributed is None else self.distributed.adjust(out)
+
+    def _one_gpu_totals(self) -> dict:
         def total(pred):
             return (sum((c.flops for c in self.calls if pred(c)), 0))
-        step = (sum((t.total_s for t in self._times), 0))
+        step = self.step_time_s
+        acc = _Acc()
+        for c, t, idle in zip(self.calls, self._times, self._host_idle):
+            acc.add(c, t, self._bound(t), idle)
         matrix = total(lambda c: c.matrix and c.phase == "fwd") + total(lambda c: c.matrix and c.phase == "bwd")
         return {
             "matrix_flops_fwd": total(lambda c: c.matrix and c.phase == "fwd"),
@@ -175,11 +217,20 @@ class GraphReport:
             "bytes": (sum((c.bytes_read + c.bytes_written for c in self.calls), 0)),
             "kernels": sum(c.kernels for c in self.calls),
             "step_time_s": step,
+            "gpu_time_s": step - acc.host_bound_s,
+            "compute_bound_s": acc.compute_s, "memory_bound_s": acc.memory_s, "latency_s": acc.latency_s,
+            "host_bound_s": acc.host_bound_s,
+            "min_bytes": (sum((c.bytes_read + c.bytes_written - c.extra_bytes for c in self.calls), 0)),
             "mfu": (_ratio(matrix, step * self.hardware.bf16_peak)),
             "params": self.params,
             "activation_bytes": (sum(self.saved_bytes.values(), 0)),
             "unknown_ops": sum(self.unknown_ops.values()),
         }
+
+    @property
+    def step_time_s(self):
+        """Kernel times plus the GPU's waits for the host (the critical path of an eager step)."""
+        return sum((t.total_s for t in self._times), 0) + sum(self._host_idle)
 
     def rows(self, by: str = "node", depth: int = 1) -> list[dict]:
         """Rows hottest first. ``by``: node, op (op class) or block (module path at ``depth``)."""
@@ -189,7 +240,7 @@ class GraphReport:
         keys = {"node": lambda c: c.node, "op": lambda c: c.op_class if c.kernels else None,
                 "block": lambda c: self.nodes[c.node].block(depth)}
         groups = self._group(keys[by])
-        step = sum((t.total_s for t in self._times), 0)
+        step = self.step_time_s
         out = []
         for k, acc in groups.items():
             row = {by: k, **acc.values(), "share": _ratio(acc.time_s, step)}
@@ -244,6 +295,8 @@ class GraphReport:
                          f"for times, bounds and shares)")
         else:
             lines.append(f"  predicted step     {_fmt(t['step_time_s'], 1e3)} ms, MFU {_fmt(t['mfu'], 100)} %")
+        if self.distributed is not None:
+            lines.append(self.distributed.summary())
         if self.unknown_ops:
             lines.append(f"  UNKNOWN ops (no cost formula, counted as memory traffic only): {self.unknown_ops}")
         return "\n".join(lines)
@@ -267,7 +320,7 @@ class GraphReport:
 
 
 def _concrete(x):
-    return int(x) if x.is_Integer else float(x)
+    return x if isinstance(x, (int, float)) else int(x) if x.is_Integer else float(x)
 
 
 def _sort_key(x) -> float:
