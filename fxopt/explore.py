@@ -41,7 +41,7 @@ from .capture import normalize_inputs
 from .errors import FxoptError
 from .explore_rules import RULES, UNCOVERED, Rule, Site, attention_spec
 
-__all__ = ["explore", "ExploreResult", "Candidate", "ExploreError", "ABLATE_DEFAULTS"]
+__all__ = ["explore", "propose", "ExploreResult", "Candidate", "ExploreError", "ABLATE_DEFAULTS", "source_line"]
 
 log = logging.getLogger(__name__)
 SCHEMA = "fxopt.explore/1"
@@ -49,7 +49,7 @@ SCHEMA = "fxopt.explore/1"
 #: ``ablate=`` keys and their defaults: top non-exact candidates trained, whether the best compatible
 #: pair is trained too, the batch of the built-in data and AdamW's learning rate.
 ABLATE_DEFAULTS = {"steps": 60, "seeds": 2, "top": 3, "combine": True, "batch": 8, "lr": 1e-3, "data": None,
-                   "model_fn": None, "device": None, "target_loss": None, "progress": False}
+                   "model_fn": None, "device": None, "target_loss": None, "progress": False, "candidates": None}
 VERIFY_SITES = 4  # distinct (module type, input shapes) verified per exact candidate
 BASELINE = "original"
 
@@ -210,6 +210,11 @@ def _select(rules) -> list[Rule]:
     """"all", or rule names / families (a list or a comma-separated string)."""
     if rules in (None, "all"):
         return list(RULES)
+    if isinstance(rules, Rule):
+        rules = [rules]
+    own = [r for r in ([] if isinstance(rules, str) else rules) if isinstance(r, Rule)]
+    if own:  # the caller's own Rule objects (and names)
+        return own + _select([r for r in rules if not isinstance(r, Rule)]) if len(own) < len(rules) else own
     names = [r.strip() for r in rules.split(",")] if isinstance(rules, str) else list(rules)
     known = {r.name for r in RULES} | {r.family for r in RULES}
     unknown = [n for n in names if n not in known]
@@ -454,56 +459,73 @@ def _site_key(module: nn.Module, rec: Site) -> tuple:
     return type(module), repr(module), tuple(sig), module.training
 
 
-def _probe_cost(module: nn.Module, rec: Site, cache: dict, hardware, training, dtype, optimizer) -> dict:
-    """Metrics of one module costed alone (cached by :func:`_site_key`), plus its own calls' FLOPs/bytes/time."""
+def _probe_report(module: nn.Module, rec: Site, cache: dict, hardware, training, dtype, optimizer):
+    """The report of one module costed alone (cached by :func:`_site_key`)."""
     key = _site_key(module, rec)
     if key not in cache:
         probe = _Probe(module, rec.args, rec.kwargs or {})
-        report = _cost(probe, probe.inputs(rec.args, rec.kwargs or {}), hardware, training, dtype, optimizer)
-        m = _metrics(report)
-        m["matrix_flops"] = float(report.totals["matrix_flops_fwd"] + report.totals["matrix_flops_bwd"])
-        m["own"] = _touched(report, ["block"])
-        cache[key] = m
+        cache[key] = _cost(probe, probe.inputs(rec.args, rec.kwargs or {}), hardware, training, dtype, optimizer)
     return cache[key]
 
 
-def _cost_units(path: str, recorded: dict[str, Site], model: nn.Module):
-    """(sign, recorded call, module) to cost for a touched path: -1 the original, +1 the rebuilt one.
-    A rebuilt container of blocks (depth-width) is costed block by block, each with the recorded call
-    of the original block at its index (the blocks of such a container keep the stream's shape)."""
+def _cost_units(path: str, recorded: dict[str, Site], model: nn.Module) -> list[tuple]:
+    """(path, recorded call, rebuilt module) units to cost for a touched path. A rebuilt container of
+    blocks (depth-width) is costed block by block, each with the recorded call of the original block
+    at its index (such blocks keep the stream's shape), so identical blocks are analyzed once."""
     rec, new = recorded[path], model.get_submodule(path)
-    old = rec.module
     blocks = (nn.Sequential, nn.ModuleList)
-    kids = [f"{path}.{i}" for i in range(len(new))] if isinstance(new, blocks) and isinstance(old, blocks) else []
-    if kids and len(new) <= len(old) and all(k in recorded for k in kids):
-        yield from ((-1, recorded[f"{path}.{i}"], b) for i, b in enumerate(old))
-        yield from ((1, recorded[k], b) for k, b in zip(kids, new))
-        return
-    yield -1, rec, old
-    yield 1, rec, new
+    if isinstance(new, blocks) and isinstance(rec.module, blocks) and len(new) <= len(rec.module) \
+            and all(f"{path}.{i}" in recorded for i in range(len(new))):
+        return [(f"{path}.{i}", recorded[f"{path}.{i}"], b) for i, b in enumerate(new)]
+    return [(path, rec, new)]
 
 
-def _fill_cost_delta(c: Candidate, recorded: dict[str, Site], cache: dict, base: dict, cost_args: tuple) -> None:
-    """Candidate metrics = the original's + sum over touched modules of (rebuilt alone - original alone)."""
-    d = dict.fromkeys(("step_time_s", "flops", "activation_bytes", "matrix_flops"), 0.0)
-    own0, own1 = [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]
-    for path in c.sites:
-        for sign, rec, module in _cost_units(path, recorded, c.model):
-            m = _probe_cost(module, rec, cache, *cost_args)
-            for k in d:
-                d[k] += sign * m[k]
-            own = own1 if sign > 0 else own0
-            own[:] = [a + b for a, b in zip(own, m["own"])]
-    c.step_time_s = base["step_time_s"] + d["step_time_s"]
-    c.flops = int(base["flops"] + d["flops"])
-    c.activation_bytes = int(base["activation_bytes"] + d["activation_bytes"])
-    c.params = sum(p.numel() for p in c.model.parameters())
-    matrix = base["matrix_flops"] + d["matrix_flops"]
-    c.mfu = base["mfu"] * (matrix / base["matrix_flops"]) * (base["step_time_s"] / c.step_time_s) \
-        if base["matrix_flops"] and c.step_time_s else 0.0
-    c.saving_s = base["step_time_s"] - c.step_time_s
-    c.touched_time_s = (own0[2], own1[2])
-    c.touched_ai = (own0[0] / own0[1] if own0[1] else 0.0, own1[0] / own1[1] if own1[1] else 0.0)
+def _site_of(module: str, roots: list[str]) -> str | None:
+    return next((p for p in roots if module == p or module.startswith(p + ".")), None)
+
+
+def _spliced(c: Candidate, recorded: dict[str, Site], cache: dict, base_report, cost_args: tuple):
+    """The candidate's report without analyzing it whole: the original's calls, with each touched
+    module's calls replaced (in place, per phase) by those of the rebuilt module costed alone, and the
+    optimizer's traffic scaled to the new parameter count; the report's own rules then give the step
+    (kernel times, host dispatch, critical path)."""
+    from dataclasses import replace
+
+    from .report import GraphReport
+    units = [u for p in c.sites for u in _cost_units(p, recorded, c.model)]
+    new_calls: dict[tuple, list] = {}
+    nodes, saved = dict(base_report.nodes), {}
+    for path, rec, module in units:
+        rep = _probe_report(module, rec, cache, *cost_args)
+        for call in rep.calls:
+            info = rep.nodes[call.node]
+            if _site_of(info.module, ["block"]) is None:
+                continue  # the probe's input scaling and optimizer
+            name = f"{path}/{call.node}"
+            nodes[name] = replace(info, name=name, module=path + info.module[len("block"):])
+            new_calls.setdefault((path, call.phase), []).append(replace(call, node=name))
+        saved.update({f"{path}/{n}": b for n, b in rep.saved_bytes.items()
+                      if _site_of(rep.nodes[n].module, ["block"]) is not None})
+    params = sum(p.numel() for p in c.model.parameters())
+    ratio = params / base_report.params if base_report.params else 1.0
+    unit_paths = [u[0] for u in units]
+    calls, done = [], set()
+    for call in base_report.calls:
+        root = _site_of(base_report.nodes[call.node].module, c.sites)
+        if root is None:
+            calls.append(call if call.phase != "opt" else
+                         replace(call, flops=call.flops * ratio, bytes_read=call.bytes_read * ratio,
+                                 bytes_written=call.bytes_written * ratio))
+        elif (root, call.phase) not in done:
+            done.add((root, call.phase))
+            for p in unit_paths if call.phase == "fwd" else reversed(unit_paths):
+                if _site_of(p, [root]) is not None:
+                    calls.extend(new_calls.get((p, call.phase), []))
+    saved.update({n: b for n, b in base_report.saved_bytes.items()
+                  if n not in base_report.nodes or _site_of(base_report.nodes[n].module, c.sites) is None})
+    return GraphReport(model=base_report.model, calls=calls, nodes=nodes, hardware=base_report.hardware,
+                       precision=base_report.precision, params=params, saved_bytes=saved,
+                       training=base_report.training, inputs=base_report.inputs)
 
 
 def _cost(model: nn.Module, inputs, hardware, training: bool, dtype, optimizer):
@@ -615,6 +637,10 @@ def _ablate(model, inputs, picked: list[Candidate], settings: dict):
                         target_loss=settings["target_loss"], baseline=BASELINE, progress=settings["progress"])
 
 
+def _needs_model_fn(model: nn.Module, ablate) -> bool:
+    return isinstance(ablate, dict) and ablate.get("model_fn") is None and _on_meta(model)
+
+
 def _disjoint(a: Candidate, b: Candidate) -> bool:
     def overlaps(p, q):
         return p == q or p == "" or q == "" or p.startswith(q + ".") or q.startswith(p + ".")
@@ -638,47 +664,40 @@ def explore(model: nn.Module, inputs, hardware="h100", rules="all", ablate: dict
     (each distinct one once, alone, with its recorded inputs and their gradients) and their change is
     added to the original's step: the same numbers while the step is a sum of per-kernel times, and
     seconds instead of minutes on full-size models.
+    ``rules`` may also hold your own :class:`fxopt.explore_rules.Rule` objects.
     ``ablate``: ``{"steps", "seeds", "top", "combine", "batch", "lr", "data", "model_fn", "device",
-    "target_loss", "progress"}`` (defaults :data:`ABLATE_DEFAULTS`): train the ``top`` predicted-faster
-    non-exact candidates (and, with ``combine``, the best pair touching different modules) against
+    "target_loss", "progress", "candidates"}`` (defaults :data:`ABLATE_DEFAULTS`): train the ``top``
+    predicted-faster non-exact candidates (or the ``candidates`` named: candidate or rule names) and,
+    with ``combine``, the best pair of them touching different modules, against
     the original with :func:`fxopt.ablate`. ``model_fn`` builds the model per seed (needed for meta
     models; default: copies of ``model``'s weights); ``data`` defaults to the built-in learnable data.
     """
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ExploreError(f"explore() needs an nn.Module, got {type(model).__name__}")
-    selected = _select(rules)
+    if _needs_model_fn(model, ablate):
+        raise ExploreError("ablate= trains the candidates, and this model has no real weights (meta device); "
+                           "pass ablate={'model_fn': <function building it on the CPU/GPU>, ...}")
     settings = _check_ablate(ablate)
-    normalize_inputs(inputs)  # InputError early for a malformed input
     training = model.training if training is None else bool(training)
-
-    meta = _meta_copy(model).train(training)
-    meta_inputs = _to_meta(inputs)
-    recorded = _record(meta, meta_inputs)
-    recorded.setdefault("", Site("", meta, training=training))
+    label = name or type(model).__name__
+    meta, meta_inputs, recorded, candidates, not_applicable = _propose(model, inputs, rules, training)
     base_report = _cost(meta, meta_inputs, hardware, training, dtype, optimizer)
     base = _metrics(base_report)
-    label = name or type(model).__name__
-
-    candidates, not_applicable, cache = [], [], {}
+    cache: dict = {}
 
     def cost(cand: Candidate, whole: bool) -> None:
         if whole:
             _fill_cost(cand, _cost(cand.model, meta_inputs, hardware, training, dtype, optimizer), base_report, base)
         else:
-            _fill_cost_delta(cand, recorded, cache, base, (hardware, training, dtype, optimizer))
+            report = _spliced(cand, recorded, cache, base_report, (hardware, training, dtype, optimizer))
+            _fill_cost(cand, report, base_report, base)
 
-    for rule in selected:
-        paths = _sites(rule, recorded, training)
-        if not paths:
-            not_applicable.append(rule.name)
-            continue
-        cand = _candidate(rule, recorded, paths, meta)
-        candidates.append(cand)
+    for cand, rule in candidates:
         if cand.status != "ok":
             continue
         if rule.exact and verify:
-            cand.verified, cand.verify_detail = _verify(rule, recorded, paths)
+            cand.verified, cand.verify_detail = _verify(rule, recorded, cand.sites)
             if not cand.verified:
                 cand.status, cand.reason = "verify failed", cand.verify_detail
                 continue
@@ -688,12 +707,12 @@ def explore(model: nn.Module, inputs, hardware="h100", rules="all", ablate: dict
             cand.status, cand.reason = "failed", f"costing failed: {exc}"
         log.info("explore %s: %s", cand.name, cand.status if cand.saving_s is None else
                  f"{cand.saving_s * 1e3:+.3f} ms predicted saving")
+    candidates = [c for c, _ in candidates]
 
     result = ExploreResult(label, str(getattr(base_report.hardware, "name", hardware)), base, [], not_applicable,
                            dict(UNCOVERED), 0.0)
     if settings is not None:
-        picked = [c for c in _ranked(candidates) if c.status == "ok" and not c.exact and c.slower is False
-                  and c.saving_s][:settings["top"]]
+        picked = _pick(candidates, settings)
         if settings["combine"]:
             pair = next(((a, b) for i, a in enumerate(picked) for b in picked[i + 1:] if _disjoint(a, b)), None)
             if pair is not None:
@@ -718,6 +737,49 @@ def explore(model: nn.Module, inputs, hardware="h100", rules="all", ablate: dict
     result.candidates = _ranked(candidates)
     result.elapsed_s = time.perf_counter() - t0
     return result
+
+
+def _propose(model: nn.Module, inputs, rules, training: bool):
+    """(meta copy, meta inputs, recorded calls, [(candidate, rule)], rules that matched nothing)."""
+    if not isinstance(model, nn.Module):
+        raise ExploreError(f"explore() needs an nn.Module, got {type(model).__name__}")
+    selected = _select(rules)
+    normalize_inputs(inputs)  # InputError early for a malformed input
+    meta = _meta_copy(model).train(training)
+    meta_inputs = _to_meta(inputs)
+    recorded = _record(meta, meta_inputs)
+    recorded.setdefault("", Site("", meta, training=training))
+    out, none = [], []
+    for rule in selected:
+        paths = _sites(rule, recorded, training)
+        if paths:
+            out.append((_candidate(rule, recorded, paths, meta), rule))
+        else:
+            none.append(rule.name)
+    return meta, meta_inputs, recorded, out, none
+
+
+def propose(model: nn.Module, inputs, rules="all", *, training: bool | None = None) -> list[Candidate]:
+    """The candidates of :func:`explore`, built (on the meta device) but neither costed nor verified:
+    which rules match where, and ``candidate.transform(model_copy)`` to build one with real weights."""
+    training = model.training if training is None else bool(training)
+    return [c for c, _ in _propose(model, inputs, rules, training)[3]]
+
+
+def _pick(candidates: list[Candidate], settings: dict) -> list[Candidate]:
+    """The candidates to train: those named in settings["candidates"] (names or rule names), else the
+    ``top`` non-exact ones predicted faster."""
+    ok = [c for c in _ranked(candidates) if c.status == "ok"]
+    wanted = settings["candidates"]
+    if wanted is None:
+        return [c for c in ok if not c.exact and c.saving_s and c.saving_s > 0][:settings["top"]]
+    names = [wanted] if isinstance(wanted, str) else list(wanted)
+    picked = [c for c in ok if c.name in names or c.rule in names]
+    missing = [n for n in names if not any(c.name == n or c.rule == n for c in picked)]
+    if missing:
+        raise ExploreError(f"ablate candidates {missing} are not among the built candidates "
+                           f"{[c.name for c in ok]}")
+    return picked
 
 
 def _candidate(rule: Rule, recorded: dict[str, Site], paths: list[str], meta: nn.Module) -> Candidate:
