@@ -160,20 +160,60 @@ def test_profile_mechanics_cpu(cpu_profile):
     assert by_node["optimizer.step"]["measured_s"] > 0
     assert sum(r["measured_s"] for r in res.rows) + res.unattributed_s == pytest.approx(res.measured_step_s)
     assert res.predicted_step_s == pytest.approx(sum(r["predicted_s"] for r in res.rows))
-    assert -1.0 <= res.spearman <= 1.0
+    both = [r for r in res.rows if r["predicted_s"] > 0 and r["measured_s"] > 0]
+    assert len(both) > 5 and res.spearman == pytest.approx(_rank_correlation(
+        [r["predicted_s"] for r in both], [r["measured_s"] for r in both]), abs=1e-12)
     assert res.worst(3)[0]["abs_err_s"] == max(r["abs_err_s"] for r in res.rows)
     text = res.table(top=5)
     assert "Spearman" in text and "conv2d" in text
     json.dumps(res.to_dict())
 
 
+def _rank_correlation(a, b) -> float:
+    """Spearman's rho written independently of fxopt.profile: rank = #smaller + (#equal + 1) / 2
+    (ties share their average rank), then Pearson's r of the ranks in float64."""
+    def ranks(xs):
+        return torch.tensor([sum(y < x for y in xs) + (sum(y == x for y in xs) + 1) / 2 for x in xs],
+                            dtype=torch.float64)
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def test_rank_correlation_reference_agrees_with_hand_values():
+    assert _rank_correlation([1, 2, 3], [10, 30, 20]) == pytest.approx(0.5)
+    assert _rank_correlation([5, 5, 7], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)
+
+
 # ---- GPU -----------------------------------------------------------------------------------
 @pytest.mark.gpu
 def test_bench_gpu_events_memory_and_mfu():
+    """Step times from CUDA events; MFU and TFLOP/s recomputed from torch's FlopCounterMode count of
+    the same training step (not the cost model's) and the median step time; memory at least the
+    parameters, gradients and momentum-free SGD state need."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     res = bench("resnet50", variants=("eager-fp32", "autocast-cl", "fxopt"), steps=10, warmup=3,
                 batch=8, tiny=True, device="cuda")
     assert all(r.status == "ok" for r in res.results), res.table()
-    assert all(r.peak_memory_bytes > 0 and r.mfu is not None for r in res.results)
+    model, x = zoo.build("resnet50", tiny=True).cuda(), [t.cuda() for t in zoo.example_inputs("resnet50", 8, tiny=True)]
+    with FlopCounterMode(display=False) as counter:
+        model(*x).float().sum().backward()
+    flops = counter.get_total_flops()   # resnet50 tiny: no grouped convs, so torch's count is exact
+    assert res.matrix_flops == pytest.approx(flops, rel=1e-6)
+    from fxopt.optimize import GPU_PRESETS
+    hw = load_hardware(next(p for k, p in GPU_PRESETS if k in torch.cuda.get_device_name()))
+    peak = hw.tensor_flops["bf16"]   # dense bf16 datasheet peak of this GPU's preset
+    assert res.hardware == hw.name
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for r in res.results:
+        times = sorted(r.step_times_s)
+        assert len(times) == 10 and r.median_s == pytest.approx((times[4] + times[5]) / 2, rel=1e-9)
+        assert r.p10_s <= r.median_s <= r.p90_s
+        assert r.tflops == pytest.approx(flops / r.median_s / 1e12, rel=1e-6)
+        assert r.mfu == pytest.approx(flops / r.median_s / peak, rel=1e-6) and 0 < r.mfu < 1
+        assert r.images_per_s == pytest.approx(8 / r.median_s, rel=1e-9)
+        assert r.peak_memory_bytes >= 2 * param_bytes   # weights + their gradients
 
 
 @pytest.mark.gpu
