@@ -223,5 +223,10 @@ def test_calibrate_and_profile_gpu(tmp_path):
     model, x = zoo.build("resnet50", tiny=True), zoo.example_inputs("resnet50", 4, tiny=True)
     res = profile(model, x, steps=2, hardware=str(tmp_path / "gpu.json"), device="cuda")
     convs = [r for r in res.rows if r["op"] == "aten.conv2d.default"]
-    assert all(r["measured_s"] > 0 and r["measured_bwd_s"] > 0 for r in convs)
-    assert prof["sm_count"] > 0
+    assert convs and all(r["measured_s"] > 0 and r["measured_bwd_s"] > 0 for r in convs)
+    assert prof["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
+    # the per-node times add up to the measured step; the correlation is the rank formula's
+    assert sum(r["measured_s"] for r in res.rows) + res.unattributed_s == pytest.approx(res.measured_step_s)
+    both = [r for r in res.rows if r["predicted_s"] > 0 and r["measured_s"] > 0]
+    assert res.spearman == pytest.approx(_rank_correlation([r["predicted_s"] for r in both],
+                                                           [r["measured_s"] for r in both]), abs=1e-12)
