@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fxopt-installed
 
-.PHONY: demo test venv clean wheel-check gpu-check gpu-check-smoke
+.PHONY: demo test venv clean wheel-check mutation gpu-check gpu-check-smoke
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,16 @@ gpu-check:
 gpu-check-smoke: $(STAMP)
 	$(PY) benchmarks/gpu_check.py --cpu-smoke --out gpu-check-smoke-out
 	$(PY) benchmarks/gpu_report.py gpu-check-smoke-out
+
+# Mutation testing of the core with cosmic-ray (tools/mutation.py; not part of make test: a full run
+# takes hours on 2 cores). One shard per module, each run against its own test files in a snapshot of
+# HEAD; a shard stopped by its time budget resumes on the next run. Scores go to docs/BENCHMARKS.md.
+#   make mutation MUTATE="passes/normalize.py cost_models/ops.py" MUTATION_BUDGET=1800
+MUTATE ?= --all
+MUTATION_BUDGET ?= 1800
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e ".[mutation]"
+	$(PY) tools/mutation.py $(MUTATE) --budget $(MUTATION_BUDGET)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
