@@ -2,11 +2,15 @@
 
 ``verify(reference, candidate, inputs)`` runs three models on the same inputs:
 
-* a float64 copy of the reference (``deepcopy(reference).double()``, floating inputs cast too), the
-  best available estimate of the exact answer;
+* a float64 copy of the reference (``deepcopy(reference).double()``, floating inputs cast too; in
+  an fx graph it runs, float32 dtype arguments and constants become float64, since a captured graph
+  bakes in the casts of the traced run), the best available estimate of the exact answer;
 * the reference as given, at its own precision;
 * the candidate as given (any ``nn.Module`` whose parameter and buffer names match the reference,
   e.g. a rewritten ``GraphModule``).
+
+Inputs are fresh leaves (their ``.grad`` is the input gradient) handed to the model as clones, so a
+model that mutates its input in place (``x.mul_(2)``) runs as it does in eager.
 
 Deep copies are run, so the user's models, their ``.grad``, their training flags, the example inputs
 and the global RNG state are left as they were.
@@ -49,6 +53,20 @@ rounding leaves gradient errors of several percent of the gradient's magnitude. 
 the reference: its own error ``e_ref`` then sets the scale and ``multiple`` absorbs the rounding.
 To verify an fp32 model rewritten to compute in 16 bits, use ``reference_precision`` (below).
 
+When the float64 copy cannot run
+---------------------------------
+Eager code that hard-codes float32 (``torch.zeros(b, h)`` for a recurrent state, an attention's
+``softmax(..., dtype=torch.float32)``, HF eager attention's casts) cannot run in float64. Then the
+reference at its own precision is ``ref``, and ``e_ref`` is the original's own noise: the reference
+run again with every floating input, parameter and buffer moved by ``PERTURB_UNITS`` (1) rounding
+unit of its dtype, a random sign per element (how far a rounding-level change of what the model
+reads moves each result). The rule is the same formula, ``e_cand <= multiple * e_ref + floor *
+max(1, max|ref|)``, with these ``ref`` and ``e_ref``; with ``reference_precision``, ``ref`` is the
+reference at its own precision and ``e_ref`` its autocast run's distance from it. The result says so:
+``VerificationResult.reference`` is ``"own precision: the float64 copy failed (<cause>)"`` (else
+``"float64"``), the verdict and ``rule`` repeat it. A reference that fails at its own precision too
+is a VerificationError naming both causes and what to check.
+
 Randomness
 ----------
 The RNG is seeded with ``torch.manual_seed(seed)`` (all devices) before each of the three forward
@@ -84,13 +102,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from tabulate import tabulate
-from torch import nn
+from torch import fx, nn
 from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path, tree_map
 
 from .capture import normalize_inputs
@@ -115,6 +134,11 @@ DEFAULT_FLOORS: dict[torch.dtype, float] = {
 for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu"):
     if hasattr(torch, _name):
         DEFAULT_FLOORS[getattr(torch, _name)] = 1e-1
+
+#: Rounding units by which the own-precision rule moves inputs and weights to measure the noise floor.
+PERTURB_UNITS = 1.0
+
+log = logging.getLogger(__name__)
 
 #: ``GraphModule.meta`` key under which a rewritten graph declares the precision it computes in.
 PRECISION_KEY = "fxopt.precision"
@@ -157,6 +181,7 @@ class VerificationResult:
     rule: str
     training: bool = True
     precision: torch.dtype | None = None  # the reference precision the rule used (None: the reference's own)
+    reference: str = "float64"  # what "ref" was: "float64", or "own precision: <why the float64 copy failed>"
 
     def failures(self) -> list[TensorCheck]:
         return [c for c in self.checks if not c.ok]
@@ -170,6 +195,8 @@ class VerificationResult:
         mode = "train step" if self.training else "eval forward"
         if self.precision is not None:
             mode += f" (judged at {_dt(self.precision)})"
+        if self.reference != "float64":
+            mode += f" (reference: the original at its {self.reference})"
         if not bad:
             worst = self.worst()[0] if self.checks else None
             tail = f"; closest: {worst.name} at {worst.ratio:.2g} of allowed" if worst else ""
@@ -258,7 +285,7 @@ def declared_precision(module) -> torch.dtype | None:
     return None
 
 
-def _rule_text(multiple: float, table, precision: torch.dtype | None = None) -> str:
+def _rule_text(multiple: float, table, precision: torch.dtype | None = None, own: bool = False) -> str:
     base = f"e_cand <= {multiple:g} * e_ref + floor * max(1, max|ref|)"
     if precision is not None:
         floors = f"floor = {table:g} for every tensor" if isinstance(table, float) else \
@@ -272,7 +299,13 @@ def _rule_text(multiple: float, table, precision: torch.dtype | None = None) -> 
         floors = "floor by the coarser dtype of reference and candidate tensor: " + ", ".join(
             f"{n} {table[d]:g}" for d, n in names) + ", integer 0"
         e_ref = "e_ref = max|reference - ref|"
-    return (f"{base}, where ref = float64 copy of the reference, {e_ref}, "
+    ref = "float64 copy of the reference"
+    if own:
+        ref = "the reference at its own precision (its float64 copy could not run)"
+        if precision is None:
+            e_ref = (f"e_ref = max|reference with every floating input, parameter and buffer moved by "
+                     f"{PERTURB_UNITS:g} rounding unit (random sign) - ref|")
+    return (f"{base}, where ref = {ref}, {e_ref}, "
             f"e_cand = max|candidate - ref|; {floors}; NaN/inf in the candidate where ref is finite fails; "
             f"shapes must match")
 
@@ -388,7 +421,11 @@ def _is_float(t) -> bool:
     return isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
 
 
-def _prepare_inputs(args, kwargs, device, double: bool, requires_grad: bool):
+def _prepare_inputs(args, kwargs, device, double: bool, requires_grad: bool, perturb: float = 0.0,
+                    gen: torch.Generator | None = None):
+    """Private copies of the inputs: the leaves that collect input gradients, and what the model is
+    called with (a differentiable clone of each leaf, so a model that mutates its input in place,
+    ``x.mul_(2)``, runs as in eager instead of failing on a leaf that requires grad)."""
     def conv(t):
         if not isinstance(t, torch.Tensor):
             return t
@@ -396,11 +433,24 @@ def _prepare_inputs(args, kwargs, device, double: bool, requires_grad: bool):
         if t.is_floating_point() and double:
             t = t.to(torch.float64)
         t = t.clone()
+        if perturb and t.is_floating_point():
+            t = _perturbed(t, perturb, gen)
         if requires_grad and _is_float(t):
             t.requires_grad_(True)
         return t
 
-    return tree_map(conv, args), tree_map(conv, kwargs)
+    def call(t):
+        return t.clone() if isinstance(t, torch.Tensor) and t.requires_grad else t
+
+    leaves = tree_map(conv, args), tree_map(conv, kwargs)
+    return leaves, (tree_map(call, leaves[0]), tree_map(call, leaves[1]))
+
+
+def _perturbed(t: torch.Tensor, units: float, gen: torch.Generator | None) -> torch.Tensor:
+    """``t`` with each element moved by ``units`` rounding units of its dtype, with a random sign:
+    a change as small as the rounding the model's own arithmetic makes."""
+    sign = torch.randint(0, 2, tuple(t.shape), generator=gen).to(t.device, t.dtype) * 2 - 1
+    return t + t * (units * torch.finfo(t.dtype).eps) * sign
 
 
 @dataclass
@@ -422,27 +472,46 @@ def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
     return _keep(t.grad) if t.grad is not None else torch.zeros(t.shape, dtype=t.dtype)
 
 
+class _RunFailed(VerificationError):
+    """One of the verification runs raised; ``cause`` is the model's own exception."""
+
+    def __init__(self, message: str, cause: BaseException):
+        super().__init__(message)
+        self.cause = cause
+
+
 def _run(label: str, model: nn.Module, example_inputs, device, *, double: bool, training: bool, lr: float,
-         seed: int, weights: dict[str, torch.Tensor], autocast: torch.dtype | None = None) -> _Run:
+         seed: int, weights: dict[str, torch.Tensor], autocast: torch.dtype | None = None,
+         first: bool | None = None, perturb: float = 0.0) -> _Run:
     """One forward (+ loss, backward and SGD step when training) of ``model``, a private copy.
 
-    ``weights`` maps output names to loss weights; an output without one (the first, float64, run)
-    gets fresh standard-normal weights from a generator seeded with ``seed``, and later runs reuse them.
+    ``weights`` maps output names to loss weights; an output without one in the ``first`` run (the
+    exact reference: by default the float64 one) gets fresh standard-normal weights from a generator
+    seeded with ``seed``, and later runs reuse them.
     ``autocast``: run the forward under ``torch.autocast(device.type, dtype=autocast)``.
+    ``perturb``: move every floating parameter, buffer and input by that many rounding units (a
+    random sign per element) before running: the noise run of the own-precision rule (module doc).
     """
+    first = double if first is None else first
     args, kwargs = normalize_inputs(example_inputs)
-    args, kwargs = _prepare_inputs(args, kwargs, device, double=double, requires_grad=training)
+    gen = torch.Generator().manual_seed(seed + 1)
+    (args, kwargs), (call_args, call_kwargs) = _prepare_inputs(args, kwargs, device, double=double,
+                                                               requires_grad=training, perturb=perturb, gen=gen)
     model.train(training)
+    if perturb:
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.is_floating_point():
+                    t.copy_(_perturbed(t, perturb, gen))
     for p in model.parameters():
         p.grad = None
     torch.manual_seed(seed)  # seeds every device's generator: same dropout masks on every run
     try:
         amp = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with torch.enable_grad() if training else torch.no_grad(), amp:
-            out = model(*args, **kwargs)
+            out = model(*call_args, **call_kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise VerificationError(f"the {label} failed to run on the example inputs: "
-                                f"{type(e).__name__}: {e}") from e
+        raise _RunFailed(f"the {label} failed to run on the example inputs: {type(e).__name__}: {e}", e) from e
     outputs = {f"output{k}": v for k, v in _tensor_leaves(out).items()}
     run = _Run(outputs={k: _keep(v) for k, v in outputs.items()},
                buffers={n: _keep(b) for n, b in model.named_buffers() if _is_float(b)})
@@ -455,14 +524,14 @@ def _run(label: str, model: nn.Module, example_inputs, device, *, double: bool, 
         if not o.is_floating_point():
             continue
         if k not in weights:
-            if not double:  # an output the float64 reference lacks stays out of the loss
+            if not first:  # an output the exact reference lacks stays out of the loss
                 continue
             gen = gen or torch.Generator().manual_seed(seed)
             weights[k] = torch.randn(tuple(o.shape), generator=gen, dtype=torch.float64)
         w = weights[k]
         if tuple(o.shape) == tuple(w.shape):  # a shape mismatch fails its output check anyway
             terms.append((o.to(torch.float64) * w.to(o.device)).sum())
-    if not terms and double:
+    if not terms and first:
         raise VerificationError("training verification needs at least one floating-point output to "
                                 "build a loss from; use training=False")
     if terms:
@@ -471,7 +540,7 @@ def _run(label: str, model: nn.Module, example_inputs, device, *, double: bool, 
             try:
                 loss.backward()
             except Exception as e:  # noqa: BLE001
-                raise VerificationError(f"backward of the {label} failed: {type(e).__name__}: {e}") from e
+                raise _RunFailed(f"backward of the {label} failed: {type(e).__name__}: {e}", e) from e
     run.input_grads = {k: _grad_or_zeros(t) for k, t in _input_leaves(args, kwargs).items() if _is_float(t)}
     named = dict(model.named_parameters())
     run.grads = {n: _grad_or_zeros(p) for n, p in named.items()}
@@ -522,26 +591,42 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
     device = torch.device(device) if device is not None else _default_device(reference_model)
 
     weights: dict[str, torch.Tensor] = {}
-    runs = []
+
+    def run(label: str, source: nn.Module, *, double: bool = False, **how) -> _Run:
+        try:
+            model = copy.deepcopy(source).to(device)
+            if double:
+                model = _float64(model)
+        except Exception as e:  # noqa: BLE001
+            raise VerificationError(f"could not copy the {label} onto {device}: {type(e).__name__}: {e}") from e
+        # One private copy at a time, freed after its run: a full-size model needs memory for one copy
+        # plus the recorded tensors.
+        return _run(label, model, example_inputs, device, double=double, training=training, lr=lr, seed=seed,
+                    weights=weights, **how)
+
+    fallback = None  # why the float64 copy could not be the reference (module doc: own-precision rule)
     with torch.random.fork_rng(devices=_fork_devices(device)):
-        # One private copy at a time (the float64 run first: it defines the loss weights), freed after
-        # its run, so a full-size model needs memory for one copy plus the recorded tensors.
-        for label, source, double, amp in (
-                ("float64 copy of the reference", reference_model, True, None),
-                ("reference model" + (f" under autocast({_dt(precision)})" if precision else ""),
-                 reference_model, False, precision),
-                ("candidate model", candidate_model, False, None)):
+        try:
+            r64 = run("float64 copy of the reference", reference_model, double=True)  # defines the loss weights
+        except _RunFailed as exc:
+            fallback = exc
+            weights.clear()
             try:
-                model = copy.deepcopy(source).to(device)
-                if double:
-                    model = model.double()
-            except Exception as e:  # noqa: BLE001
-                raise VerificationError(f"could not copy the {label} onto {device}: "
-                                        f"{type(e).__name__}: {e}") from e
-            runs.append(_run(label, model, example_inputs, device, double=double, training=training, lr=lr,
-                             seed=seed, weights=weights, autocast=amp))
-            del model
-    r64, rr, rc = runs
+                r64 = run("reference model", reference_model, first=True)
+            except _RunFailed as own:
+                raise VerificationError(
+                    f"the reference model itself fails on the example inputs, so there is nothing to compare "
+                    f"with: {own}\n(its float64 copy failed too: {exc}). Check that the inputs are what the "
+                    f"model's forward takes (shapes, dtypes, device) and that it runs in eager mode; "
+                    f"verify=False skips verification.") from own
+        if precision is not None:
+            rr = run(f"reference model under autocast({_dt(precision)})", reference_model, autocast=precision)
+        elif fallback is not None:
+            rr = run(f"reference model with its inputs and weights moved by {PERTURB_UNITS:g} rounding unit",
+                     reference_model, perturb=PERTURB_UNITS)
+        else:
+            rr = run("reference model", reference_model)
+        rc = run("candidate model", candidate_model)
 
     checks: list[TensorCheck] = []
 
@@ -557,6 +642,37 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
         group("param_grad", "grad[{}]", "grads")
         group("param_after_step", "param_after_step[{}]", "after_step")
     group("buffer", "buffer[{}]", "buffers")
+    reference = "float64" if fallback is None else \
+        f"own precision: the float64 copy failed ({_cause(fallback)})"
+    if fallback is not None:
+        log.info("verify: judged against the reference at its own precision: %s", fallback)
     return VerificationResult(ok=all(c.ok for c in checks), checks=checks,
-                              rule=_rule_text(multiple, floors, precision), training=training,
-                              precision=precision)
+                              rule=_rule_text(multiple, floors, precision, fallback is not None), training=training,
+                              precision=precision, reference=reference)
+
+
+def _cause(exc: "_RunFailed") -> str:
+    text = str(exc.cause).strip().splitlines()
+    return f"{type(exc.cause).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _float64(model: nn.Module) -> nn.Module:
+    """``model.double()``, and in every fx graph it runs (its own, a wrapper's ``_gm``, control-flow
+    branches) float32 dtype arguments and tensor constants become float64: a captured graph bakes
+    in the casts and factory dtypes of the traced run (``zeros(dtype=float32)`` of an RNN's initial
+    state, an attention's ``.float()``), which would otherwise stop its float64 copy from running."""
+    model = model.double()
+    inner = getattr(model, "_gm", None)
+    roots = [model] + ([inner] if isinstance(inner, nn.Module) else [])
+    graphs = {id(m): m for r in roots for m in r.modules() if isinstance(m, fx.GraphModule)}
+    for gm in graphs.values():
+        promote = lambda a: torch.float64 if a is torch.float32 else a  # noqa: E731
+        for node in gm.graph.nodes:
+            node.args = fx.node.map_aggregate(node.args, promote)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, promote)
+        for name, value in list(vars(gm).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) \
+                    and value.dtype == torch.float32:
+                setattr(gm, name, value.double())
+        gm.recompile()
+    return model

@@ -1,0 +1,234 @@
+"""Clean failures (issue 14 part B): a pass that raises is rolled back, recurrent layers, control flow,
+in-place inputs and float32-hard-coding models optimize and verify with the default settings."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.passes import Pass, PassError, PassManager, PassResult, register, unregister
+from fxopt.verify import PERTURB_UNITS, VerificationError, verify
+
+aten = torch.ops.aten
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)) / 2.0)
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell=nn.GRU):
+        super().__init__()
+        self.rnn, self.head = cell(6, 12, batch_first=True), nn.Linear(12, 3)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.head(y[:, -1])
+
+
+class Float32State(nn.Module):
+    """Eager code that hard-codes float32 (a hand-rolled RNN's zero state, a float32 softmax): its
+    float64 copy cannot run, so verification must judge it at its own precision."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.rec, self.out = nn.Linear(6, 12), nn.Linear(12, 12, bias=False), nn.Linear(12, 3)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 12)  # default dtype: float32 even in a float64 copy
+        for t in range(x.shape[1]):
+            h = torch.tanh(self.inp(x[:, t]) + self.rec(h))
+        att = torch.softmax(h @ h.t() / 4.0, dim=-1, dtype=torch.float32)
+        return self.out(att @ h)
+
+
+class MutatesInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x.mul_(2.0)
+        return self.fc(x)
+
+
+class Branchy(nn.Module):
+    """torch.cond (a higher-order op) between ordinary layers the default pipeline rewrites."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.fc = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.pre(x)) / 2.0
+        return torch.cond(y.sum() > 0, lambda a: self.fc(a).relu(), lambda a: self.fc(a) * 2.0, (y,))
+
+
+def _eager_step(model, x):
+    """Output and parameter gradients of eager autograd (the independent reference)."""
+    m = copy.deepcopy(model)
+    out = m(x.clone())
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def _optimized_step(model, x, **kwargs):
+    o = fxopt.optimize(model, x.clone(), **kwargs)
+    out = o(x.clone())
+    out.square().sum().backward()
+    return o, out.detach(), {n: p.grad.clone() for n, p in o.named_parameters()}
+
+
+def _assert_matches_eager(o, model, x, out, grads):
+    """Outputs and gradients equal eager's: to float32 rounding, or, where the default pipeline kept
+    mixed precision (the graph declares it), to 16-bit rounding relative to each tensor's norm."""
+    ref_out, ref_grads = _eager_step(model, x)
+    low = o.graph_module.meta.get("fxopt.precision")
+    assert grads.keys() == ref_grads.keys()
+    for name, got, want in [("output", out, ref_out)] + [(n, grads[n], g) for n, g in ref_grads.items()]:
+        if low is None:
+            torch.testing.assert_close(got, want, msg=name)
+        else:  # bf16 has 8 significant bits: 2**-8 = 0.4 % per rounding, a few roundings deep
+            assert (got - want).norm() <= 0.03 * want.norm() + 1e-6, (name, low)
+
+
+# ---------------------------------------------------------------------------------------------
+# a pass that raises is rolled back, recorded, and the pipeline goes on
+
+
+@pytest.fixture
+def exploding_pass():
+    @register
+    class Explode(Pass):
+        name, summary = "test-robust-explode", "test only: half-rewrites the graph, then raises"
+
+        def run(self, gm, ctx):
+            relu = next(n for n in gm.graph.nodes if n.target is aten.relu.default)
+            relu.target = aten.sigmoid.default  # a change that must not survive the rollback
+            raise ValueError("boom")
+    yield Explode
+    unregister(Explode.name)
+
+
+def test_a_raising_pass_is_rolled_back_and_the_pipeline_goes_on(exploding_pass, caplog):
+    captured = fxopt.capture(MLP(), torch.randn(4, 8))
+    gm, records = PassManager("test-robust-explode,normalize", verify=True).run(captured)
+    boom, normalize = records
+    assert boom.rolled_back and not boom.kept and "ValueError: boom" in boom.error
+    assert boom.note.startswith("raised, rolled back") and "test-robust-explode" in caplog.text
+    assert normalize.kept and normalize.verification  # the pass after it ran on the graph before it
+    targets = {n.target for n in gm.graph.nodes}
+    assert aten.relu.default in targets and aten.sigmoid.default not in targets
+    assert aten.mul.Tensor in targets and aten.div.Tensor not in targets  # normalize's div -> mul
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(gm(x), captured.graph_module(x))
+
+
+def test_on_error_raise_still_raises(exploding_pass):
+    with pytest.raises(PassError, match="boom"):
+        PassManager("test-robust-explode", cost=False, on_error="raise").run(fxopt.capture(MLP(), torch.randn(4, 8)))
+
+
+def test_a_raising_pass_inside_optimize_is_reported(exploding_pass):
+    model, x = MLP(), torch.randn(4, 8)
+    o, out, grads = _optimized_step(model, x, pipeline="test-robust-explode,dce")
+    assert "raised, rolled back" in o.report.table() and o.report.records[0].rolled_back
+    ref_out, ref_grads = _eager_step(model, x)
+    torch.testing.assert_close(out, ref_out)
+    assert grads.keys() == ref_grads.keys()
+
+
+# ---------------------------------------------------------------------------------------------
+# models the default settings used to refuse
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.LSTM])
+def test_recurrent_layers_optimize_with_the_defaults(cell):
+    torch.manual_seed(0)
+    model, x = Recurrent(cell), torch.randn(3, 5, 6)
+    o, out, grads = _optimized_step(model, x)
+    assert o.report.verification and o.report.verification.reference == "float64"
+    _assert_matches_eager(o, model, x, out, grads)
+
+
+def test_control_flow_does_not_crash_the_default_pipeline():
+    torch.manual_seed(0)
+    model, x = Branchy(), torch.randn(4, 8)
+    o, out, grads = _optimized_step(model, x)
+    assert all(r.verification is None or r.verification for r in o.report.records if r.kept)
+    _assert_matches_eager(o, model, x, out, grads)
+
+
+def test_a_model_mutating_its_input_verifies_and_optimizes():
+    torch.manual_seed(0)
+    model, x = MutatesInput(), torch.randn(4, 8)
+    before = x.clone()
+    result = verify(model, copy.deepcopy(model), x)
+    assert result and torch.equal(x, before)  # verification ran on copies of the input
+    grad = next(c for c in result.checks if c.name == "grad[input0]")
+    assert grad.ok and grad.cand_error == grad.ref_error < 1e-6  # same model: same rounding as the reference
+    o, out, grads = _optimized_step(model, x)
+    _assert_matches_eager(o, model, x, out, grads)
+    want = model.fc(2.0 * x).detach()  # by hand: forward doubles its input first
+    torch.testing.assert_close(out, want, **({} if o.graph_module.meta.get("fxopt.precision") is None
+                                            else dict(atol=0.05, rtol=0.05)))
+
+
+# ---------------------------------------------------------------------------------------------
+# verification when the float64 copy cannot run
+
+
+def test_float32_hard_coded_model_is_judged_at_its_own_precision():
+    torch.manual_seed(0)
+    model, x = Float32State(), torch.randn(3, 4, 6)
+    with pytest.raises(RuntimeError):  # the premise: the model's float64 copy does not run
+        copy.deepcopy(model).double()(x.double())
+    result = verify(model, copy.deepcopy(model), x)
+    assert result, result.table()
+    assert result.reference.startswith("own precision: the float64 copy failed (RuntimeError")
+    assert "own precision" in result.verdict() and f"moved by {PERTURB_UNITS:g} rounding unit" in result.rule
+    # the noise floor is real noise: non-zero for the outputs, and far below the outputs' scale
+    out = next(c for c in result.checks if c.kind == "output")
+    assert 0 < out.ref_error < 1e-5
+
+
+def test_own_precision_rule_still_catches_a_wrong_candidate():
+    torch.manual_seed(0)
+    model, x = Float32State(), torch.randn(3, 4, 6)
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.out.weight.mul_(1.001)  # a 0.1 % error: far above float32 noise
+    result = verify(model, wrong, x)
+    assert not result and "output" in {c.kind for c in result.failures()}
+    assert result.reference.startswith("own precision")
+
+
+def test_float32_hard_coded_model_optimizes_with_the_defaults():
+    torch.manual_seed(0)
+    model, x = Float32State(), torch.randn(3, 4, 6)
+    o, out, grads = _optimized_step(model, x)
+    assert o.report.verification and o.report.verification.reference.startswith("own precision")
+    _assert_matches_eager(o, model, x, out, grads)
+
+
+def test_a_reference_that_fails_says_why_and_what_to_do():
+    with pytest.raises(VerificationError, match=r"(?s)reference model itself fails.*mat1 and mat2.*verify=False"):
+        verify(MLP(), MLP(), torch.randn(4, 5))
+
+
+def test_hf_eager_attention_verifies_in_float64():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 image_size=8, patch_size=4, attn_implementation="eager")
+    torch.manual_seed(0)
+    model, x = transformers.ViTModel(cfg).train(), torch.randn(2, 3, 8, 8)
+    captured = fxopt.capture(model, x)
+    _, records = PassManager("normalize,sdpa", verify=True).run(captured)
+    sdpa = records[-1]
+    assert sdpa.kept and sdpa.verification and sdpa.verification.reference == "float64", sdpa.note
