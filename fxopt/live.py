@@ -38,14 +38,6 @@ class HookError(FxoptError, ValueError):
     """A module hook the captured graph would never call."""
 
 
-def _pure_hook_types() -> tuple:
-    """Hooks that only compute tensors from the module's own state: export traces them into the
-    graph, so they are honoured (old-style weight_norm / spectral_norm recompute the weight)."""
-    from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook
-    from torch.nn.utils.weight_norm import WeightNorm
-    return (WeightNorm, SpectralNorm, SpectralNormLoadStateDictPreHook, SpectralNormStateDictHook)
-
-
 def _hook_name(hook) -> str:
     fn = getattr(hook, "__func__", hook)
     code = getattr(fn, "__code__", None)
@@ -56,15 +48,13 @@ def _hook_name(hook) -> str:
 def foreign_hooks(root: nn.Module, prefix: str = "") -> list[str]:
     """'kind on name: hook' for every hook on a submodule of ``root`` (not ``root`` itself) that the
     graph would not call."""
-    pure = _pure_hook_types()
     found = []
     for name, module in root.named_modules():
         if module is root:
             continue
         for kind in HOOK_DICTS:
             for hook in getattr(module, kind, {}).values():
-                if not isinstance(hook, pure):
-                    found.append(f"{kind.strip('_')[:-1]} on {prefix}{name}: {_hook_name(hook)}")
+                found.append(f"{kind.strip('_')[:-1]} on {prefix}{name}: {_hook_name(hook)}")
     return found
 
 

@@ -131,15 +131,32 @@ class OptimizedModule(nn.Module):
         self.training = model.training
         self._options = dict(pipeline=pipeline, hardware=hardware, verify=verify, backend=backend,
                              print_after_change=print_after_change, dump_dir=dump_dir)
+        self._captures = 0         # graphs built so far, against RECAPTURE_LIMIT
+        self._warned: dict = {}
         self._reset()
 
     def _reset(self) -> None:
-        """Forget every graph (the tree they were captured from changed, or after unpickling)."""
+        """Forget every graph (the tree they were captured from changed)."""
         self._graphs: dict = {}    # key -> [_Entry]
         self._last = None
         self._tree = None
-        self._captures = 0
-        self._warned: dict = {}
+
+    # ---- the root's own Python attributes live on the copy that forward reads ------------------------
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            source = self.__dict__.get("_source")
+            if source is None or name.startswith("__"):
+                raise
+            return getattr(source, name)  # config, flags and methods of the wrapped model
+
+    def __setattr__(self, name, value):
+        source = self.__dict__.get("_source")
+        if source is not None and name in source.__dict__ and not name.startswith("_") and name != "training":
+            setattr(source, name, value)  # a flag forward reads: the per-call guards see it
+        else:
+            super().__setattr__(name, value)
 
     # ---- pickling: graphs are rebuilt lazily, on the first call after loading -----------------------
     def __getstate__(self):
@@ -155,7 +172,7 @@ class OptimizedModule(nn.Module):
         from .passes import PassManager
         from .passes.default import choose_pipeline
         source = self._source
-        source.train(self.training)
+        source.training = self.training  # the root's flag only: submodules keep the modes the user set
         captured = capture_module(source, args, kwargs)
         opts = self._options
         # meta tensors carry no values: such a graph is rewritten and costed but cannot be verified
@@ -239,6 +256,8 @@ class OptimizedModule(nn.Module):
         """Build a graph; inputs the model cannot run on at all give an InputError naming expected vs got."""
         try:
             return self._build(args, kwargs)
+        except (ReentrantCheckpointError, HookError):
+            raise  # about the model, not the inputs
         except FxoptError as exc:
             eager_error = _eager_failure(self._source, args, kwargs, self.training)
             if eager_error is None:
@@ -254,6 +273,7 @@ class OptimizedModule(nn.Module):
         live.warn_global_hooks(self._warned)
         entry = self._entry(args, kwargs)
         if entry is None:
+            self._source.training = self.training
             return self._source(*args, **kwargs)
         return entry.run(*args, **kwargs)
 
