@@ -284,16 +284,18 @@ class Unit:
     reduce_scatter: CommTime
 
 
-MIN_FSDP_UNITS = 4
+MAX_UNIT_SHARE = 0.25   # automatic FSDP units: none holds more than this share of the parameters
 
 
 def fsdp_units(params: list[Param], depth: int | None) -> dict[str, list[Param]]:
     """Parameters grouped per module at ``depth`` (``layer1.0.conv1.weight`` -> ``layer1`` at 1);
-    ``None``: the shallowest depth with at least MIN_FSDP_UNITS units (a model wrapped in one
-    ``trunk`` module is sharded per stage, as users apply ``fully_shard`` per block)."""
+    ``None``: the shallowest depth at which no unit holds more than MAX_UNIT_SHARE of the
+    parameters (ViT: per block ``blocks.N``, not one ``blocks`` unit), as users apply
+    ``fully_shard`` per block."""
     if depth is None:
-        deepest = max((p.name.count(".") for p in params), default=1)
-        depth = next((d for d in range(1, deepest + 1) if len(fsdp_units(params, d)) >= MIN_FSDP_UNITS), deepest)
+        deepest, total = max((p.name.count(".") for p in params), default=1), sum(p.numel for p in params)
+        fits = lambda d: max(sum(p.numel for p in u) for u in fsdp_units(params, d).values()) <= MAX_UNIT_SHARE * total
+        depth = next((d for d in range(1, deepest + 1) if fits(d)), deepest)
     units: dict[str, list[Param]] = {}
     for p in params:
         parts = p.name.split(".")[:-1]
