@@ -33,9 +33,12 @@ wheel-check: $(STAMP)
 # The one prepared GPU check (issue 15; benchmarks/gpu_check.py): on the lent GPU machine, which
 # has torch/triton/timm/torchvision in its python3 and a bare copy of this tree (no venv, no install).
 # Then: python3 benchmarks/gpu_report.py gpu-check-out --write docs/BENCHMARKS.md
+# GPU_CHECK_BUNDLE=$$OUT/gpu-check.tgz also keeps the results as one archive, rewritten after each step.
 GPU_CHECK_OUT ?= gpu-check-out
+GPU_CHECK_BUNDLE ?=
 gpu-check:
-	PYTHONPATH=. python3 benchmarks/gpu_check.py --budget-s 480 --out $(GPU_CHECK_OUT)
+	PYTHONPATH=. python3 benchmarks/gpu_check.py --budget-s 480 --out $(GPU_CHECK_OUT) \
+		$(if $(GPU_CHECK_BUNDLE),--bundle $(GPU_CHECK_BUNDLE))
 
 # The same driver on a CPU with tiny models (what CI runs, through tests/test_gpu_check.py).
 gpu-check-smoke: $(STAMP)

@@ -153,9 +153,14 @@ def _write_step(out: Path, step: str, **fields) -> None:
 def step_pytest(ctx: Ctx) -> dict:
     """The gpu-marked tests, in their own process (junit XML -> counts and failures)."""
     xml = ctx.out / "1-pytest-gpu.xml"
+    # only the files that hold gpu tests (collecting the whole suite costs time), and a file that fails to
+    # collect (a package missing there) must not stop the others
+    files = sorted(str(f) for f in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in f.read_text())
+    ctx.log(f"gpu tests in: {[Path(f).name for f in files]}")
+    argv = ["-q", "-p", "no:cacheprovider", "-m", "gpu", "--continue-on-collection-errors", "--junitxml", str(xml),
+            *files]
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import _checkout; _checkout.install(); "
-            f"import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'gpu', "
-            f"'--junitxml', {str(xml)!r}, {str(ROOT / 'tests')!r}]))")
+            f"import pytest; sys.exit(pytest.main({argv!r}))")
     with open(ctx.log_file, "a") as log:
         proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                               timeout=max(ctx.left_s(), 10))
@@ -274,7 +279,7 @@ def predict_variant(spec: str, variant: str, batch: int, tiny: bool, preset: str
     return {"predicted_s": out, "wall_s": time.perf_counter() - t}
 
 
-def _prediction_jobs(bench: dict | None, smoke: bool) -> tuple[list, list]:
+def _prediction_jobs(bench: dict | None) -> tuple[list, list]:
     """(jobs, rows without a prediction) from step 3's measured variants."""
     jobs, rows = [], []
     for m in (bench or {}).get("result", {}).get("models", []):
@@ -301,7 +306,7 @@ def step_predicted(ctx: Ctx) -> dict:
     preset = next((p for k, p in GPU_PRESETS if k in gpu), "h200")
     prof_path = ctx.out / "2-calibrate.profile.json"
     profile = str(prof_path) if prof_path.exists() else None
-    jobs, rows = _prediction_jobs(ctx.read("3-bench"), ctx.smoke)
+    jobs, rows = _prediction_jobs(ctx.read("3-bench"))
     notes = [] if profile else ["no fresh profile (step 2 did not write one): predicted with the preset only"]
     if not jobs:
         notes.append("no measured variant with a predictor (step 3 did not run or measured none)")
@@ -521,6 +526,17 @@ def run_isolated(step: Step, args, allot_s: float, timeout_s: float, log_file: P
     return "failed", f"child process exited {rc} without a result: {' | '.join(tail)[:500]}", result
 
 
+def bundle(out: Path, path: Path | None) -> None:
+    """``out`` as a .tar.gz at ``path`` (written aside, then renamed: never half a file)."""
+    if path is None:
+        return
+    import tarfile
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    tmp.replace(path)
+
+
 def child_main(args) -> int:
     """Run one step (``--child``) and write its JSON."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
@@ -537,6 +553,11 @@ def parse(argv=None):
     p.add_argument("--out", type=Path, required=True, help="results directory (created)")
     p.add_argument("--budget-s", type=float, default=480, help="wall-time budget for all steps (default 480)")
     p.add_argument("--cpu-smoke", action="store_true", help="the same driver on a CPU with tiny models (< 60 s)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="also keep --out as this .tar.gz, rewritten after every step (one file to bring back "
+                        "from a machine that returns few files; a run killed midway leaves its last state)")
+    p.add_argument("--hard-limit-s", type=float, default=None,
+                   help="no step runs past this many seconds from the start (default: budget + 60)")
     p.add_argument("--only", default=None, help="comma-separated step numbers to run (e.g. 3,4); the others' "
                                                  "files in --out are left as they are")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -578,6 +599,8 @@ def main(argv=None) -> int:
     if only and meta_path.exists():  # a partial rerun keeps the other steps' records
         meta["steps"] = json.loads(meta_path.read_text()).get("steps", {})
     meta_path.write_text(json.dumps(meta, indent=1))
+    bundle(args.out, args.bundle)
+    hard_limit = args.hard_limit_s or args.budget_s + 60
     print(f"gpu-check: {meta['device']}, torch {meta['torch']}, budget {args.budget_s:.0f} s -> {args.out}",
           flush=True)
     start = time.perf_counter()
@@ -596,7 +619,7 @@ def main(argv=None) -> int:
             status, reason, result = ("skipped", f"budget: needs ~{_est(step.key, args.cpu_smoke)[1]:.0f} s at "
                                       f"least, {max(left, 0):.0f} s left", {})
         elif isolate:
-            timeout = min(1.25 * given + 30, max(left, 0) + 120)
+            timeout = max(1.0, min(1.25 * given + 30, hard_limit - (time.perf_counter() - start)))
             status, reason, result = run_isolated(step, args, given, timeout, log_file)
         else:
             ctx = Ctx(args.out, args.cpu_smoke, device, given, step.key, log_file)
@@ -608,6 +631,7 @@ def main(argv=None) -> int:
                                    "allot_s": given, "wall_s": round(wall, 2)}
         meta["wall_s"] = round(time.perf_counter() - start, 2)
         meta_path.write_text(json.dumps(meta, indent=1))
+        bundle(args.out, args.bundle)
         left = args.budget_s - (time.perf_counter() - start)
         print(f"[gpu-check] {i + 1}/{len(STEPS)} {step.key}: {status}"
               f"{' (' + reason + ')' if reason else ''} in {wall:.1f} s (est {est:.0f} s); {left:.0f} s of budget "

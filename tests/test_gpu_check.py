@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import sysconfig
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -119,9 +120,10 @@ def test_report_refuses_what_it_cannot_read(tmp_path, capsys):
 
 def test_tiny_budget_skips_later_steps_and_says_why(tmp_path):
     """The CLI, each step in its own process: step 2 fits the 10 s budget, nothing after it does."""
-    out = tmp_path / "gc"
+    out, tgz = tmp_path / "gc", tmp_path / "gc.tgz"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--isolate",
-                           "--budget-s", "10", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--budget-s", "10", "--out", str(out), "--bundle", str(tgz)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("[gpu-check]") == 5  # a progress line per step
     meta = json.loads((out / "meta.json").read_text())
@@ -131,6 +133,10 @@ def test_tiny_budget_skips_later_steps_and_says_why(tmp_path):
         rec = _step(out, key)
         assert rec["status"] == "skipped" and rec["reason"].startswith("budget:"), rec
     assert "Not measured: **skipped**: budget" in gpu_report.render(out)
+    with tarfile.open(tgz) as tar:  # the one-file copy holds the final state
+        names = set(tar.getnames())
+        assert {f"gc/{k}.json" for k in STEPS} | {"gc/meta.json", "gc/2-calibrate.profile.json"} <= names
+        assert json.load(tar.extractfile("gc/meta.json")) == meta
 
 
 def test_plan_bench_keeps_later_models_their_reserved_variants():
