@@ -94,6 +94,15 @@ class Distributed:
         raise InputError(f"distributed= takes a dict (e.g. {{'world_size': 64, 'strategy': 'ddp'}}), an int or "
                          f"fxopt.Distributed(...); got {type(spec).__name__}")
 
+    def check(self, hardware_name: str, training: bool = True, dynamic_batch: bool = False) -> Cluster:
+        """Everything ``analyze(..., distributed=self)`` needs, checked before any capture."""
+        if not training:
+            raise InputError("distributed= costs gradient communication: it needs training=True")
+        if dynamic_batch:
+            raise InputError("distributed= needs concrete sizes (the timeline of one step): drop dynamic_batch, "
+                             "or cost report.at(batch=N) with fxopt.distributed.apply")
+        return self.resolve(hardware_name)
+
     def resolve(self, hardware_name: str) -> Cluster:
         """The cluster this spec runs on, checked against the world size (call before analyzing)."""
         name = self.cluster or DEFAULT_CLUSTER.get(hardware_name)

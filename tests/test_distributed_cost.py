@@ -160,6 +160,10 @@ def test_distributed_spec_is_checked_before_capture():
         fxopt.Distributed(world_size=8, strategy="zero9")
     with pytest.raises(HardwareError, match="known"):
         fxopt.analyze(Broken(), torch.randn(2), distributed={"world_size": 8, "cluster": "nope"})
+    with pytest.raises(InputError, match="training"):
+        fxopt.analyze(Broken(), torch.randn(2), training=False, distributed=8)
+    with pytest.raises(InputError, match="dynamic_batch"):
+        fxopt.analyze(Broken(), torch.randn(2), dynamic_batch=True, distributed=8)
 
 
 def test_comm_bound_lint_names_cause_change_and_saving():
@@ -189,6 +193,7 @@ def test_calibrate_comm_refuses_without_two_gpus():
         pytest.skip("a multi-GPU machine: calibration would run")
     with pytest.raises(HardwareError, match="2\\+ CUDA GPUs"):
         D.calibrate_comm()
+    assert main(["calibrate", "--comm"]) == 2   # the CLI says why and exits with the error code
 
 
 def test_cli_report_and_scaling(capsys, tmp_path):
