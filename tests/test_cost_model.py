@@ -177,7 +177,7 @@ def test_sgd_momentum_step_traffic_by_hand():
     assert r.totals["optimizer_flops"] == 3 * 64 * 32
 
 
-def test_eval_forward_has_no_backward_and_bn_running_stats_train():
+def test_eval_forward_has_no_backward():
     model = zoo.build("resnet50", tiny=True).eval()
     x = zoo.example_inputs("resnet50", 2, tiny=True)
     r = fxopt.analyze(model, x, training=False)

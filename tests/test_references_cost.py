@@ -286,3 +286,16 @@ def test_in_place_ops_are_pointwise_only_when_their_base_is():
     assert classify(aten.sigmoid_.default).op_class == "pointwise"
     assert classify(aten.scatter_reduce_.two).op_class == "unknown"   # scatter_reduce is not pointwise
     assert classify(aten.sort.default).op_class == "unknown"
+
+
+def test_totals_are_sums_of_the_calls_and_mfu_is_matrix_flops_per_second_over_the_bf16_peak():
+    from fxopt.cost_models import load_hardware
+    model = Fn(lambda s, x: s.mods[1](torch.relu(s.mods[0](x)).flatten(1)), nn.Conv2d(3, 4, 3, padding=1),
+               nn.Linear(4 * 6 * 6, 5))
+    r = fxopt.analyze(model, _x(2, 3, 6, 6), hardware="h100")
+    t = r.totals
+    matrix = sum(c.flops for c in r.calls if c.op_class in ("matmul", "conv", "attention") and c.phase != "opt")
+    assert t["matrix_flops_fwd"] + t["matrix_flops_bwd"] == matrix
+    assert t["bytes"] == sum(c.bytes_read + c.bytes_written for c in r.calls)
+    assert t["kernels"] == sum(c.kernels for c in r.calls)
+    assert t["mfu"] == pytest.approx(matrix / t["step_time_s"] / load_hardware("h100").tensor_flops["bf16"], rel=1e-9)
