@@ -81,7 +81,7 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
     dtype = parse_dtype(dtype)
     dist_spec = Distributed.parse(distributed)  # checked before any work
     if dist_spec is not None:
-        dist_spec.resolve(load_hardware(hardware).name)
+        dist_spec.check(load_hardware(hardware).name, training=training, dynamic_batch=dynamic_batch)
     if isinstance(model_or_captured, Captured):
         captured = model_or_captured  # already specialized: dtype casts its weights and inputs only
     else:
