@@ -13,6 +13,7 @@ from .profile import ProfileResult, profile
 from .profile_training import TrainingProfile, profile_training, trace_training
 from .report import GraphReport
 from .scaling import ScalingReport, scaling
+from .distributed import Distributed, DistributedCost, gpu_scaling
 from .sweep import MeasureError, SweepResult, sweep
 from .verify import VerificationResult, verify
 from .backend import fxopt_backend, register as _register_backend
@@ -20,5 +21,5 @@ from .backend import fxopt_backend, register as _register_backend
 _register_backend()  # torch.compile(model, backend="fxopt")
 
 __version__ = "0.1.0"
-__all__ = ["bench", "BenchResult", "calibrate", "profile", "ProfileResult", "profile_training", "trace_training", "TrainingProfile", "scaling", "ScalingReport", "sweep", "SweepResult", "MeasureError", "html_report", "ablate", "AblationResult", "AblationError", "analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError", "fxopt_backend",
+__all__ = ["Distributed", "DistributedCost", "gpu_scaling", "bench", "BenchResult", "calibrate", "profile", "ProfileResult", "profile_training", "trace_training", "TrainingProfile", "scaling", "ScalingReport", "sweep", "SweepResult", "MeasureError", "html_report", "ablate", "AblationResult", "AblationError", "analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError", "fxopt_backend",
            "CaptureError", "InputError", "ModelSpecError", "HardwareError", "AnalysisError"]
