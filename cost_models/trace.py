@@ -105,7 +105,13 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
     to the unfused math path, on CPU to a CPU flash kernel. On an H100 it is a fused kernel
     (flash / memory-efficient / cuDNN): one launch, q/k/v/out traffic, and a backward that
     recomputes the scores. The CPU flash op has exactly that cost shape and a meta kernel.
+    A learnable mask (a relative position bias passed as ``attn_mask``) needs a gradient, which the
+    CPU flash op refuses: that is the GPU's memory-efficient kernel, whose backward returns it.
     """
+    if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad:
+        bias = attn_mask.expand(*q.shape[:-1], k.shape[-2])  # as SDPA hands it to the kernel
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, dropout_p, is_causal, scale=scale)[0]
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 

@@ -232,3 +232,40 @@ def test_hf_eager_attention_verifies_in_float64():
     _, records = PassManager("normalize,sdpa", verify=True).run(captured)
     sdpa = records[-1]
     assert sdpa.kept and sdpa.verification and sdpa.verification.reference == "float64", sdpa.note
+
+
+# ---------------------------------------------------------------------------------------------
+# attention with a learnable mask (windowed ViT relative position bias passed as attn_mask)
+
+
+class BiasedAttention(nn.Module):
+    def __init__(self, dim=16, heads=2, tokens=8):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.rel_bias = nn.Parameter(0.1 * torch.randn(heads, tokens, tokens))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.rel_bias)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+def test_learnable_attention_bias_is_costed_as_the_gpu_kernel():
+    torch.manual_seed(0)
+    b, h, n, d = 2, 2, 8, 8
+    report = fxopt.analyze(BiasedAttention(), torch.randn(b, n, h * d))
+    row = next(r for r in report.rows("node") if r["op"] == "scaled_dot_product_attention")
+    assert row["fwd_flops"] == 2 * (2 * b * h * n * n * d)  # QK^T and PV, by hand
+    assert row["bwd_flops"] >= 2 * row["fwd_flops"] and row["kernels"] >= 2  # one fused fwd, one fused bwd
+    assert report.totals["step_time_s"] > 0
+
+
+def test_learnable_attention_bias_trains_like_eager():
+    torch.manual_seed(0)
+    model, x = BiasedAttention(), torch.randn(2, 8, 16)
+    o, out, grads = _optimized_step(model, x)
+    assert o.report.step_time_before_s is not None  # costed, not silently skipped
+    assert grads["rel_bias"].abs().sum() > 0
+    _assert_matches_eager(o, model, x, out, grads)
