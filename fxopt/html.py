@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import importlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -84,6 +85,18 @@ def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()
     return f"<div class=\"scroll\"><table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
 
 
+_SOURCE = re.compile(r"^(.*?):(\d+): (.*)$", re.S)
+
+
+def _source(source: str) -> str:
+    """``/long/path/file.py:12: y = x / 2`` -> ``file.py:12: y = x / 2``: the path shortened, the code whole."""
+    m = _SOURCE.match(str(source or ""))
+    if not m:
+        return str(source or "")
+    path, line, code = m.groups()
+    return f"{path.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line}: {code}"
+
+
 def _bar(share: float, color: str = "#4c78a8") -> str:
     pct = max(0.0, min(100.0, float(share) * 100))
     return f'<div class="bar" title="{pct:.1f}%"><span style="width:{pct:.1f}%;background:{color}"></span></div>'
@@ -122,7 +135,7 @@ def _summary(report: GraphReport) -> str:
                     for b, s in sorted(by_bound.items(), key=lambda kv: -kv[1]) if s > 0)
     return (f'<section id="summary"><h2>Summary</h2><div class="cards">{html_cards}</div>'
             f'<p class="muted" style="margin:14px 0 0">Step time by what bounds each node:</p>'
-            f'<div class="stack">{stack}</div><pre>{_e(report.summary())}</pre></section>')
+            f'<div class="stack">{stack}</div></section>')
 
 
 def _blocks(report: GraphReport, top: int, depth: int) -> str:
@@ -139,7 +152,7 @@ def _nodes(report: GraphReport, top: int) -> str:
     rows = report.rows("node")
     body = [[r["node"], r["op"], r["op_class"], r["module"] or "(root)", _g(r["fwd_flops"] + r["bwd_flops"]),
              _g(r["bytes"], 1e-6), f"{float(r['ai']):,.3g}", _ms(r["time_s"]), _badge(r["bound"]),
-             f"{float(r['share']) * 100:.1f}", r["source"].rsplit("/", 1)[-1]] for r in rows[:top]]
+             f"{float(r['share']) * 100:.1f}", _source(r["source"])] for r in rows[:top]]
     head = ["node", "op", "class", "module", "GFLOP", "MB", "FLOP/B", "time ms", "bound", "share %", "source"]
     return (f'<section id="nodes"><h2>Hottest nodes</h2>'
             + _table(head, body, numeric={4, 5, 6, 7, 9}, raw={8}, cls={10: "src"}) + "</section>")
@@ -156,6 +169,146 @@ def _roofline(report: GraphReport, by: str, depth: int) -> str:
             f'<p class="muted">Each {"node" if by == "node" else by} at (FLOPs / bytes, FLOPs / predicted time); '
             f"area = share of the step; solid roofs are datasheet peaks, dashed ones include the preset's "
             f"measured efficiencies.</p></section>")
+
+
+MEM_COLOR = {"weights": "#7f7f7f", "grads": "#bcbd22", "optimizer_state": "#9467bd", "inputs": "#17becf",
+             "activations": "#ff7f0e", "transient": "#f4a6a6"}
+PHASE_BAND = {"fwd": "#eef5ff", "bwd": "#fff4e8", "opt": "#f1ecf8"}
+_W, _LEFT, _RIGHT = 1100, 92, 16
+
+
+def _axis(end_s: float, y: float, height: float) -> str:
+    """Time ticks (ms) along the bottom of a plot area."""
+    if end_s <= 0:
+        return ""
+    span = end_s * 1e3
+    step = 10 ** int(f"{span / 6:e}".split("e")[1])
+    for m in (1, 2, 5, 10):
+        if span / (step * m) <= 8:
+            step *= m
+            break
+    out, t = [], 0.0
+    scale = (_W - _LEFT - _RIGHT) / span
+    while t <= span * 1.0001:
+        x = _LEFT + t * scale
+        out.append(f'<line x1="{x:.1f}" y1="{y - height:.1f}" x2="{x:.1f}" y2="{y:.1f}" stroke="#e3e6ea"/>'
+                   f'<text x="{x:.1f}" y="{y + 13:.1f}" font-size="11" text-anchor="middle" fill="#5b6470">'
+                   f"{t:g}</text>")
+        t += step
+    out.append(f'<text x="{_W - _RIGHT}" y="{y + 27:.1f}" font-size="11" text-anchor="end" fill="#5b6470">'
+               f"ms into the step</text>")
+    return "".join(out)
+
+
+def timeline_svg(tl) -> str:
+    """Inline SVG of a Timeline: one lane per track, one rect per slice (hover: what and how long)."""
+    tracks = tl.tracks()
+    lane, top = 22, 6
+    end = tl.end_s or 1.0
+    scale = (_W - _LEFT - _RIGHT) / end
+    h = top + lane * len(tracks) + 34
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_W} {h}" role="img" '
+             f'aria-label="{_e(tl.title)}">', _axis(end, top + lane * len(tracks), lane * len(tracks))]
+    for i, track in enumerate(tracks):
+        y = top + i * lane
+        parts.append(f'<text x="{_LEFT - 6}" y="{y + lane / 2 + 4:.1f}" font-size="12" text-anchor="end">{_e(track)}</text>')
+    for s in tl.slices:
+        y = top + tracks.index(s.track) * lane + 2
+        a = s.args
+        color = BOUND_COLOR.get(a.get("bound"), "#4c78a8")
+        tip = (f"{s.name}\n{s.dur_s * 1e3:.4g} ms at {s.start_s * 1e3:.4g} ms"
+               + (f"\nop {a['op']}, {a.get('kernels', 0)} kernels, {a.get('bound', '')}-bound" if a.get("op") else "")
+               + (f"\n{_source(a['source'])}" if a.get("source") else ""))
+        parts.append(f'<rect x="{_LEFT + s.start_s * scale:.2f}" y="{y}" width="{max(s.dur_s * scale, 0.6):.2f}" '
+                     f'height="{lane - 4}" fill="{color}" fill-opacity="0.8" stroke="#fff" stroke-width="0.3">'
+                     f"<title>{_e(tip)}</title></rect>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def memory_svg(curve) -> str:
+    """Inline SVG of a MemoryCurve: stacked components over the step, the peak, the device's memory."""
+    from .memory import COMPONENTS, GB
+    pts = curve.points
+    end = pts[-1].t_s if pts else 1.0
+    peak = curve.peak
+    cap = curve.capacity_bytes
+    show_cap = bool(cap) and cap <= 1.6 * peak.total
+    top_v = max(peak.total, cap if show_cap else 0) * 1.08 or 1.0
+    ph, top = 260, 8
+    xs = lambda t: _LEFT + t / end * (_W - _LEFT - _RIGHT)
+    ys = lambda v: top + ph - v / top_v * ph
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_W} {top + ph + 34}" role="img" '
+             f'aria-label="predicted memory over the step">']
+    prev_t, start = 0.0, 0.0
+    for i, p in enumerate(pts):  # phase bands
+        if i + 1 == len(pts) or pts[i + 1].phase != p.phase:
+            parts.append(f'<rect x="{xs(start):.1f}" y="{top}" width="{xs(p.t_s) - xs(start):.1f}" height="{ph}" '
+                         f'fill="{PHASE_BAND.get(p.phase, "#fafafa")}"><title>{_e(p.phase)}</title></rect>')
+            start = p.t_s
+    parts.append(_axis(end, top + ph, ph))
+    for g in range(5):
+        v = top_v * g / 4
+        parts.append(f'<text x="{_LEFT - 6}" y="{ys(v) + 4:.1f}" font-size="11" text-anchor="end" fill="#5b6470">'
+                     f"{v / GB:.3g} GB</text>")
+    base = [0.0] * len(pts)
+    for comp in COMPONENTS:
+        vals = [p.bytes[comp] for p in pts]
+        if not any(vals):
+            continue
+        upper = [b + v for b, v in zip(base, vals)]
+        fwd, back = [], []
+        prev_t = 0.0
+        for t, lo_v, hi_v in zip([p.t_s for p in pts], base, upper):  # steps: a value holds over its slice
+            fwd += [(xs(prev_t), ys(hi_v)), (xs(t), ys(hi_v))]
+            back += [(xs(prev_t), ys(lo_v)), (xs(t), ys(lo_v))]
+            prev_t = t
+        poly = " ".join(f"{x:.1f},{y:.1f}" for x, y in fwd + back[::-1])
+        parts.append(f'<polygon points="{poly}" fill="{MEM_COLOR[comp]}" fill-opacity="0.85">'
+                     f"<title>{_e(comp)}: peak {max(vals) / GB:.4g} GB, {peak.bytes[comp] / GB:.4g} GB at the peak"
+                     f"</title></polygon>")
+        base = upper
+    x = xs(peak.t_s)
+    parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#1d232a" stroke-dasharray="3,3">'
+                 f"<title>peak {peak.total / GB:.4g} GB at {_e(peak.node)} ({_e(peak.phase)})</title></line>")
+    if show_cap:
+        y = ys(cap)
+        parts.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#b42318" stroke-width="1.5">'
+                     f"<title>{_e(curve.hardware)} memory {cap / GB:.4g} GB</title></line>"
+                     f'<text x="{_W - _RIGHT - 4}" y="{y - 4:.1f}" font-size="11" text-anchor="end" fill="#b42318">'
+                     f"{_e(curve.hardware)} {cap / GB:.3g} GB</text>")
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _timeline_section(report: GraphReport) -> str:
+    from .timeline import predicted_timeline
+    tl = predicted_timeline(report)
+    legend = " ".join(f'<span class="b {k}">{k}-bound</span>' for k in BOUND_COLOR)
+    return (f'<section id="timeline"><h2>Predicted timeline of one step</h2><div class="plot">{timeline_svg(tl)}</div>'
+            f'<p class="muted">Each node\'s forward and backward calls end to end as the device would run them if '
+            f"the host kept up; colour: what bounds the slice {legend}. Hover for node, module and source. "
+            f"<code>fxopt report MODEL --trace step.json</code> writes it for Perfetto / chrome://tracing.</p></section>")
+
+
+def _memory_section(report: GraphReport) -> str:
+    from .memory import COMPONENTS, memory_curve
+    try:
+        curve = memory_curve(report)
+    except AnalysisError as exc:
+        return f'<section id="memory"><h2>Predicted memory</h2><p class="muted">{_e(exc)}</p></section>'
+    cls = "good" if curve.fits else "bad" if curve.fits is False else "muted"
+    legend = " ".join(f'<span class="b" style="background:{MEM_COLOR[c]}">{_e(c)}</span>' for c in COMPONENTS)
+    options = ""
+    if curve.options:
+        rows = [[o.change, f"{o.saves_bytes / 1e9:.3g}", o.cost, "yes" if o.fits else "no"] for o in curve.options]
+        options = "<p>Ways to fit, cheapest first:</p>" + _table(["change", "saves GB", "costs", "fits alone"], rows,
+                                                                   numeric={1}, cls={2: "text"})
+    notes = "".join(f'<p class="muted">{_e(n)}</p>' for n in curve.notes)
+    return (f'<section id="memory"><h2>Predicted memory over the step</h2><p class="{cls}">{_e(curve.verdict())}</p>'
+            f'<div class="plot">{memory_svg(curve)}</div><p class="muted">{legend} Bands: forward, backward, '
+            f"optimizer. Saved activations rise in the forward and fall as the backward frees them; the allocator's "
+            f"cache and fragmentation come on top.</p>{options}{notes}</section>")
 
 
 def _find_lint(lint, model, inputs, report):
@@ -213,7 +366,7 @@ def _findings(findings: list[dict], data: dict, step_time_s: float, top: int) ->
         saving = float(f.get("saving_s") or 0.0)
         rows.append([i, f.get("title") or f["rule"], f.get("block", ""), where, f"{saving * 1e3:.3g}",
                      f"{saving / step_time_s * 100:.2g}" if step_time_s else "-", f.get("change", ""),
-                     f.get("evidence", ""), str(f.get("source", "")).rsplit("/", 1)[-1]])
+                     f.get("evidence", ""), _source(f.get("source", ""))])
     head = ["#", "lint", "block", "nodes", "saves ms", "% step", "change", "evidence", "source"]
     skipped = data.get("skipped") or {}
     notes = ['<p class="muted">Estimated savings overlap between findings; they do not add up.']
@@ -333,6 +486,8 @@ def html_report(report: GraphReport, path: str | Path | None = None, *, optimize
     sections = [_summary(report), _blocks(report, top, depth), _nodes(report, top),
                 _lint_section(_find_lint(lint, model, inputs, report), float(report.totals["step_time_s"]), top),
                 _roofline(report, plot_by, depth)]
+    if report.training:
+        sections += [_timeline_section(report), _memory_section(report)]
     if optimized is not None:
         sections.append(_passes(optimized))
     if scaling is not None:

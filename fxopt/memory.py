@@ -10,8 +10,8 @@ Walks the predicted timeline (fxopt.timeline) slice by slice and keeps, at each 
   ``saved_tensors_hooks`` pass recorded per fx node): added at the node's forward, freed when
   its backward has run. A checkpointed block keeps only its inputs through the forward and
   re-creates its saved activations for the span of its own backward;
-- transient: the bytes the running slice writes (its outputs being produced, gradients in
-  flight), a rough working set on top.
+- transient: the bytes the running forward/backward slice writes (its outputs being produced,
+  gradients in flight), a rough working set on top; the optimizer updates in place.
 
 Allocator caching and fragmentation are not modelled: on a GPU, ``max_memory_allocated`` is the
 figure this predicts, ``max_memory_reserved`` is higher.
@@ -192,53 +192,54 @@ def memory_curve(report: GraphReport, *, checkpoint=(), depth: int = 1, optimize
     unknown = set(checkpoint) - blocks
     if unknown:
         raise AnalysisError(f"checkpoint={sorted(unknown)}: no such block at depth {depth}; blocks: {sorted(blocks)}")
-    param_bytes, grad_at, input_bytes, _ = _graph_facts(report)
+    param_bytes, grad_at, input_bytes, _ = _graph_facts(report)  # grad_at: consumed as gradients appear
     opt = report.nodes[OPTIMIZER_NODE].op if OPTIMIZER_NODE in report.nodes else "None"
     state = param_bytes * STATE_PER_PARAM.get(opt, 1.0) if optimizer_state_bytes is None else optimizer_state_bytes
+    if any(getattr(v, "free_symbols", None) for v in report.saved_bytes.values()):
+        raise AnalysisError("saved-activation sizes are formulas (an input that is a view of a larger tensor "
+                            "gets a symbolic storage): pass contiguous inputs, e.g. x[:n].clone()")
     saved = {k: float(v) for k, v in report.saved_bytes.items()}
     ckpt = {b: _block_inputs(report, b, depth) for b in checkpoint}
     node_block = {n: info.block(depth) for n, info in report.nodes.items()}
     block_saved = {b: sum(v for n, v in saved.items() if node_block.get(n) == b) for b in ckpt}
     tl = predicted_timeline(report)
-    # the last backward slice of each checkpointed block (its activations go then)
-    bwd = [s for s in tl.slices if s.args.get("phase") == "bwd"]
-    last_bwd = {node_block.get(s.args["node"]): i for i, s in enumerate(bwd)}
+    steps = [s for s in tl.slices if s.args.get("phase") in ("fwd", "bwd", "opt")]
+    # a node's (a checkpointed block's) saved activations go after its last backward slice
+    last_node = {s.args["node"]: i for i, s in enumerate(steps) if s.args["phase"] == "bwd"}
+    last_block = {node_block.get(s.args["node"]): i for i, s in enumerate(steps) if s.args["phase"] == "bwd"}
     written = _written(report)
     comp = dict.fromkeys(COMPONENTS, 0.0)
     comp.update(weights=param_bytes, optimizer_state=state, inputs=input_bytes)
-    points, freed, live_ckpt = [], set(), {}
-    in_ckpt_fwd, bwd_i, grads_started = set(), 0, False
-    for i, s in enumerate(tl.slices):
-        node, phase = s.args.get("node", s.name), s.args.get("phase", "")
+    points, live_ckpt, in_ckpt_fwd, added = [], {}, set(), set()
+    for i, s in enumerate(steps):
+        node, phase = s.args["node"], s.args["phase"]
         block = node_block.get(node)
         if phase == "fwd":
             if block in ckpt:
                 if block not in in_ckpt_fwd:  # the block's inputs are kept for the recompute
                     in_ckpt_fwd.add(block)
                     comp["activations"] += ckpt[block]
-            else:
+            elif node not in added:  # a node's calls may span several slices (host waits between them)
+                added.add(node)
                 comp["activations"] += saved.get(node, 0.0)
         elif phase == "bwd":
-            if grad_at is None and not grads_started:
+            if grad_at is None:
                 comp["grads"] = param_bytes
-            grads_started = True
-            if grad_at is not None:
-                comp["grads"] += grad_at.get(node, 0.0)
+            else:
+                comp["grads"] += grad_at.pop(node, 0.0)
             if block in ckpt and block not in live_ckpt:  # recompute: the block's saved set comes back
                 live_ckpt[block] = block_saved[block]
                 comp["activations"] += block_saved[block]
         elif phase == "opt" and grad_at is not None:
             comp["grads"] = param_bytes  # every gradient exists by the optimizer step
-        comp["transient"] = written.get((node, phase), 0.0)
+        comp["transient"] = written.get((node, phase), 0.0) if phase != "opt" else 0.0  # the step updates in place
         points.append(MemoryPoint(s.end_s, node, phase, dict(comp)))
-        if phase == "bwd":  # after the slice ran: free what its backward no longer needs
+        if phase == "bwd":  # after the slice ran: free what the backward no longer needs
             if block in ckpt:
-                if last_bwd.get(block) == bwd_i:
+                if last_block.get(block) == i:
                     comp["activations"] -= live_ckpt.pop(block) + ckpt[block]
-            elif node not in freed:
-                freed.add(node)
+            elif last_node.get(node) == i:
                 comp["activations"] -= saved.get(node, 0.0)
-            bwd_i += 1
     cap = report.hardware.memory_bytes if capacity_bytes is None else capacity_bytes
     curve = MemoryCurve(report.model, report.hardware.name, int(cap or 0), points, tuple(checkpoint))
     if not cap:
@@ -283,9 +284,9 @@ def ways_to_fit(report: GraphReport, curve: MemoryCurve, *, depth: int, state: f
                                      per_batch * (1 - new / batch), f"{new / batch:.0%} of the samples per step; "
                                      "re-tune the learning rate or accumulate gradients", True))
         elif new <= 0:
-            options.append(FitOption(f"batch {batch} -> 1 is not enough: weights, gradients and states alone "
-                                     f"need {fixed / GB:.3g} GB", 0.0, "shard them (FSDP) or use a larger device",
-                                     False))
+            options.append(FitOption(f"shard weights, gradients and optimizer states (FSDP / ZeRO): even a batch of "
+                                     f"1 does not fit, they alone need {fixed / GB:.3g} GB", 0.0,
+                                     "more devices (or a device with more memory)", False))
     return options
 
 

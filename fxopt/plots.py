@@ -180,26 +180,48 @@ _OFFSETS = [(7, 4), (7, -11), (-7, 4), (-7, -11), (7, 16), (-7, 16), (7, -23), (
 
 
 def _label(ax, points: list[dict], fontsize: float = 7.5) -> None:
-    """Label the hottest points, nudging each label to a free spot (estimated text boxes)."""
+    """Label the hottest points, each at the first offset whose text box stays inside the plot area
+    and overlaps no earlier label (else the one that overlaps least, inside the area if possible).
+
+    Boxes are measured in display pixels after a layout pass: constrained layout moves and resizes
+    the axes only when the figure is drawn, so positions taken before it are stale and labels near
+    an edge were cut off.
+    """
+    from matplotlib.font_manager import FontProperties
+
+    fig = ax.figure
+    fig.draw_without_rendering()  # settle constrained layout: final axes box and data transform
+    renderer = fig.canvas.get_renderer()
+    font = FontProperties(size=fontsize)
+    px_per_pt = fig.dpi / 72
+    area = ax.bbox
     placed: list[tuple] = []
-    scale = 72 / ax.figure.dpi
-    right = ax.bbox.x1 * scale
     for p in points:
         text = f"{_short(p['label'])} {p['share'] * 100:.1f}%"
-        w, h = 0.56 * fontsize * len(text), fontsize * 1.25
-        px, py = (v * scale for v in ax.transData.transform((p["ai"], p["flops_per_s"])))
+        w, h, _ = renderer.get_text_width_height_descent(text, font, ismath=False)
+        h *= 1.2
+        px, py = ax.transData.transform((p["ai"], p["flops_per_s"]))
+        best = None
         for dx, dy in _OFFSETS:
-            x0 = px + dx - (w if dx < 0 else 0)
-            box = (x0, py + dy, x0 + w, py + dy + h)
-            if box[2] > right:
-                continue
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            x0 = px + dx * px_per_pt - (w if dx < 0 else 0)
+            y0 = py + dy * px_per_pt
+            box = (x0, y0, x0 + w, y0 + h)
+            outside = (max(0.0, area.x0 - box[0]) + max(0.0, box[2] - area.x1) + max(0.0, area.y0 - box[1])
+                       + max(0.0, box[3] - area.y1))
+            overlap = sum(max(0.0, min(box[2], b[2]) - max(box[0], b[0])) * max(0.0, min(box[3], b[3]) - max(box[1], b[1]))
+                          for b in placed)
+            key = (outside, overlap)
+            if best is None or key < best[0]:
+                best = (key, dx, dy, box)
+            if key == (0.0, 0.0):
                 break
+        _, dx, dy, box = best
         placed.append(box)
         far = abs(dx) > 10 or abs(dy) > 20
-        ax.annotate(text, (p["ai"], p["flops_per_s"]), xytext=(dx, dy), textcoords="offset points",
-                    ha="right" if dx < 0 else "left", fontsize=fontsize, zorder=4,
-                    arrowprops=dict(arrowstyle="-", lw=0.5, color="#555555") if far else None)
+        ann = ax.annotate(text, (p["ai"], p["flops_per_s"]), xytext=(dx, dy), textcoords="offset points",
+                          ha="right" if dx < 0 else "left", va="baseline", fontsize=fontsize, zorder=4,
+                          arrowprops=dict(arrowstyle="-", lw=0.5, color="#555555") if far else None)
+        ann.set_in_layout(False)  # placed for this layout: labels must not move the axes again
 
 
 def _geom(lo: float, hi: float, n: int) -> list[float]:

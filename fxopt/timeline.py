@@ -2,9 +2,10 @@
 
 The cost model records a step's ATen calls in the order they run (forward node by node, the
 backward as autograd runs it, then the optimizer), each with its predicted time
-(``GraphReport.call_times``). Laid end to end on one stream they are the step as the device
-would run it if the host kept up: one slice per run of consecutive calls of one fx node and
-phase, on one track per phase. Communication is not in the report; a list of ``comm`` slices
+(``GraphReport.call_times``), after the time the device waits for the host to launch it
+(``GraphReport.host_idle``, eager dispatch, when the report has it). Laid end to end on one
+stream they are the step as the device runs it: one slice per run of consecutive calls of one fx
+node and phase, on one track per phase, the waits on a track of their own. Communication is not in the report; a list of ``comm`` slices
 (start, duration, name) from a distributed what-if can be laid on a track of its own.
 
 Chrome trace format: "X" (complete) events in microseconds, one process per timeline and one
@@ -23,6 +24,7 @@ from .report import GraphReport
 __all__ = ["Slice", "Timeline", "predicted_timeline", "chrome_trace"]
 
 PHASE_TRACK = {"fwd": "forward", "bwd": "backward", "opt": "optimizer", "comm": "communication"}
+HOST_WAIT = "device waits for host"
 
 
 @dataclass(frozen=True)
@@ -75,21 +77,30 @@ def predicted_timeline(report: GraphReport, comm: list[Slice] | None = None) -> 
     slices: list[Slice] = []
     t = 0.0
     cur = None  # (node, phase) of the open slice
-    acc = {}
-    for call, ct in zip(report.calls, report.call_times):
-        dur = float(ct.total_s)
+    acc: dict = {}
+    idle = getattr(report, "host_idle", None) or [0.0] * len(report.calls)
+    for call, ct, wait in zip(report.calls, report.call_times, idle):
+        wait = float(wait)
         key = (call.node, call.phase)
-        if key != cur:
+        empty = cur == key and acc["dur"] == 0  # only metadata/view calls so far: nothing to split
+        if cur is not None and (key != cur or wait > 0) and not empty:
+            slices.append(_node_slice(report, cur, acc))
+            cur = None
+        if wait > 0:  # the device idles until the host has launched this call (eager dispatch)
+            slices.append(Slice("waiting for the host", HOST_WAIT, t, wait, {"phase": "wait", "before": call.node}))
+            t += wait
             if cur is not None:
-                slices.append(_node_slice(report, cur, acc))
+                acc["start"] = t
+        if cur is None:
             cur, acc = key, {"start": t, "dur": 0.0, "kernels": 0, "flops": 0, "bytes": 0, "compute": 0.0,
                              "memory": 0.0, "launch": 0.0}
+        dur = float(ct.total_s)
         acc["dur"] += dur
         acc["kernels"] += call.kernels
         acc["flops"] += call.flops
         acc["bytes"] += call.bytes_read + call.bytes_written
         for term in ("compute", "memory", "launch"):
-            acc[term] += float(getattr(ct, f"{term}_s"))
+            acc[term] += float(getattr(ct, f"{term}_s", 0.0))
         t += dur
     if cur is not None:
         slices.append(_node_slice(report, cur, acc))
