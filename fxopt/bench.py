@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import logging
 import time
 import traceback
 from contextlib import nullcontext
@@ -25,7 +26,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import FxoptError, InputError, ModelSpecError
+from .errors import FxoptError, InputError
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ VARIANTS: dict[str, Variant] = {
                             wrap="fxopt-triton"),
 }
 DEFAULT_VARIANTS = tuple(VARIANTS)
+# A step-time ratio is only as good as the runs behind it: above this p90/p10 - 1 (in the variant or
+# the baseline) the table marks the ratio "?" and says why (a busy machine, clock ramp, recompiles).
+SPREAD_LIMIT = 0.10
 
 
 def _wrap(model: nn.Module, variant: Variant, inputs) -> nn.Module:
@@ -77,6 +81,17 @@ class VariantResult:
     first_step_s: float | None = None    # build (capture, passes, compile) + first step
     step_times_s: list = field(default_factory=list, repr=False)
 
+    @property
+    def spread(self) -> float | None:
+        """p90/p10 - 1: how much the step time wandered (0.1 = the slow steps were 10 % slower)."""
+        if not self.p10_s or self.p90_s is None:
+            return None
+        return self.p90_s / self.p10_s - 1
+
+    @property
+    def noisy(self) -> bool:
+        return self.spread is not None and self.spread > SPREAD_LIMIT
+
 
 @dataclass
 class BenchResult:
@@ -100,28 +115,37 @@ class BenchResult:
     def table(self, tablefmt: str = "simple") -> str:
         def f(x, scale=1.0, fmt=".3g"):
             return "—" if x is None else format(x * scale, fmt)
-        base = next((r.median_s for r in self.results if r.status == "ok"), None)
-        rows = []
+        first = next((r for r in self.results if r.status == "ok"), None)
+        base = first.median_s if first else None
+        rows, noisy = [], []
         for r in self.results:
             if r.status != "ok":
                 rows.append([r.name, "FAILED: " + r.reason[:100]] + ["—"] * 7)
                 continue
+            doubt = r.noisy or first.noisy
+            if r.noisy:
+                noisy.append(f"{r.name} {r.spread * 100:.0f} %")
             rows.append([r.name, f(r.median_s, 1e3, ".2f"), f"{r.p10_s * 1e3:.2f}–{r.p90_s * 1e3:.2f}",
-                         f"{base / r.median_s:.2f}x" if base else "—", f(r.images_per_s, 1, ",.0f"),
+                         (f"{base / r.median_s:.2f}x" + (" ?" if doubt else "")) if base else "—",
+                         f(r.images_per_s, 1, ",.0f"),
                          f(r.tflops, 1, ".2f"), f(r.mfu, 100, ".1f"),
                          f(r.peak_memory_bytes, 2 ** -30, ".2f"), f(r.first_step_s, 1, ".1f")])
         head = ["variant", "step ms (median)", "p10–p90 ms", f"vs {self.results[0].name}", "images/s",
                 "TFLOP/s", "MFU %", "peak GiB", "first step s"]
         title = (f"{self.model}, batch {self.batch}, {self.device}, torch {self.torch_version}, "
                  f"median of {self.steps} steps after {self.warmup} warm-up")
-        return title + "\n" + tabulate(rows, headers=head, tablefmt=tablefmt, disable_numparse=True)
+        text = title + "\n" + tabulate(rows, headers=head, tablefmt=tablefmt, disable_numparse=True)
+        if noisy:
+            text += (f"\n? p90/p10 spread above {SPREAD_LIMIT * 100:.0f} % ({', '.join(noisy)}): the ratio "
+                     f"is not to be trusted; run more --steps, on an idle machine, with fixed clocks")
+        return text
 
     def to_markdown(self) -> str:
         return self.table(tablefmt="github")
 
     def to_dict(self) -> dict:
         return {"schema": "fxopt.bench/1", **{k: v for k, v in asdict(self).items() if k != "results"},
-                "results": [asdict(r) for r in self.results]}
+                "results": [{**asdict(r), "spread": r.spread, "noisy": r.noisy} for r in self.results]}
 
     def to_json(self, indent: int = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -131,26 +155,10 @@ class BenchResult:
 
 
 # ---- models ------------------------------------------------------------------------------------
-def resolve_bench_model(spec: str, batch: int, tiny: bool = False, image_size: int = 224):
-    """``(name, module, inputs)`` for a zoo/hf/file spec, or ``timm:<name>`` / ``torchvision:<name>``."""
-    for prefix, module_name in (("timm:", "timm"), ("torchvision:", "torchvision")):
-        if spec.startswith(prefix):
-            name = spec[len(prefix):]
-            try:
-                lib = __import__(module_name)
-                if module_name == "torchvision":
-                    import torchvision.models  # noqa: F401
-            except Exception as exc:  # not installed, or its compiled ops do not load with this torch
-                raise ModelSpecError(f"{spec!r} needs {module_name}, which does not import here ({exc}); "
-                                     f"pip install {module_name}, or use a zoo model (fxopt models)") from exc
-            try:
-                model = (lib.create_model(name) if module_name == "timm"
-                         else lib.models.get_model(name))
-            except Exception as exc:
-                raise ModelSpecError(f"{module_name} has no model {name!r}: {exc}") from exc
-            return spec, model.train(), (torch.randn(batch, 3, image_size, image_size),)
+def resolve_bench_model(spec: str, batch: int, tiny: bool = False, image_size: int | None = None):
+    """``(name, module, inputs)`` for any MODEL spec (zoo, hf:, timm:, torchvision:, file.py:factory)."""
     from .models import resolve
-    ms = resolve(spec, batch=batch, tiny=tiny)
+    ms = resolve(spec, batch=batch, tiny=tiny, image_size=image_size)
     return ms.name, ms.model, ms.inputs
 
 
@@ -332,7 +340,8 @@ def bench(model_spec_or_module: "str | nn.Module", inputs=None, variants=DEFAULT
             hw = load_hardware(hardware)
             hw_name, peak = hw.name, hw.bf16_peak
     results = []
-    for v in variants:
+    from .progress import progress
+    for v in progress(list(variants), desc=f"bench {name}", unit="variant"):
         if log:
             log(f"{name}: {v} ...")
         try:
@@ -345,5 +354,11 @@ def bench(model_spec_or_module: "str | nn.Module", inputs=None, variants=DEFAULT
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return BenchResult(name, dev_name, _batch(example), steps, warmup, matrix_flops, hw_name, torch.__version__,
-                       datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), results)
+    result = BenchResult(name, dev_name, _batch(example), steps, warmup, matrix_flops, hw_name, torch.__version__,
+                         datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), results)
+    noisy = [f"{r.name} ({r.spread * 100:.0f} %)" for r in results if r.status == "ok" and r.noisy]
+    if noisy:
+        logging.getLogger(__name__).warning(
+            "p90/p10 step-time spread above %d %% in %s: ratios against them are not to be trusted",
+            SPREAD_LIMIT * 100, ", ".join(noisy))
+    return result

@@ -7,7 +7,12 @@ Accepted forms::
     hf:BertModel                                  a HuggingFace transformers class, built
                                                   from its default config (no download)
     hf:BertModel-tiny                             ... with a shrunken config
+    timm:convnext_tiny                            a timm model (pretrained=False, no download)
+    torchvision:resnet50                          a torchvision model (weights=None)
     path/to/file.py:factory                       ``factory()`` from a Python file
+
+``image_size`` (zoo, hf vision, timm, torchvision) and ``seq_len`` (hf text) change the example
+inputs (and the model where its size depends on them: ViT position embeddings).
 
 ``factory()`` returns either a module -- the same file must then define
 ``example_inputs(batch)`` -- or a tuple ``(module, inputs)``. Inputs are a tuple of
@@ -16,6 +21,7 @@ positional tensors or a dict of keyword arguments.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.util
@@ -31,7 +37,7 @@ from torch import nn
 from fxopt import zoo
 from fxopt.errors import ModelSpecError
 
-__all__ = ["ModelSpec", "resolve", "TINY_SUFFIX", "HF_PREFIX", "HF_TINY_OVERRIDES"]
+__all__ = ["ModelSpec", "resolve", "TINY_SUFFIX", "HF_PREFIX", "HF_TINY_OVERRIDES", "LIBRARIES", "input_overrides"]
 
 TINY_SUFFIX = "-tiny"
 HF_PREFIX = "hf:"
@@ -56,24 +62,56 @@ class ModelSpec:
 # ----------------------------------------------------------------------------------
 
 
-def resolve(spec: str, batch: int = 2, tiny: bool = False) -> ModelSpec:
+_OVERRIDES: dict[str, int | None] = {"image_size": None, "seq_len": None}
+
+
+@contextlib.contextmanager
+def input_overrides(image_size: int | None = None, seq_len: int | None = None):
+    """Defaults for ``resolve``'s ``image_size``/``seq_len`` while inside (the CLI's ``--image-size``
+    and ``--seq-len`` reach every command's model, however each command calls ``resolve``)."""
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(image_size=image_size, seq_len=seq_len)
+    try:
+        yield
+    finally:
+        _OVERRIDES.update(saved)
+
+
+def resolve(spec: str, batch: int = 2, tiny: bool = False, *, image_size: int | None = None,
+            seq_len: int | None = None) -> ModelSpec:
     """Turn ``spec`` into a :class:`ModelSpec`; raises :class:`ModelSpecError`.
 
     ``tiny=True`` (or a ``-tiny`` suffix on a zoo or ``hf:`` spec) picks the small test
     variant; it does not apply to ``file.py:factory`` specs, which build what they build.
+    ``image_size``: side of the example images; ``seq_len``: tokens per example (text models).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ModelSpecError(_usage(f"empty model spec {spec!r}"))
     if batch < 1:
         raise ModelSpecError(f"batch must be >= 1, got {batch}")
+    image_size = image_size if image_size is not None else _OVERRIDES["image_size"]
+    seq_len = seq_len if seq_len is not None else _OVERRIDES["seq_len"]
+    for knob, value in (("image_size", image_size), ("seq_len", seq_len)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ModelSpecError(f"{knob} must be a positive integer, got {value!r}")
     spec = spec.strip()
 
     if spec.startswith(HF_PREFIX):
         name, tiny = _strip_tiny(spec[len(HF_PREFIX) :], tiny)
-        return _resolve_hf(name, batch, tiny)
+        return _resolve_hf(name, batch, tiny, image_size, seq_len)
+
+    for prefix in LIBRARIES:
+        if spec.startswith(prefix):
+            _no_knob(spec, "seq_len", seq_len, "vision models take --image-size")
+            if tiny or spec.endswith(TINY_SUFFIX):
+                raise ModelSpecError(f"{spec!r}: {prefix}<name> specs have no -tiny variant; "
+                                     "shrink them with --image-size and --batch, or pick a smaller model")
+            return _resolve_library(prefix, spec[len(prefix):], batch, image_size)
 
     path, sep, factory = spec.rpartition(":")
     if sep and path.endswith(".py"):
+        _no_knob(spec, "image_size", image_size, "your factory builds what it builds")
+        _no_knob(spec, "seq_len", seq_len, "your factory builds what it builds")
         return _resolve_file(path, factory, batch)
     if spec.endswith(".py"):
         raise ModelSpecError(
@@ -82,14 +120,18 @@ def resolve(spec: str, batch: int = 2, tiny: bool = False) -> ModelSpec:
         )
 
     name, tiny = _strip_tiny(spec, tiny)
-    if name in zoo.names():
-        return _resolve_zoo(name, batch, tiny)
     if name.lower() in zoo.names():
-        return _resolve_zoo(name.lower(), batch, tiny)
+        _no_knob(spec, "seq_len", seq_len, "the zoo models are vision models: use --image-size")
+        return _resolve_zoo(name if name in zoo.names() else name.lower(), batch, tiny, image_size)
 
     hint = difflib.get_close_matches(name, zoo.names(), n=1)
     problem = f"unknown model {spec!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
     raise ModelSpecError(_usage(problem))
+
+
+def _no_knob(spec: str, knob: str, value, why: str) -> None:
+    if value is not None:
+        raise ModelSpecError(f"{spec!r} takes no --{knob.replace('_', '-')} ({why})")
 
 
 def _usage(problem: str) -> str:
@@ -98,6 +140,7 @@ def _usage(problem: str) -> str:
         f"  <zoo name>[{TINY_SUFFIX}]      zoo models: {', '.join(zoo.names())}\n"
         f"  {HF_PREFIX}<ModelClass>[{TINY_SUFFIX}]  a HuggingFace transformers class built from "
         f"its default config, e.g. {HF_PREFIX}BertModel, {HF_PREFIX}ResNetForImageClassification\n"
+        f"  timm:<name> | torchvision:<name>  a timm / torchvision model, random weights\n"
         f"  path/to/file.py:factory   factory() returns a module (the file then defines "
         f"example_inputs(batch)) or a (module, inputs) tuple"
     )
@@ -143,10 +186,69 @@ def _check_module(model: Any, where: str) -> nn.Module:
 # ----------------------------------------------------------------------------------
 
 
-def _resolve_zoo(name: str, batch: int, tiny: bool) -> ModelSpec:
-    model = zoo.build(name, tiny)
+def _resolve_zoo(name: str, batch: int, tiny: bool, image_size: int | None = None) -> ModelSpec:
     inputs = zoo.example_inputs(name, batch, tiny)
-    return ModelSpec(_display(name, tiny), model.train(), _check_inputs(inputs, name))
+    if image_size is None:
+        model = zoo.build(name, tiny)
+    else:
+        model = zoo.build(name, tiny, image_size=image_size)
+        inputs = tuple(torch.randn(*t.shape[:-2], image_size, image_size) for t in inputs)
+    display = _display(name, tiny) + ("" if image_size is None else f"@{image_size}")
+    return ModelSpec(display, model.train(), _check_inputs(inputs, name))
+
+
+# ----------------------------------------------------------------------------------
+# timm / torchvision
+# ----------------------------------------------------------------------------------
+
+
+def _timm(lib, name: str, image_size: int | None) -> nn.Module:
+    kwargs = {"img_size": image_size} if image_size is not None else {}
+    try:
+        return lib.create_model(name, pretrained=False, **kwargs)
+    except TypeError:  # a model whose size does not depend on the image (a convnet)
+        return lib.create_model(name, pretrained=False)
+
+
+def _torchvision(lib, name: str, image_size: int | None) -> nn.Module:
+    import torchvision.models
+    kwargs = {"image_size": image_size} if image_size is not None else {}
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    except TypeError:
+        return torchvision.models.get_model(name, weights=None)
+
+
+# prefix -> (module to import, pip package, build(lib, name, image_size))
+LIBRARIES = {
+    "timm:": ("timm", "timm", _timm),
+    "torchvision:": ("torchvision", "torchvision", _torchvision),
+}
+
+
+def _default_side(model: nn.Module) -> int:
+    """timm models state their input size in ``pretrained_cfg``; 224 otherwise."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return int(size[-1]) if size else 224
+
+
+def _resolve_library(prefix: str, name: str, batch: int, image_size: int | None) -> ModelSpec:
+    module_name, package, build = LIBRARIES[prefix]
+    try:
+        lib = importlib.import_module(module_name)
+    except Exception as e:  # not installed, or its compiled ops do not load with this torch build
+        raise ModelSpecError(
+            f"{prefix}{name} needs {package}, which does not import here ({type(e).__name__}: {e}); "
+            f"pip install {package}  (or: pip install 'fxopt[vision]'), with a build matching torch "
+            f"{torch.__version__}; or use a zoo model (fxopt models)") from None
+    try:
+        model = build(lib, name, image_size)
+    except Exception as e:
+        raise ModelSpecError(f"{package} has no model {name!r} ({type(e).__name__}: {e})") from None
+    side = image_size or _default_side(model)
+    display = prefix + name + ("" if image_size is None else f"@{image_size}")
+    return ModelSpec(display, model.train(), (torch.randn(batch, 3, side, side),))
 
 
 # ----------------------------------------------------------------------------------
@@ -236,7 +338,14 @@ def _hf_class(transformers, class_name: str) -> type:
     return cls
 
 
-def _hf_config(cls: type, tiny: bool):
+def _hf_config(cls: type, tiny: bool, image_size: int | None = None):
+    config = _hf_config_sized(cls, tiny)
+    if image_size is not None and hasattr(config, "image_size"):
+        config.image_size = image_size  # position embeddings follow it (ViT, Swin)
+    return config
+
+
+def _hf_config_sized(cls: type, tiny: bool):
     config_class = cls.config_class
     config = config_class()
     if not tiny:
@@ -272,7 +381,9 @@ def _for_training(config):
     return config
 
 
-def _image_side(config, tiny: bool) -> tuple[int, int]:
+def _image_side(config, tiny: bool, image_size: int | None = None) -> tuple[int, int]:
+    if image_size is not None:
+        return image_size, image_size
     size = getattr(config, "image_size", None)
     if size is None:
         size = HF_DEFAULT_IMAGE_SIZE[tiny]
@@ -281,18 +392,25 @@ def _image_side(config, tiny: bool) -> tuple[int, int]:
     return int(size), int(size)
 
 
-def _hf_inputs(model: nn.Module, config, batch: int, tiny: bool, name: str) -> dict:
+def _hf_inputs(model: nn.Module, config, batch: int, tiny: bool, name: str,
+               image_size: int | None = None, seq_len: int | None = None) -> dict:
     params = inspect.signature(model.forward).parameters
     if "pixel_values" in params:
+        _no_knob(name, "seq_len", seq_len, "a vision model: use --image-size")
         channels = int(getattr(config, "num_channels", None) or 3)
-        height, width = _image_side(config, tiny)
+        height, width = _image_side(config, tiny, image_size)
         return {"pixel_values": torch.randn(batch, channels, height, width)}
     if "input_ids" in params:
+        _no_knob(name, "image_size", image_size, "a text model: use --seq-len")
         seq = HF_SEQ_LEN[tiny]
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
         )
-        if isinstance(max_pos, int) and max_pos > 0:
+        if seq_len is not None:
+            if isinstance(max_pos, int) and 0 < max_pos < seq_len:
+                raise ModelSpecError(f"{name}: --seq-len {seq_len} exceeds the model's {max_pos} positions")
+            seq = seq_len
+        elif isinstance(max_pos, int) and max_pos > 0:
             seq = min(seq, max_pos)
         vocab = int(getattr(config, "vocab_size", None) or 1000)
         return {"input_ids": torch.randint(0, vocab, (batch, seq), dtype=torch.long)}
@@ -303,17 +421,18 @@ def _hf_inputs(model: nn.Module, config, batch: int, tiny: bool, name: str) -> d
     )
 
 
-def _resolve_hf(class_name: str, batch: int, tiny: bool) -> ModelSpec:
+def _resolve_hf(class_name: str, batch: int, tiny: bool, image_size: int | None = None,
+                seq_len: int | None = None) -> ModelSpec:
     transformers = _import_transformers()
     cls = _hf_class(transformers, class_name)
-    config = _hf_config(cls, tiny)
+    config = _hf_config(cls, tiny, image_size)
     name = _display(HF_PREFIX + class_name, tiny)
     try:
         model = cls(config)
     except Exception as e:
         raise ModelSpecError(f"{name}: building {cls.__name__} from its config failed: {e}") from e
     model.train()
-    return ModelSpec(name, model, _hf_inputs(model, config, batch, tiny, name))
+    return ModelSpec(name, model, _hf_inputs(model, config, batch, tiny, name, image_size, seq_len))
 
 
 # ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ default initialisation; seed torch yourself for reproducibility.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -495,7 +496,7 @@ class DrivingModel(nn.Module):
 class ZooEntry:
     name: str
     description: str
-    build: Callable[[bool], nn.Module]  # build(tiny) -> fresh model in train mode
+    build: Callable[..., nn.Module]  # build(tiny, image_size=None) -> fresh model in train mode
     make_inputs: Callable[[int, bool], tuple]  # make_inputs(batch, tiny) -> example inputs
 
 
@@ -545,8 +546,10 @@ def _make_entry(name, description, cls, full, tiny, full_shape, tiny_shape) -> Z
     kwargs = {False: full, True: tiny}
     shapes = {False: full_shape, True: tiny_shape}
 
-    def build_fn(tiny: bool = False) -> nn.Module:
-        return cls(**kwargs[bool(tiny)]).train()
+    def build_fn(tiny: bool = False, image_size: int | None = None) -> nn.Module:
+        # image_size: only models whose parameters depend on it (ViT position embeddings) take it
+        takes = image_size is not None and "image_size" in inspect.signature(cls.__init__).parameters
+        return cls(**{**kwargs[bool(tiny)], **({"image_size": image_size} if takes else {})}).train()
 
     def inputs_fn(batch: int = 2, tiny: bool = False) -> tuple:
         # Default device/dtype: float32 on CPU unless the caller set a device context.
@@ -569,9 +572,10 @@ def _entry(name: str) -> ZooEntry:
         raise ModelSpecError(f"unknown model {name!r}; known models: {', '.join(ZOO)}") from None
 
 
-def build(name: str, tiny: bool = False) -> nn.Module:
-    """Fresh model in train mode (full size, or the tiny test variant)."""
-    return _entry(name).build(tiny)
+def build(name: str, tiny: bool = False, image_size: int | None = None) -> nn.Module:
+    """Fresh model in train mode (full size, or the tiny test variant); ``image_size`` for models
+    whose parameters depend on it (ViT)."""
+    return _entry(name).build(tiny, image_size) if image_size is not None else _entry(name).build(tiny)
 
 
 def example_inputs(name: str, batch: int = 2, tiny: bool = False) -> tuple:

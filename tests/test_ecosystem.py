@@ -230,3 +230,139 @@ def test_version_has_one_source():
     assert importlib.metadata.version("fxopt") == fxopt.__version__
     assert re.search(r'"torch>=2\.11,<2\.\d+"', pyproject)
     assert (ROOT / "fxopt" / "py.typed").exists()
+
+
+# ---- command line conventions ---------------------------------------------------------------------
+from fxopt.bench import SPREAD_LIMIT, BenchResult, VariantResult  # noqa: E402
+from fxopt.cli import main  # noqa: E402
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_python_m_fxopt_and_version():
+    out = subprocess.run([sys.executable, "-m", "fxopt", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert out.stdout.split()[:2] == ["fxopt", fxopt.__version__]
+    assert f"torch {torch.__version__}" in out.stdout
+
+
+def test_models_json_lists_the_zoo_and_spec_forms(capsys):
+    import json
+    from fxopt import zoo
+    code, out, _ = _cli(capsys, "models", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["schema"] == "fxopt.models/1"
+    assert [m["name"] for m in data["models"]] == zoo.names()
+    assert {f["form"].split(":")[0] for f in data["spec_forms"]} >= {"timm", "torchvision"}
+
+
+def test_optimize_json_and_quiet_decisions(capsys):
+    import json
+    argv = ("optimize", "driving-tiny", "--pipeline", "dce,normalize", "--no-verify")
+    code, out, _ = _cli(capsys, *argv, "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["schema"] == "fxopt.optimize/1"
+    assert [p["name"] for p in data["passes"]] == ["dce", "normalize"]
+    assert sum(p["decisions"] for p in data["passes"]) == len(data["decisions"]) > 0
+    for d in data["decisions"]:  # "no effect" is exactly what prints as +0.0 us (or no estimate)
+        est = d["est_gain_s"]
+        assert d["no_effect"] == (est is None or f"{abs(est) * 1e6:.1f}" == "0.0")
+    silent = [d for d in data["decisions"] if d["no_effect"]]
+    assert silent, "normalize's transpose->permute rewrites have no estimated effect"
+
+    code, text, _ = _cli(capsys, *argv)
+    lines = text.splitlines()
+    summary = [ln for ln in lines if "decisions with no estimated effect" in ln]
+    assert code == 0 and len(summary) == 1 and summary[0].startswith(f"{len(silent)} decisions")
+    assert "transpose-to-permute" in summary[0]
+    assert not any(ln.strip().startswith("- ") and "transpose-to-permute" in ln for ln in lines)
+    assert lines.index(next(ln for ln in lines if ln.startswith("predicted step"))) < lines.index(summary[0])
+
+    code, verbose, _ = _cli(capsys, *argv, "-v")
+    listed = [ln for ln in verbose.splitlines() if ln.strip().startswith("- ")]
+    assert sum("transpose-to-permute" in ln for ln in listed) == sum(
+        d["reason"].startswith("transpose-to-permute") for d in silent)
+
+
+def test_diff_json(capsys):
+    import json
+    code, out, _ = _cli(capsys, "diff", "driving-tiny", "--pipeline", "dce,normalize", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["schema"] == "fxopt.diff/1"
+    normalize = data["passes"][1]
+    assert normalize["name"] == "normalize" and normalize["status"] == "changed"
+    assert "+" in normalize["diff"] and "permute" in normalize["diff"]
+
+
+def test_broken_pipe_is_quiet():
+    proc = subprocess.Popen([sys.executable, "-m", "fxopt", "models"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader (| head) is gone before fxopt writes
+    err = proc.stderr.read().decode()
+    code = proc.wait()
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert code in (0, 141)
+
+
+def test_verbosity_sets_fxopt_logging(capsys):
+    import logging
+    _cli(capsys, "models", "-v")
+    assert logging.getLogger("fxopt").level == logging.INFO
+    _cli(capsys, "-q", "models")
+    assert logging.getLogger("fxopt").level == logging.ERROR
+    _cli(capsys, "models")
+    assert logging.getLogger("fxopt").level == logging.WARNING
+
+
+def test_input_knobs_reach_the_model(capsys):
+    import json
+    code, out, _ = _cli(capsys, "report", "hf:BertModel-tiny", "--seq-len", "24", "--batch", "3", "--format", "json")
+    assert code == 0 and "[3, 24]" in json.loads(out)["inputs"]
+    code, out, _ = _cli(capsys, "report", "vit_b16-tiny", "--image-size", "64", "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and "64, 64]" in data["inputs"]
+    # ViT's position embeddings follow the image: (64/8)^2 + 1 tokens of width 32, by hand
+    from fxopt.models import resolve
+    spec = resolve("vit_b16-tiny", image_size=64)
+    assert spec.model.pos_embed.shape == (1, (64 // 8) ** 2 + 1, 32)
+    code, _, err = _cli(capsys, "report", "driving-tiny", "--seq-len", "8")
+    assert code == 2 and "--image-size" in err
+
+
+def test_missing_vision_library_says_what_to_install(capsys):
+    import importlib.util
+    for lib in ("timm", "torchvision"):
+        if importlib.util.find_spec(lib) is not None:
+            continue
+        code, _, err = _cli(capsys, "lint", f"{lib}:resnet18")
+        assert code == 2 and err.startswith("fxopt: error:") and f"pip install {lib}" in err
+
+
+def test_bench_marks_ratios_of_noisy_runs():
+    def variant(name, p10, median, p90):
+        return VariantResult(name, name, steps=10, median_s=median, p10_s=p10, p90_s=p90)
+    steady = variant("eager-fp32", 0.100, 0.101, 0.104)   # spread 4 %
+    noisy = variant("fxopt", 0.050, 0.060, 0.080)         # spread 60 %
+    assert steady.spread == pytest.approx(0.104 / 0.100 - 1) and not steady.noisy
+    assert noisy.spread == pytest.approx(0.6) and noisy.noisy and SPREAD_LIMIT < 0.6
+    res = BenchResult("m", "cpu", 2, 10, 1, None, None, torch.__version__, "today", [steady, noisy])
+    rows = {ln.split()[0]: ln for ln in res.table().splitlines()[2:] if ln.strip()}
+    assert f"{0.101 / 0.060:.2f}x ?" in rows["fxopt"] and "?" not in rows["eager-fp32"].split("x")[0]
+    assert "fxopt 60 %" in res.table() and "not to be trusted" in res.table()
+    assert [r["noisy"] for r in res.to_dict()["results"]] == [False, True]
+
+
+def test_progress_only_on_a_terminal(monkeypatch):
+    from fxopt import progress as prog
+    items = [1, 2, 3]
+    monkeypatch.delenv("FXOPT_PROGRESS", raising=False)
+    assert prog.progress(items) is items  # pytest's captured stderr is not a TTY
+    monkeypatch.setenv("FXOPT_PROGRESS", "1")
+    bar = prog.progress(items, desc="x")
+    assert bar is not items and list(bar) == items
+    monkeypatch.setenv("FXOPT_PROGRESS", "0")
+    assert prog.progress(items) is items
