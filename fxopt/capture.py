@@ -6,8 +6,10 @@ Non-strict export captures ordinary real models (HF, timm, torchvision) that
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import logging
 import re
 import traceback
 from dataclasses import dataclass, field
@@ -19,6 +21,8 @@ from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .errors import CaptureError, FxoptError, InputError
+
+logger = logging.getLogger(__name__)
 
 Inputs = Any  # a tensor, a tuple of positional inputs, or a dict of keyword inputs
 
@@ -146,7 +150,7 @@ def capture_module(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: b
     from .live import record_python_state, warn_python_writes
     dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     try:
-        with tag_checkpoint_regions(), record_python_state() as python_state:
+        with tag_checkpoint_regions(), record_python_state() as python_state, _training_without_kv_cache(model):
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except FxoptError:
         raise
@@ -163,6 +167,24 @@ def capture_module(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: b
     python_state = python_state.only(model)
     warn_python_writes(python_state, {id(m): n or name for n, m in model.named_modules()})
     return Captured(gm, args, kwargs, model.training, dynamic_batch, name, symbols, python_state)
+
+
+@contextlib.contextmanager
+def _training_without_kv_cache(model: nn.Module):
+    """HF decoders (GPT-2, OPT, ...) built with the default ``config.use_cache=True`` return a KV
+    cache object export cannot flatten; a training step never reads it (it is for generation), so a
+    training-mode capture runs with ``use_cache=False`` and the graph returns no cache."""
+    config = getattr(model, "config", None)
+    if not (model.training and getattr(config, "use_cache", False) is True):
+        yield
+        return
+    logger.info("%s: config.use_cache=True; the captured training graph returns no KV cache (generation "
+                "only)", type(model).__name__)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def _drop_guard_calls(gm: fx.GraphModule) -> None:

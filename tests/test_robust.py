@@ -269,3 +269,31 @@ def test_learnable_attention_bias_trains_like_eager():
     assert o.report.step_time_before_s is not None  # costed, not silently skipped
     assert grads["rel_bias"].abs().sum() > 0
     _assert_matches_eager(o, model, x, out, grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# HF decoders with the default use_cache=True
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_hf_decoder_with_default_kv_cache_captures_for_training(arch):
+    transformers = pytest.importorskip("transformers")
+    cfg = {"gpt2": lambda: transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16),
+           "opt": lambda: transformers.OPTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                 ffn_dim=32, vocab_size=64, max_position_embeddings=16,
+                                                 word_embed_proj_dim=16)}[arch]()
+    assert cfg.use_cache is True  # the default this test is about
+    torch.manual_seed(0)
+    model = (transformers.GPT2Model if arch == "gpt2" else transformers.OPTModel)(cfg).train()
+    ids = torch.randint(0, 64, (2, 8))
+    o = fxopt.optimize(model, {"input_ids": ids}, pipeline="dce,normalize")
+    assert o.report.verification and model.config.use_cache is True
+    torch.manual_seed(1)
+    got = o(input_ids=ids).last_hidden_state
+    torch.manual_seed(1)  # same dropout masks as the optimized call
+    want = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(got, want)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(dict(o.named_parameters())[name].grad, p.grad, msg=name)
