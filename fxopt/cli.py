@@ -49,6 +49,10 @@ def cmd_report(args) -> int:
     if args.plot:
         from .plots import roofline
         roofline(report, args.plot, by=args.by, depth=args.depth)
+    if args.trace:
+        from .timeline import predicted_timeline
+        predicted_timeline(report).export_chrome_trace(args.trace)
+        print(f"wrote {args.trace}: the predicted step for ui.perfetto.dev or chrome://tracing", file=sys.stderr)
     if args.format == "html":
         from .html import html_report
         print(html_report(report, model=spec.model, inputs=spec.inputs, lint=found if found is not None else "auto",
@@ -68,6 +72,9 @@ def cmd_report(args) -> int:
         print(report.table(top=args.top, by=args.by, depth=args.depth))
         if found is not None:
             print("\n" + found.table(top=args.lint))
+    if args.memory:
+        from .memory import memory_curve
+        print(memory_curve(report).summary(), file=sys.stderr if args.format in ("json", "html") else sys.stdout)
     return 0
 
 
@@ -243,6 +250,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--eval", action="store_true", help="forward only (inference)")
     r.add_argument("--optimizer", choices=["sgd", "adamw", "none"], default="sgd")
     r.add_argument("--lint", type=int, default=0, metavar="N", help="append the top N lint findings")
+    r.add_argument("--trace", default=None, metavar="STEP.json",
+                   help="write the predicted step timeline as Chrome trace JSON (Perfetto, chrome://tracing)")
+    r.add_argument("--memory", action="store_true",
+                   help="predicted peak memory against the device's, and the cheapest ways to fit")
     _add_distributed_args(r, "cost data-parallel training on N GPUs (communication, exposed time)")
     r.set_defaults(func=cmd_report)
 
@@ -335,6 +346,9 @@ def _parser() -> argparse.ArgumentParser:
 
     from .ablate import add_cli as add_ablate_cli
     add_ablate_cli(sub)
+
+    from .profile_training import add_cli as add_profile_training_cli
+    add_profile_training_cli(sub)
 
     sc = sub.add_parser("scaling", help="predicted step time, exposed communication, throughput and scaling "
                                         "efficiency on 1..N GPUs")

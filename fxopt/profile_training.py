@@ -436,3 +436,44 @@ def _verdicts(res: TrainingProfile, loader: str | None) -> tuple[Verdict, list[V
     if found:
         return found[0], found[1:]
     return kernels, []
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def load_loop(spec: str):
+    """``path/to/file.py:train_fn`` -> the generator function ``train_fn`` of that file."""
+    from .models import _load_file
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name.isidentifier():
+        raise ProfileTrainingError(f"profile-training needs LOOP as path/to/file.py:train_fn, got {spec!r}")
+    if not Path(path).is_file():
+        raise ProfileTrainingError(f"loop file {path!r} not found")
+    fn = getattr(_load_file(Path(path).resolve()), name, None)
+    if not inspect.isgeneratorfunction(fn):
+        raise ProfileTrainingError(f"{path} defines no generator function {name!r}: write `def {name}(): ... "
+                                   f"for batch in loader: <train step>; yield`")
+    return fn
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("profile-training", help="measure your own training loop: data wait, forward/backward/"
+                                                "optimizer, collectives, host gaps, and what holds it back")
+    p.add_argument("loop", help="path/to/file.py:train_fn, a generator function that runs your training loop "
+                                "and yields once after each step")
+    p.add_argument("--steps", type=int, default=20, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=5, help="steps run first without the profiler")
+    p.add_argument("--trace", default=None, metavar="STEP.json",
+                   help="write the Chrome trace (torch.profiler's events + fxopt's step phases) for "
+                        "ui.perfetto.dev or chrome://tracing")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> int:
+    res = profile_training(load_loop(args.loop), steps=args.steps, warmup=args.warmup)
+    if args.trace:
+        res.export_chrome_trace(args.trace)
+    print(res.to_json() if args.format == "json" else res.summary())
+    if args.trace and args.format != "json":
+        print(f"wrote {args.trace} (open it in ui.perfetto.dev or chrome://tracing)")
+    return 0
