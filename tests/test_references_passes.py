@@ -64,6 +64,28 @@ def test_div_to_mul_by_a_negative_constant(s):
         torch.testing.assert_close(out, x / s, rtol=2 ** -23, atol=0)
 
 
+def test_div_by_zero_stays_a_division_and_by_one_becomes_a_mul():
+    """x / 0.0 has no reciprocal: it stays a div (inf/nan as eager); x / 1 is x * 1.0 exactly."""
+    x = _x(3, 5)
+    gm, record = run(Fn(lambda m, x: (x / 0.0, x / 1)), x, "normalize{rules=div-to-mul;}")
+    assert record.stats == {"div-to-mul": 1}
+    (div,), (mul,) = nodes_of(gm, "div"), nodes_of(gm, "mul")
+    assert div.args[1] == 0.0 and mul.args[1] == 1.0
+    inf, one = gm(x)
+    assert torch.equal(inf, x / 0.0) and torch.equal(one, x)
+
+
+@pytest.mark.parametrize("dims, perm", [((-2, -1), [1, 0]), ((0, -2), [0, 1]), ((-1, 0), [1, 0])])
+def test_transpose_with_negative_dims_becomes_permute(dims, perm):
+    """Every valid dim of a 2-D tensor, -2 and -1 included, maps to its permutation."""
+    x = _x(3, 5)
+    gm, record = run(Fn(lambda m, x: x.transpose(*dims) * 2), x, "normalize{rules=transpose-to-permute;}")
+    assert record.stats == {"transpose-to-permute": 1}
+    (p,) = nodes_of(gm, "permute")
+    assert list(p.args[1]) == perm
+    torch.testing.assert_close(gm(x) if not isinstance(gm(x), tuple) else gm(x)[0], x.transpose(*dims) * 2)
+
+
 # ---- mixed precision: each policy row ----------------------------------------------------------------
 
 def mp(fn, *xs, pipeline="mixed-precision{estimate=false}", mods=(), **capture_kw):
