@@ -135,6 +135,10 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.gpus:
+        from .bench_distributed import bench_gpus
+        print(bench_gpus(args))
+        return 0
     from .bench import bench
     res = bench(args.model, variants=args.variants, steps=args.steps, warmup=args.warmup, device=args.device,
                 batch=args.batch, tiny=args.tiny, hardware=args.hw,
@@ -315,6 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     b.add_argument("--hw", default=None, help="preset whose bf16 peak MFU is taken against (default: the GPU's)")
     b.add_argument("--format", choices=["table", "md", "json"], default="table")
+    b.add_argument("--gpus", type=int, default=None,
+                   help="time DDP on N local GPUs under torchrun (and on 1 for scaling), next to the prediction; "
+                        "variants eager-fp32, autocast, fxopt")
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("calibrate", help="micro-benchmark this device into a hardware profile JSON")

@@ -202,3 +202,15 @@ def test_cli_report_and_scaling(capsys, tmp_path):
     assert main(["scaling", "resnet50", "--tiny", "--batch", "2", "--gpus", "1,8,64", "--strategy", "fsdp"]) == 0
     out = capsys.readouterr().out
     assert "scaling eff." in out and "fsdp" in out
+
+
+def test_bench_gpus_runs_ddp_under_torchrun_on_gloo(capsys):
+    """CPU smoke of `fxopt bench --gpus`: torchrun with 1 and 2 gloo processes, DDP, rank 0's table."""
+    assert main(["bench", "resnet50", "--tiny", "--batch", "2", "--gpus", "2", "--device", "cpu",
+                 "--variants", "eager-fp32", "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "DDP on 2 x cpu (torchrun, gloo)" in out and "eager-fp32" in out and "CPU smoke run" in out
+
+
+def test_bench_gpus_refuses_variants_it_cannot_run_under_ddp():
+    assert main(["bench", "resnet50", "--tiny", "--gpus", "2", "--device", "cpu", "--variants", "compile"]) == 2
