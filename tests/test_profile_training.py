@@ -162,3 +162,49 @@ def test_two_gloo_processes_show_their_all_reduce(tmp_path):
         assert "allreduce" in names.replace("_", "").lower(), data["collectives"]
         assert all(s["comm_s"] > 0 for s in data["steps"])
         assert all(0 <= s["comm_exposed_s"] <= s["comm_s"] + 1e-12 for s in data["steps"])
+
+
+LOOP_FILE = '''
+import torch
+from torch import nn
+
+
+def train():
+    torch.manual_seed(0)
+    model = nn.Linear(16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    while True:
+        nn.functional.mse_loss(model(torch.randn(8, 16)), torch.zeros(8, 4)).backward()
+        opt.step()
+        opt.zero_grad()
+        yield
+
+
+def not_a_generator():
+    return 1
+
+
+def model():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), torch.randn(8, 16)
+'''
+
+
+def test_cli_profile_training_and_report_trace(tmp_path, capsys):
+    from fxopt.cli import main
+    path = tmp_path / "loop.py"
+    path.write_text(LOOP_FILE)
+    trace = tmp_path / "measured.json"
+    assert main(["profile-training", f"{path}:train", "--steps", "3", "--warmup", "1", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict:" in out and "3 profiled steps after 1 warm-up" in out and "wrote" in out
+    assert any(e.get("pid") == "fxopt" for e in json.loads(trace.read_text())["traceEvents"])
+    assert main(["profile-training", f"{path}:not_a_generator"]) == 2
+    assert "no generator function" in capsys.readouterr().err
+    assert main(["profile-training", "nope.py:train"]) == 2
+    # the predicted timeline of `fxopt report --trace` and the memory check of --memory
+    pred = tmp_path / "predicted.json"
+    assert main(["report", f"{path}:model", "--top", "3", "--trace", str(pred), "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "fits: predicted peak" in out
+    threads = {e["args"]["name"] for e in json.loads(pred.read_text())["traceEvents"] if e["name"] == "thread_name"}
+    assert {"forward", "backward", "optimizer"} <= threads
