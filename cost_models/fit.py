@@ -194,7 +194,8 @@ def split(rows: list[Measurement], test_share: float = 0.3) -> tuple[list, list]
 
 
 # parameter name -> (path in kernel_model, lower, upper)
-MATRIX_PARAMS = {"eff": (0.05, 1.0), "k_half": (1.0, 2048.0), "reuse": (0.01, 24.0), "latency_s": (5e-7, 3e-5)}
+MATRIX_PARAMS = {"eff": (0.05, 1.0), "k_half": (1.0, 2048.0), "reuse": (0.01, 24.0), "latency_s": (5e-7, 3e-5),
+                 "reduce_bw": (2e11, 5e13)}
 SMALL_KERNEL_BYTES = 4 * 2 ** 20
 MEMORY_PARAMS = {"latency_s": (5e-7, 3e-5), "ramp_bytes": (1e3, 6e7)}
 

@@ -41,6 +41,17 @@ class Hardware:
     # "kind_eff", "memory", "host"; what a profile lacks falls back to the priors there
     kernel_model: dict = field(default_factory=dict)
 
+    def profile_kind(self) -> str:
+        """Where this profile's kernel-time parameters came from, in a few words for reports."""
+        src = self.kernel_model.get("source", "")
+        if src.startswith("fxopt calibrate"):
+            return f"measured ({src})"
+        if src.startswith("fitted to"):
+            return f"imported ({src})"
+        if src:
+            return f"preset {self.name}, fitted to published measurements (see cost_models/hardware/{self.name}.json)"
+        return f"preset {self.name}, priors only (cost_models/kernels.py)"
+
     def kernel_param(self, section: str) -> dict:
         """One section of the kernel-time parameters: this profile's values over the priors."""
         return _kernel_params(self)[section]

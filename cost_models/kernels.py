@@ -29,14 +29,14 @@ MEMORY_CLASSES = ("pointwise", "reduction", "norm", "softmax", "pooling", "memor
 # Priors: what a profile that lacks a parameter gets. Tile shapes are the ones cuBLAS/CUTLASS
 # kernels use (FFMA: ``sm80_xmma_gemm_f32f32_*_tilesize128x128x8`` and 64x64, CUTLASS simt
 # 128x256, as named in the kernel columns of the NeuSight H100 measurements; sm90 tensor-core
-# GEMMs: 128x256, 128x128, 64x128, 64x64).
+# GEMMs: 128x256, 128x128, 128x64 (also flash attention's block of query rows by head dim), 64x64).
 DEFAULT_MATRIX = {
-    "fp32": {"eff": 0.80, "k_half": 48.0, "reuse": 4.0, "latency_s": 4e-6, "align": 1,
+    "fp32": {"eff": 0.80, "k_half": 48.0, "reuse": 4.0, "latency_s": 4e-6, "reduce_bw": 5e12, "align": 1,
              "misaligned": 1.0, "tiles": [[128, 256], [128, 128], [128, 64], [64, 64]]},
-    "tf32": {"eff": 0.65, "k_half": 96.0, "reuse": 8.0, "latency_s": 4e-6, "align": 4,
-             "misaligned": 0.5, "tiles": [[128, 256], [128, 128], [64, 128], [64, 64]]},
-    "bf16": {"eff": 0.82, "k_half": 128.0, "reuse": 8.0, "latency_s": 4e-6, "align": 8,
-             "misaligned": 0.5, "tiles": [[128, 256], [128, 128], [64, 128], [64, 64]]},
+    "tf32": {"eff": 0.65, "k_half": 96.0, "reuse": 8.0, "latency_s": 4e-6, "reduce_bw": 5e12, "align": 4,
+             "misaligned": 0.5, "tiles": [[128, 256], [128, 128], [128, 64], [64, 64]]},
+    "bf16": {"eff": 0.82, "k_half": 128.0, "reuse": 8.0, "latency_s": 4e-6, "reduce_bw": 5e12, "align": 8,
+             "misaligned": 0.5, "tiles": [[128, 256], [128, 128], [128, 64], [64, 64]]},
 }
 # kind -> efficiency of that matrix kernel relative to a plain GEMM of the same GEMM dims
 DEFAULT_KIND_EFF = {"gemm": 1.0, "conv": 0.85, "conv_1x1": 0.95, "attention_fwd": 0.65,
@@ -125,7 +125,7 @@ def _gemm_choice(b, m, n, k, peak, sms, frozen) -> GemmChoice:
             waves = math.ceil(tiles * split / (sms * ctas))
             t = waves * ctas * 2.0 * tm * tn * kk / rate
             if split > 1:   # partial tiles written and summed: fp32 partials through memory
-                t += 2.0 * split * m * n * b * 4 / (p.get("reduce_bw", 2.0e12))
+                t += 2.0 * split * m * n * b * 4 / p["reduce_bw"]
             if best is None or t < best.time_s:
                 best = GemmChoice((tm, tn), split, tiles, waves, flops / t / peak, t)
     return best

@@ -321,15 +321,15 @@ def _conv_backward(args, kwargs, out):
 
 
 def _attention(backward: bool):
-    """Fused attention as its two score GEMMs per (batch, head): Q K^T and P V (the backward's
-    five GEMMs have the same dims)."""
+    """Fused (flash) attention as one GEMM-like kernel per (batch, head): a CTA owns a block of
+    query rows and the whole head dim, and its K loop streams the keys and values. The forward
+    runs two GEMMs per key (Q K^T, P V): K = 2 x L_k; the backward five: K = 5 x L_k."""
     def dims(args, kwargs, out):
         q, k = (args[1], args[2]) if backward else (args[0], args[1])
         if q.dim() != 4:
             return None, ()
-        b, h, lq, e = _hints(*q.shape)
-        lk = _hints(k.shape[2])[0]
-        return ("attention_bwd" if backward else "attention_fwd"), ((b * h, lq, lk, e), (b * h, lq, e, lk))
+        b, h, lq, e = q.shape
+        return ("attention_bwd" if backward else "attention_fwd"), ((b * h, lq, e, (5 if backward else 2) * k.shape[2]),)
     return dims
 
 

@@ -289,12 +289,16 @@ class GraphReport:
             f"optimizer {_fmt(t['optimizer_flops'], 1e-9)} G",
             f"  bytes moved        {_fmt(t['bytes'], 1e-9)} GB in {t['kernels']} kernels",
             f"  activations saved  {_fmt(t['activation_bytes'], 1e-9)} GB",
+            f"  kernel times       {self.hardware.profile_kind()}",
         ]
         if self.is_symbolic:
             lines.append(f"  (symbolic in {', '.join(sorted(self.symbols))}: use .at({next(iter(self.symbols))}=N) "
                          f"for times, bounds and shares)")
         else:
             lines.append(f"  predicted step     {_fmt(t['step_time_s'], 1e3)} ms, MFU {_fmt(t['mfu'], 100)} %")
+            lines.append(f"  time split         compute {_fmt(t['compute_bound_s'], 1e3)} ms, memory "
+                         f"{_fmt(t['memory_bound_s'], 1e3)} ms, kernel latency {_fmt(t['latency_s'], 1e3)} ms, "
+                         f"host-bound {_fmt(t['host_bound_s'], 1e3)} ms")
         if self.distributed is not None:
             lines.append(self.distributed.summary())
         if self.unknown_ops:
