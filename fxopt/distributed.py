@@ -20,7 +20,6 @@ communication adds to ``step_time_s``.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -555,16 +554,12 @@ def gpu_scaling(model_or_report, example_inputs=None, gpus=(1, 8, 64, 512, 4096)
     if isinstance(model_or_report, GraphReport):
         report = model_or_report
     else:
+        from .cost_models.hardware import load_hardware
         for s in specs:
-            s.resolve(load_hardware_name(hardware))
+            s.check(load_hardware(hardware).name)
         report = analyze(model_or_report, example_inputs, hardware=hardware, dtype=dtype)
     params = parameters(report)
     return GPUScaling(report.model, report.hardware.name, [apply(report, s, params=params) for s in specs])
-
-
-def load_hardware_name(hardware) -> str:
-    from .cost_models.hardware import load_hardware
-    return load_hardware(hardware).name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 NCCL measurements; cluster presets load and say where their numbers come from."""
 import csv
 import json
-import math
 from pathlib import Path
 
 import pytest

@@ -178,7 +178,7 @@ def test_comm_bound_lint_names_cause_change_and_saving():
     assert saving == found[0].saving_s and found[0].change.startswith(change)
 
 
-def test_gpu_scaling_table(mlp_report):
+def test_gpu_scaling_table(mlp_report, tmp_path):
     res = fxopt.gpu_scaling(mlp_report, gpus=[1, 8, 64])
     rows = res.rows()
     assert rows[0]["exposed_comm_s"] == 0 and rows[0]["efficiency"] == pytest.approx(1.0)
@@ -186,6 +186,11 @@ def test_gpu_scaling_table(mlp_report):
         assert r["throughput"] == pytest.approx(r["gpus"] * 4 / r["step_time_s"])
         assert r["efficiency"] == pytest.approx(rows[0]["step_time_s"] / r["step_time_s"])
     assert "predictions" in res.table()
+    pytest.importorskip("matplotlib")
+    res.plot(str(tmp_path / "scaling.png"))
+    assert (tmp_path / "scaling.png").stat().st_size > 1000
+    with pytest.raises(InputError, match="world sizes"):
+        fxopt.gpu_scaling(mlp_report, gpus=[0, 8])
 
 
 def test_calibrate_comm_refuses_without_two_gpus():
