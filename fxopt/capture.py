@@ -150,7 +150,8 @@ def capture_module(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: b
     from .live import record_python_state, warn_python_writes
     dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
     try:
-        with tag_checkpoint_regions(), record_python_state() as python_state, _training_without_kv_cache(model):
+        with tag_checkpoint_regions(), record_python_state() as python_state, \
+                _training_without_kv_cache(model), _module_to_no_op_kept():
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
     except FxoptError:
         raise
@@ -185,6 +186,29 @@ def _training_without_kv_cache(model: nn.Module):
         yield
     finally:
         config.use_cache = True
+
+
+@contextlib.contextmanager
+def _module_to_no_op_kept():
+    """``module.to(dtype)`` inside forward (HF SwitchTransformers' router: ``self.classifier =
+    self.classifier.to(self.dtype)``) fails under export ("Couldn't swap Linear.weight") even when
+    it changes nothing, as in eager it does not; while exporting, such a no-op ``.to`` returns the
+    module untouched. A ``.to`` that would convert something still runs (and fails) as before."""
+    original = nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = list(self.parameters()) + list(self.buffers())
+        if all((dtype is None or not t.is_floating_point() or t.dtype == dtype)
+               and (device is None or t.device == torch.device(device)) for t in tensors):
+            return self
+        return original(self, *args, **kwargs)
+
+    nn.Module.to = to
+    try:
+        yield
+    finally:
+        nn.Module.to = original
 
 
 def _drop_guard_calls(gm: fx.GraphModule) -> None:

@@ -297,3 +297,35 @@ def test_hf_decoder_with_default_kv_cache_captures_for_training(arch):
     want.square().sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(dict(o.named_parameters())[name].grad, p.grad, msg=name)
+
+
+class RouterCastsItself(nn.Module):
+    """Like HF SwitchTransformers' router: ``self.classifier = self.classifier.to(self.dtype)`` in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier, self.out = nn.Linear(8, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        self.classifier = self.classifier.to(torch.float32)
+        return self.out(torch.softmax(self.classifier(x), dim=-1))
+
+
+def test_a_no_op_module_to_inside_forward_captures():
+    torch.manual_seed(0)
+    model, x = RouterCastsItself(), torch.randn(4, 8)
+    o, out, grads = _optimized_step(model, x, pipeline="dce,normalize")
+    _assert_matches_eager(o, model, x, out, grads)
+
+
+def test_moe_expert_loop_is_a_clean_capture_error():
+    """Switch's experts loop over the experts the batch hits (``nonzero``): the graph would depend on
+    the example's routing, so capture refuses with the line, not a crash in the router's ``.to``."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SwitchTransformersConfig(d_model=16, d_ff=32, d_kv=8, num_heads=2, num_layers=2,
+                                                encoder_sparse_step=1, num_experts=2, vocab_size=32,
+                                                expert_capacity=16, use_cache=False)
+    model = transformers.SwitchTransformersEncoderModel(cfg).train()
+    inputs = {"input_ids": torch.randint(0, 32, (2, 4)), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    with pytest.raises(fxopt.CaptureError, match=r"(?s)data-dependent.*for expert_idx in expert_hit.*torch.cond"):
+        fxopt.capture(model, inputs)
