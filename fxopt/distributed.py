@@ -59,6 +59,7 @@ class Distributed:
     fsdp_depth: int | None = None      # module-path depth of FSDP units (None: the shallowest with 4+ units)
     prefetch: bool = True
     algorithm: str = "auto"            # inter-node all-reduce: auto, ring or tree
+    gradient_as_bucket_view: bool = False   # DDP's flag: True skips the copies into and out of buckets
 
     def __post_init__(self):
         checks = [
@@ -264,6 +265,24 @@ def overlap(ready_and_times: list[tuple[float, float]], backward_s: float) -> tu
     return out, max(0.0, free - backward_s)
 
 
+def _bucket_copies(report, params: list[Param], buckets: list, spec: Distributed) -> float:
+    """DDP's own kernels on the compute stream, costed like any copy the cost model sees: with
+    ``gradient_as_bucket_view=False`` (its default) each gradient is copied into its bucket and
+    back after the all-reduce (one kernel each way per parameter), and every bucket is divided by
+    the world size before its all-reduce."""
+    from .cost_models.roofline import call_time
+    hw, prec = report.hardware, report.precision
+    t = 0.0
+    if not spec.gradient_as_bucket_view:
+        t += sum(2 * float(call_time("memory", p.dtype, 0, 2 * p.nbytes(), 1, hw, prec).total_s) for p in params)
+    by_name = {p.name: p for p in params}
+    for b in buckets:
+        ps = [by_name[n] for n in b.params]
+        t += float(call_time("pointwise", ps[0].dtype, sum(p.numel for p in ps), 2 * sum(p.nbytes() for p in ps), 1,
+                             hw, prec).total_s)
+    return t
+
+
 def _ddp(params, spec: Distributed, cluster: Cluster, backward_s: float):
     groups = ddp_buckets(params, int(spec.bucket_mb * MIB), int(spec.first_bucket_mb * MIB), spec.grad_dtype)
     comms = [collective_time("all_reduce", sum(p.nbytes(spec.grad_dtype) for p in g), spec.world_size, cluster,
@@ -382,10 +401,11 @@ class DistributedCost:
     units: list[Unit] = field(default_factory=list)
     state_bytes: int = 0      # params + grads + optimizer state of one unsharded replica
     memory_saved_bytes: int = 0
+    bucket_copy_s: float = 0.0  # DDP's kernels around the all-reduces on the compute stream
 
     @property
     def step_time_s(self) -> float:
-        return self.compute_s + self.exposed_comm_s
+        return self.compute_s + self.exposed_comm_s + self.bucket_copy_s
 
     @property
     def exposed_share(self) -> float:
@@ -398,11 +418,11 @@ class DistributedCost:
 
     def adjust(self, totals: dict) -> dict:
         """A report's totals with communication: comm fields added, the exposed part in step_time_s."""
-        step = totals["step_time_s"] + self.exposed_comm_s
+        step = totals["step_time_s"] + self.exposed_comm_s + self.bucket_copy_s
         mfu = totals["mfu"] * totals["step_time_s"] / step if step else totals["mfu"]
         return {**totals, "step_time_s": step, "mfu": mfu, "comm_bytes": self.comm_bytes,
                 "comm_time_s": self.comm_time_s, "exposed_comm_s": self.exposed_comm_s,
-                "world_size": self.spec.world_size}
+                "ddp_bucket_copy_s": self.bucket_copy_s, "world_size": self.spec.world_size}
 
     def summary(self) -> str:
         s = self.spec
@@ -411,7 +431,8 @@ class DistributedCost:
         lines = [f"  distributed        {s.strategy} on {s.world_size} GPUs ({self.cluster.name}, "
                  f"{self.cluster.gpus_per_node}/node): {what}",
                  f"  communication      {self.comm_bytes / 1e6:,.1f} MB, {self.comm_time_s * 1e3:.3g} ms, exposed "
-                 f"{self.exposed_comm_s * 1e3:.3g} ms ({self.exposed_share * 100:.1f} % of the step)"]
+                 f"{self.exposed_comm_s * 1e3:.3g} ms ({self.exposed_share * 100:.1f} % of the step)"
+                 + (f"; DDP bucket copies {self.bucket_copy_s * 1e3:.3g} ms" if self.bucket_copy_s else "")]
         if self.memory_saved_bytes:
             lines.append(f"  sharding saves     {self.memory_saved_bytes / 1e9:.3g} GB per GPU of "
                          f"{self.state_bytes / 1e9:.3g} GB params+grads+optimizer state")
@@ -474,6 +495,7 @@ def apply(report, spec, *, params: list[Param] | None = None, compute_scale: flo
         return cost
     if spec.strategy == "ddp":
         cost.buckets, cost.exposed_comm_s = _ddp(params, spec, cluster, backward_s)
+        cost.bucket_copy_s = _bucket_copies(report, params, cost.buckets, spec)
         cost.comm_bytes = sum(b.nbytes for b in cost.buckets)
         cost.comm_time_s = sum(b.comm.time_s for b in cost.buckets)
     else:
@@ -577,6 +599,9 @@ def _what_ifs(report, cost: DistributedCost) -> list[tuple[str, float]]:
     if spec.grad_dtype is None and any(p.dtype == "float32" for p in params):
         options.append(("communicate gradients in bf16 (DDP: register_comm_hook(None, bf16_compress_hook); FSDP2: "
                         "MixedPrecisionPolicy(reduce_dtype=torch.bfloat16))", replace(spec, grad_dtype="bf16"), 1))
+    if spec.strategy == "ddp" and not spec.gradient_as_bucket_view:
+        options.append(("DistributedDataParallel(gradient_as_bucket_view=True): no gradient copies into and out of "
+                        "the buckets", replace(spec, gradient_as_bucket_view=True), 1))
     for mb in (5, 10, 50, 100):
         if spec.strategy == "ddp" and mb != spec.bucket_mb:
             options.append((f"DistributedDataParallel(bucket_cap_mb={mb})", replace(spec, bucket_mb=mb), 1))

@@ -112,6 +112,15 @@ def test_gradients_are_ready_when_their_nodes_backward_ends(mlp_report):
                                                                     load_cluster("h100-ib")).time_s)
 
 
+def test_ddp_bucket_copies_add_to_the_step_unless_gradients_are_bucket_views(mlp_report):
+    copies = D.apply(mlp_report, {"world_size": 16})
+    views = D.apply(mlp_report, {"world_size": 16, "gradient_as_bucket_view": True})
+    assert copies.bucket_copy_s > views.bucket_copy_s > 0      # the per-bucket division stays
+    assert copies.step_time_s == pytest.approx(copies.compute_s + copies.exposed_comm_s + copies.bucket_copy_s)
+    assert D.apply(mlp_report, {"world_size": 1}).bucket_copy_s == 0
+    assert D.apply(mlp_report, {"world_size": 16, "strategy": "fsdp"}).bucket_copy_s == 0
+
+
 def test_ddp_comm_bytes_are_the_gradient_bytes_in_the_grad_dtype(mlp_report):
     grad_bytes = sum(p.numel() * 4 for p in _mlp().parameters())
     assert D.apply(mlp_report, {"world_size": 8}).comm_bytes == grad_bytes
@@ -143,7 +152,8 @@ def test_analyze_with_distributed_adds_comm_to_the_totals(mlp_report):
     rep = fxopt.analyze(_mlp(), torch.randn(4, 64), distributed=fxopt.Distributed(world_size=16))
     one, many = mlp_report.totals, rep.totals
     assert "comm_bytes" not in one
-    assert many["step_time_s"] == pytest.approx(one["step_time_s"] + many["exposed_comm_s"])
+    assert many["step_time_s"] == pytest.approx(one["step_time_s"] + many["exposed_comm_s"] +
+                                                many["ddp_bucket_copy_s"])
     assert many["comm_time_s"] >= many["exposed_comm_s"] > 0 and many["world_size"] == 16
     assert "distributed" in rep.summary()
 
