@@ -165,6 +165,8 @@ def run_shard(shard: str, workdir: Path, budget: float, timeout: float) -> dict:
     if _snapshot(work, shard) and session.exists():
         print(f"{shard} changed since its session: starting over", file=sys.stderr)
         session.unlink()
+    if session.exists() and not _initialized(session):  # an interrupted init: start over
+        session.unlink()
     config = _config(shard, work, timeout)
     if session.exists():  # tests may have been added since: survivors are tried again
         with sqlite3.connect(session) as db:
@@ -193,6 +195,11 @@ def run_shard(shard: str, workdir: Path, budget: float, timeout: float) -> dict:
             f.write(f"## {m['module_path']}:{m['start_pos'][0]} {m['operator_name']} #{m['occurrence']}\n")
             f.write((result.get("diff") or "") + "\n")
     return counts
+
+
+def _initialized(session: Path) -> bool:
+    with sqlite3.connect(session) as db:
+        return db.execute("select count(*) from sqlite_master where name = 'work_results'").fetchone()[0] == 1
 
 
 def _read_cmd(config: Path) -> str:
