@@ -277,6 +277,7 @@ def test_single_call_by_hand(name):
     func, args, op_class, flops, kernels, read, written = DIRECT[name]
     c = _direct(func, *args)
     assert (c.op_class, c.flops, c.kernels) == (op_class, flops, kernels)
+    assert c.dtype == (None if name == "empty" else "float32") and c.known  # the first floating input's
     if read is not None:
         assert (c.bytes_read, c.bytes_written) == (read, written)
 
@@ -299,3 +300,27 @@ def test_totals_are_sums_of_the_calls_and_mfu_is_matrix_flops_per_second_over_th
     assert t["bytes"] == sum(c.bytes_read + c.bytes_written for c in r.calls)
     assert t["kernels"] == sum(c.kernels for c in r.calls)
     assert t["mfu"] == pytest.approx(matrix / t["step_time_s"] / load_hardware("h100").tensor_flops["bf16"], rel=1e-9)
+
+
+def test_fused_attention_and_gemm_epilogue_by_hand():
+    """SDPA's forward is two batched GEMMs (Q K^T and P V): 4 B H L S D FLOPs; _addmm_activation is
+    addmm with an epilogue: 2 M K N."""
+    b, h, l, s_, d = 2, 3, 5, 7, 4
+    q, k, v = _t(b, h, l, d), _t(b, h, s_, d), _t(b, h, s_, d)
+    c = _direct(aten._scaled_dot_product_flash_attention_for_cpu.default, q, k, v)
+    assert (c.op_class, c.flops, c.kernels) == ("attention", 4 * b * h * l * s_ * d, 1)
+    c = _direct(aten._addmm_activation.default, _t(8), _t(4, 6), _t(6, 8))
+    assert (c.op_class, c.flops, c.kernels) == ("matmul", 2 * 4 * 6 * 8, 1)
+    assert (c.bytes_read, c.bytes_written) == ((8 + 24 + 48) * F32, 32 * F32)
+
+
+@pytest.mark.parametrize("memory_format, nhwc", [(torch.contiguous_format, False), (torch.channels_last, True)])
+def test_conv_call_records_its_layout(memory_format, nhwc):
+    x = _t(2, 8, 6, 6).to(memory_format=memory_format)
+    w = _t(8, 8, 3, 3).to(memory_format=memory_format)
+    c = _direct(aten.convolution.default, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    assert c.conv_layout is not None and c.conv_layout[2] is nhwc
+    assert c.flops == 2 * 2 * 8 * 6 * 6 * 8 * 9
+    dw = _direct(aten.convolution.default, x, _t(8, 1, 3, 3), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 8)
+    assert dw.conv_layout[0] != c.conv_layout[0]   # depthwise is its own class
+    assert dw.flops == 2 * 2 * 8 * 6 * 6 * 9

@@ -57,7 +57,7 @@ SHARDS: dict[str, list[str]] = {
     "passes/manager.py": ["tests/test_passes.py"],
     "passes/base.py": ["tests/test_passes.py"],
     "passes/default.py": ["tests/test_optimize.py"],
-    "cost_models/ops.py": ["tests/test_references_cost.py",
+    "cost_models/ops.py": ["tests/test_references_cost.py", "tests/test_kernel_model.py",
                            "tests/test_cost_model.py -k '(by_hand or unknown or views or tiny_zoo) and not roofline'"],
     "cost_models/trace.py": ["tests/test_references_cost.py", "tests/test_cost_model.py -k 'not full_size'"],
     "cost_models/layout.py": ["tests/test_cost_model.py -k 'layout'", "tests/test_channels_last.py"],
