@@ -745,7 +745,9 @@ def _propose(model: nn.Module, inputs, rules, training: bool):
         raise ExploreError(f"explore() needs an nn.Module, got {type(model).__name__}")
     selected = _select(rules)
     normalize_inputs(inputs)  # InputError early for a malformed input
-    meta = _meta_copy(model).train(training)
+    meta = _meta_copy(model)
+    if training != model.training:  # else keep each module's own mode (a frozen BN stays in eval)
+        meta.train(training)
     meta_inputs = _to_meta(inputs)
     recorded = _record(meta, meta_inputs)
     recorded.setdefault("", Site("", meta, training=training))
