@@ -279,15 +279,16 @@ def predict_variant(spec: str, variant: str, batch: int, tiny: bool, preset: str
     return {"predicted_s": out, "wall_s": time.perf_counter() - t}
 
 
-def _prediction_jobs(bench: dict | None) -> tuple[list, list]:
-    """(jobs, rows without a prediction) from step 3's measured variants."""
-    jobs, rows = [], []
+def _prediction_jobs(bench: dict | None) -> tuple[list, list, list]:
+    """(jobs, rows without a prediction, every row in step 3's order) from step 3's measured variants."""
+    jobs, rows, every = [], [], []
     for m in (bench or {}).get("result", {}).get("models", []):
         b = m.get("bench")
         if not b:
             continue
         for r in b["results"]:
             row = {"model": m["model"], "variant": r["name"], "measured_s": r.get("median_s"), "batch": b["batch"]}
+            every.append(row)
             if r.get("status") != "ok":
                 row["note"] = f"not measured: {r.get('reason', '')}"
                 rows.append(row)
@@ -297,7 +298,7 @@ def _prediction_jobs(bench: dict | None) -> tuple[list, list]:
             else:
                 row["note"] = NOT_PREDICTED.get(r["name"], "no predictor")
                 rows.append(row)
-    return jobs, rows
+    return jobs, rows, every
 
 
 def step_predicted(ctx: Ctx) -> dict:
@@ -306,7 +307,7 @@ def step_predicted(ctx: Ctx) -> dict:
     preset = next((p for k, p in GPU_PRESETS if k in gpu), "h200")
     prof_path = ctx.out / "2-calibrate.profile.json"
     profile = str(prof_path) if prof_path.exists() else None
-    jobs, rows = _prediction_jobs(ctx.read("3-bench"))
+    jobs, rows, _ = _prediction_jobs(ctx.read("3-bench"))
     notes = [] if profile else ["no fresh profile (step 2 did not write one): predicted with the preset only"]
     if not jobs:
         notes.append("no measured variant with a predictor (step 3 did not run or measured none)")
@@ -337,6 +338,8 @@ def step_predicted(ctx: Ctx) -> dict:
         rows.append(row)
         ctx.log(f"{row['model']} {row['variant']}: {row.get('predicted_s') or row.get('note')} vs measured "
                 f"{job['measured_s']}")
+    order = [(j["model"], j["variant"]) for j in _prediction_jobs(ctx.read("3-bench"))[2]]
+    rows.sort(key=lambda r: order.index((r["model"], r["variant"])))  # step 3's order
     ctx.save(rows=rows)
     ctx.save(spearman=_spearman(ctx, preset, profile))
     return ctx.result

@@ -56,6 +56,8 @@ def _status(rec: dict | None) -> str:
     if rec is None:
         return "not run"
     status = rec.get("status", "?")
+    if status == "running":  # the last record a step wrote before the run itself was stopped
+        return "**interrupted**: the run stopped during this step (results so far kept)"
     return status if status == "ok" else f"**{status}**: {rec.get('reason') or 'no reason recorded'}"
 
 
