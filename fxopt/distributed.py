@@ -132,7 +132,7 @@ class Param:
     ready_s: float      # its gradient is complete, seconds after the backward starts
     fwd_use_s: float    # first forward use, seconds after the step starts
     bwd_use_s: float    # first backward call of a node that reads it
-    late: bool = False  # ready after the others of its node: eager linear's weight goes through t()
+    slot: int = 0       # its place among the gradients one backward node yields together
 
     def nbytes(self, dtype: str | None = None) -> int:
         return self.numel * (DTYPE_SIZES[dtype] if dtype else getattr(torch, self.dtype).itemsize)
@@ -181,7 +181,16 @@ def _grad_nodes(node: fx.Node, bwd: dict, seen=None) -> list[str]:
     return out
 
 
-_TRANSPOSED_WEIGHT = {torch.ops.aten.linear.default}
+# Eager autograd hands the gradients one backward node yields together to DDP in the order of
+# that node's inputs. Where eager runs an exported node as other ops, the order differs: F.linear
+# is addmm(bias, input, weight.t()), so its bias comes first and its weight last (after t()).
+GRAD_ORDER = {torch.ops.aten.linear.default: {2: 0, 0: 1, 1: 2}}
+
+
+def _slot(node: fx.Node, attrs: list[fx.Node]) -> int:
+    """Where a parameter (read by ``attrs``) sits among ``node``'s gradient outputs."""
+    pos = next((i for i, a in enumerate(node.args) if a in attrs), 0)
+    return GRAD_ORDER.get(node.target, {}).get(pos, pos)
 
 
 def parameters(report) -> list[Param]:
@@ -200,19 +209,17 @@ def parameters(report) -> list[Param]:
                 obj = getattr(obj, part, None)
             if id(obj) in by_id:
                 attrs.setdefault(id(obj), []).append(n)
-    out = []
+    fx_nodes, out = {n.name: n for n in gm.graph.nodes}, []
     for pid, (i, name, p) in by_id.items():
         nodes = [u for a in attrs.get(pid, []) for u in _grad_nodes(a, bwd)]
         if not nodes:
             log.info("parameter %s gets no gradient in this step: not communicated", name)
             continue
         users = [u for a in attrs.get(pid, []) for u in a.users]
-        ready = max(bwd[n][1] for n in nodes)
-        late = any(u.target in _TRANSPOSED_WEIGHT and len(u.args) > 1 and u.args[1] in attrs[pid]
-                   and bwd.get(u.name, (0, -1))[1] == ready for u in users)
-        out.append(Param(name, i, p.numel(), str(p.dtype).replace("torch.", ""), tuple(nodes), ready_s=ready,
-                         fwd_use_s=min((fwd[u.name] for u in users if u.name in fwd), default=0.0),
-                         bwd_use_s=min(bwd[n][0] for n in nodes), late=late))
+        last = max(nodes, key=lambda n: bwd[n][1])
+        out.append(Param(name, i, p.numel(), str(p.dtype).replace("torch.", ""), tuple(nodes),
+                         ready_s=bwd[last][1], fwd_use_s=min((fwd[u.name] for u in users if u.name in fwd), default=0.0),
+                         bwd_use_s=min(bwd[n][0] for n in nodes), slot=_slot(fx_nodes[last], attrs[pid])))
     return out
 
 
@@ -223,11 +230,11 @@ def parameters(report) -> list[Param]:
 def ddp_buckets(params: list[Param], bucket_bytes: int, first_bucket_bytes: int,
                 grad_dtype: str | None = None) -> list[list[Param]]:
     """Buckets as DDP's reducer rebuilds them after the first iteration: parameters in the order
-    their gradients become ready (ties, i.e. one backward kernel's outputs: registration order, but a
-    linear weight after its bias, as eager's addmm(bias, x, weight.t()) yields it), one running bucket per dtype
+    their gradients become ready (ties, one backward node's outputs: in the order eager autograd
+    yields them, see GRAD_ORDER; then registration order), one running bucket per dtype
     that closes when it reaches its limit (the first limit ``first_bucket_bytes``, then
     ``bucket_bytes``), leftovers last (torch's ``compute_bucket_assignment_by_size``)."""
-    order = sorted(params, key=lambda p: (p.ready_s, p.late, p.index))
+    order = sorted(params, key=lambda p: (p.ready_s, p.slot, p.index))
     open_: dict[str, list] = {}
     limits: dict[str, int] = {}
     done = []

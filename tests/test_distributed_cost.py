@@ -64,10 +64,19 @@ def _hf_bert():
     return transformers.BertModel(cfg).train(), (torch.randint(0, 100, (2, 8)),)
 
 
+def _hf_gpt2():   # tied embedding / LM head, Conv1D layers (addmm with the weight untransposed)
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=32, use_cache=False,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).train(), (torch.randint(0, 100, (2, 8)),)
+
+
 CASES = {"mlp": lambda: (_mlp(), (torch.randn(4, 64),)),
          "resnet50-tiny": lambda: (zoo.build("resnet50", tiny=True), zoo.example_inputs("resnet50", 2, tiny=True)),
          "vit-tiny": lambda: (zoo.build("vit_b16", tiny=True), zoo.example_inputs("vit_b16", 2, tiny=True)),
-         "hf-bert": _hf_bert}
+         "driving-tiny": lambda: (zoo.build("driving", tiny=True), zoo.example_inputs("driving", 2, tiny=True)),
+         "hf-bert": _hf_bert, "hf-gpt2": _hf_gpt2}
 
 
 @pytest.mark.parametrize("case", list(CASES))
