@@ -108,20 +108,36 @@ def refuse_wrapped(model: nn.Module) -> None:
 def live_graph(gm: fx.GraphModule, source: nn.Module) -> fx.GraphModule:
     """A copy of ``gm`` whose ``get_attr`` nodes read ``source``'s tensors at every call: each target
     that names a tensor of ``source`` becomes ``_fxopt_live.<target>``, ``_fxopt_live`` being
-    ``source`` itself (a plain attribute, so the graph module owns no copy of the weights)."""
+    ``source`` itself (a plain attribute, so the graph module holds no copy of the weights;
+    ``ExportedProgram.module()`` holds copies)."""
+    run = _copy(gm)
+    for node in run.graph.nodes:
+        if node.op == "get_attr" and isinstance(_resolve(source, node.target), torch.Tensor):
+            prefix, _, leaf = node.target.rpartition(".")
+            owner = run.get_submodule(prefix)
+            for kind in ("_parameters", "_buffers"):  # drop the copied reference: no stale weights held
+                getattr(owner, kind).pop(leaf, None)
+            owner.__dict__.pop(leaf, None)
+            node.target = f"{LIVE}.{node.target}"
+    return _attach(run, source)
+
+
+def copy_live(gm: fx.GraphModule) -> fx.GraphModule:
+    """An independent copy of a live graph module, reading the same tree."""
+    return _attach(_copy(gm), gm.__dict__[LIVE])
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     graph._codegen = gm.graph._codegen
     graph.output(graph.graph_copy(gm.graph, {}))
     run = fx.GraphModule(gm, graph, class_name=type(gm).__name__)  # copies what get_attr nodes name
     run.meta = gm.meta
-    for node in graph.nodes:
-        if node.op == "get_attr" and isinstance(_resolve(source, node.target), torch.Tensor):
-            prefix, _, leaf = node.target.rpartition(".")
-            owner = run.get_submodule(prefix)
-            for kind in ("_parameters", "_buffers"):  # drop the copy's reference: no stale weights held
-                getattr(owner, kind).pop(leaf, None)
-            owner.__dict__.pop(leaf, None)
-            node.target = f"{LIVE}.{node.target}"
+    return run
+
+
+def _attach(run: fx.GraphModule, source: nn.Module) -> fx.GraphModule:
+    run._modules.pop(LIVE, None)  # GraphModule copied the live tensors it found: read them live instead
     object.__setattr__(run, LIVE, source)
     run.recompile()
     return run

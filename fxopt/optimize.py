@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from . import live
 from ._forward import signed_forward
 from .capture import Captured, capture_module, normalize_inputs
-from .checkpointing import ReentrantCheckpointError, checkpoint_regions  # noqa: F401 (re-exported)
+from .checkpointing import ReentrantCheckpointError, checkpoint_regions, regions_of  # noqa: F401 (re-exported)
 from .errors import FxoptError, InputError
 from .live import HookError  # noqa: F401 (re-exported)
 
@@ -185,8 +185,10 @@ class OptimizedModule(nn.Module):
             pipeline, verify=check, print_after_change=opts["print_after_change"],
             dump_dir=opts["dump_dir"], hardware=hardware_for(source, opts["hardware"]))
         gm, records = manager.run(captured)
-        run = live.live_graph(gm, source)
-        if self.training:
+        gm = live.live_graph(gm, source)  # what reports show and what runs read the live tree
+        run = gm
+        if self.training and regions_of(gm.graph):
+            run = live.copy_live(gm)
             checkpoint_regions(run)
         report = OptimizeReport(pipeline, records, reasons)
         if records:

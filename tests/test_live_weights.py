@@ -68,6 +68,21 @@ def test_load_state_dict_assign_is_used():
     assert opt._captures == 1
 
 
+def test_graphs_hold_no_copy_of_the_weights():
+    """Export's module holds copies of the weights; the optimized graphs must not (memory), and a
+    replaced tensor is freed, not kept alive by a graph."""
+    import gc
+    import weakref
+    model = Net().train()
+    opt = fxopt.optimize(model, _x(), pipeline=PIPE)
+    assert list(opt.graph_module.parameters()) == [] and list(opt.graph_module.buffers()) == []
+    old = weakref.ref(opt.head.weight)
+    opt.load_state_dict(_fresh_state(model, 4), assign=True)
+    _grads(opt, _x())
+    gc.collect()
+    assert old() is None
+
+
 def test_parameter_assignment_on_a_submodule_is_used():
     model = Net().train()
     opt = fxopt.optimize(model, _x(), pipeline=PIPE)
