@@ -46,9 +46,11 @@ def cmd_report(args) -> int:
     if args.lint and not args.symbolic:
         from .lint import lint
         found = lint(report)
+    tree = args.by == "tree"  # DeepSpeed-profiler-style module tree; plots and tables of blocks otherwise
+    by = "block" if tree else args.by
     if args.plot:
         from .plots import roofline
-        roofline(report, args.plot, by=args.by, depth=args.depth)
+        roofline(report, args.plot, by=by, depth=args.depth)
     if args.trace:
         from .timeline import predicted_timeline
         predicted_timeline(report).export_chrome_trace(args.trace)
@@ -59,17 +61,28 @@ def cmd_report(args) -> int:
                           top=args.top, depth=args.depth))
     elif args.format == "json":
         data = report.to_dict(args.depth)
+        if tree:
+            from .tree import module_tree
+            data["tree"] = module_tree(report, spec.model, args.depth)
         if found is not None:
             data["lint"] = found.to_dict()
-        print(json.dumps(data, indent=1))
+        print(dumps(data))
     elif args.format == "md":
-        print(report.to_markdown(top=args.top, by=args.by, depth=args.depth))
+        if tree:
+            from .tree import tree_table
+            print(report.summary() + "\n\n" + tree_table(report, spec.model, args.depth, tablefmt="github"))
+        else:
+            print(report.to_markdown(top=args.top, by=by, depth=args.depth))
         if found is not None:
             print(found.to_markdown(top=args.lint))
     else:
         print(report.summary())
         print()
-        print(report.table(top=args.top, by=args.by, depth=args.depth))
+        if tree:
+            from .tree import tree_table
+            print(tree_table(report, spec.model, args.depth))
+        else:
+            print(report.table(top=args.top, by=by, depth=args.depth))
         if found is not None:
             print("\n" + found.table(top=args.lint))
     if args.memory:
@@ -243,7 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
     r.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
     r.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
-    r.add_argument("--by", choices=["node", "op", "block"], default="node")
+    r.add_argument("--by", choices=["node", "op", "block", "tree"], default="node",
+                   help="tree: every module to --depth levels, children under parents (params, FLOPs, time, share)")
     r.add_argument("--depth", type=int, default=1, help="module-path depth of --by block")
     r.add_argument("--top", type=int, default=30)
     r.add_argument("--format", choices=["table", "md", "json", "html"], default="table",
@@ -356,6 +370,9 @@ def _parser() -> argparse.ArgumentParser:
 
     from .profile_training import add_cli as add_profile_training_cli
     add_profile_training_cli(sub)
+
+    from .explore import add_cli as add_explore_cli
+    add_explore_cli(sub)
 
     sc = sub.add_parser("scaling", help="predicted step time, exposed communication, throughput and scaling "
                                         "efficiency on 1..N GPUs")

@@ -16,6 +16,9 @@ from fxopt import backend as fb
 from fxopt._torch_private import PRIVATE_APIS, resolve as resolve_private
 
 ROOT = Path(__file__).resolve().parents[1]
+# Passes that keep float32 numerics: "same outputs and gradients as eager" is then a tight check.
+# (The default pipeline may add mixed precision, whose error the verifier judges instead.)
+FP32_PIPELINE = "dce,normalize,sdpa,fold-bn,epilogue,channels-last,dce"
 
 
 class ConvBreak(nn.Module):
@@ -81,7 +84,7 @@ def test_training_through_graph_break_matches_eager():
     model = ConvBreak()
     eager = copy.deepcopy(model)
     regions = []
-    compiled = torch.compile(model, backend=_counting_backend(regions, verify=True))
+    compiled = torch.compile(model, backend=_counting_backend(regions, verify=True, pipeline=FP32_PIPELINE))
     opt_c = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
     for step in range(2):
@@ -105,6 +108,20 @@ def test_training_through_graph_break_matches_eager():
         "conv.weight", "conv.bias", "bn.weight", "bn.bias", "head.weight", "head.bias"}
 
 
+def test_default_options_verify_every_region():
+    """No options: the default pipeline (it may choose bf16) and verification, region by region."""
+    torch.manual_seed(2)
+    model = ConvBreak()
+    eager = copy.deepcopy(model)
+    regions = []
+    compiled = torch.compile(model, backend=_counting_backend(regions))
+    x = torch.randn(4, 3, 10, 10)
+    out = compiled(x)
+    out.sum().backward()
+    assert len(regions) == 2 and all(r.report.verification for r in regions)
+    torch.testing.assert_close(out, eager(x), rtol=2e-2, atol=2e-2)  # bf16-level agreement at worst
+
+
 def test_eval_under_no_grad_and_a_new_shape():
     torch.manual_seed(1)
     model = ConvBreak().eval()
@@ -125,7 +142,7 @@ def test_hf_bert_outputs_and_gradients_match_eager():
             m.p = 0.0  # dropout draws differ between eager and a captured graph
     eager = copy.deepcopy(model)
     regions = []
-    compiled = torch.compile(model, backend=_counting_backend(regions, verify=False))
+    compiled = torch.compile(model, backend=_counting_backend(regions, verify=False, pipeline=FP32_PIPELINE))
     labels = torch.tensor([0, 1])
     out_c = compiled(**spec.inputs, labels=labels)
     out_e = eager(**spec.inputs, labels=labels)
@@ -183,9 +200,12 @@ def test_trainer_style_loop_filters_columns_by_signature():
     from fxopt.models import resolve
     torch.manual_seed(0)
     spec = resolve("hf:BertForSequenceClassification-tiny")
-    model = spec.model.eval()  # no dropout: the eager twin gives the same losses
+    model = spec.model
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # the eager twin then gives the same losses
     eager = copy.deepcopy(model)
-    opt = fxopt.optimize(model, verify=False).eval()
+    opt = fxopt.optimize(model, verify=False, pipeline=FP32_PIPELINE)
     ids = spec.inputs["input_ids"]
     dataset = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([1, 0]),
                "idx": torch.arange(2), "sentence": ["a b", "c d"]}  # columns forward does not take
@@ -366,3 +386,42 @@ def test_progress_only_on_a_terminal(monkeypatch):
     assert bar is not items and list(bar) == items
     monkeypatch.setenv("FXOPT_PROGRESS", "0")
     assert prog.progress(items) is items
+
+
+# ---- per-module tree ------------------------------------------------------------------------------
+def test_module_tree_adds_up_and_counts_parameters():
+    from fxopt import zoo
+    from fxopt.tree import SELF, module_tree
+    model = zoo.build("driving", tiny=True)
+    report = fxopt.analyze(model, zoo.example_inputs("driving", 2, tiny=True))
+    rows = module_tree(report, model, depth=2)
+    top = [r for r in rows if r["depth"] == 1]
+    assert sum(r["time_s"] for r in top) == pytest.approx(report.totals["step_time_s"], rel=1e-9)
+    assert sum(r["fwd_flops"] + r["bwd_flops"] for r in top) + 0 == pytest.approx(
+        sum(report.totals[k] for k in ("matrix_flops_fwd", "matrix_flops_bwd", "other_flops_fwd",
+                                       "other_flops_bwd", "optimizer_flops")), rel=1e-9)
+    for i, parent in enumerate(rows):
+        if parent["depth"] != 1:
+            continue
+        kids = []
+        for r in rows[i + 1:]:
+            if r["depth"] == 1:
+                break
+            kids.append(r)
+        if kids:  # children (and the module's own ops) add up to the module
+            assert sum(k["time_s"] for k in kids) == pytest.approx(parent["time_s"], rel=1e-9)
+            assert sum(k["fwd_flops"] for k in kids) == parent["fwd_flops"]
+        if not parent["block"].startswith("("):
+            sub = model.get_submodule(parent["block"])
+            assert parent["params"] == sum(p.numel() for p in sub.parameters())
+            for k in kids:
+                if k["block"].endswith(SELF):
+                    assert k["params"] == sum(p.numel() for p in sub.parameters(recurse=False))
+                else:
+                    assert k["params"] == sum(p.numel() for p in model.get_submodule(k["block"]).parameters())
+    assert {r["block"] for r in top} == {r["block"] for r in report.rows("block", 1)}
+
+
+def test_report_by_tree_cli(capsys):
+    code, out, _ = _cli(capsys, "report", "convnext_t-tiny", "--by", "tree", "--depth", "2")
+    assert code == 0 and "│ 0" in out and "params M" in out
