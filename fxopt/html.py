@@ -171,8 +171,8 @@ def _roofline(report: GraphReport, by: str, depth: int) -> str:
             f"measured efficiencies.</p></section>")
 
 
-MEM_COLOR = {"weights": "#7f7f7f", "grads": "#bcbd22", "optimizer_state": "#9467bd", "inputs": "#17becf",
-             "activations": "#ff7f0e", "transient": "#f4a6a6"}
+MEM_COLOR = {"weights": "#7f7f7f", "grads": "#bcbd22", "optimizer_state": "#9467bd", "comm_buffers": "#8c564b",
+             "inputs": "#17becf", "activations": "#ff7f0e", "transient": "#f4a6a6"}
 PHASE_BAND = {"fwd": "#eef5ff", "bwd": "#fff4e8", "opt": "#f1ecf8"}
 _W, _LEFT, _RIGHT = 1100, 92, 16
 

@@ -5,6 +5,8 @@ Walks the predicted timeline (fxopt.timeline) slice by slice and keeps, at each 
 - weights, gradients and optimizer state: the parameters' bytes; a parameter's gradient is
   allocated when the backward first reaches a node that reads it (``zero_grad(set_to_none=True)``
   frees them each step); optimizer state is steady (SGD momentum 1x, AdamW 2x the parameters);
+- comm buffers: DDP's gradient buckets (one flat copy of the gradients, unless
+  ``gradient_as_bucket_view=True``) for a report analyzed with ``distributed=``;
 - inputs: the batch;
 - activations saved for backward (``GraphReport.saved_bytes``, the distinct storages a
   ``saved_tensors_hooks`` pass recorded per fx node): added at the node's forward, freed when
@@ -30,7 +32,7 @@ from .timeline import predicted_timeline
 
 __all__ = ["MemoryPoint", "MemoryCurve", "FitOption", "memory_curve", "COMPONENTS"]
 
-COMPONENTS = ("weights", "grads", "optimizer_state", "inputs", "activations", "transient")
+COMPONENTS = ("weights", "grads", "optimizer_state", "comm_buffers", "inputs", "activations", "transient")
 # optimizer -> state bytes per parameter byte (steady state, fp32 states of fp32 params)
 STATE_PER_PARAM = {"sgd": 1.0, "adamw": 2.0, "adam": 2.0, "None": 0.0, "none": 0.0}
 GB = 1e9
@@ -209,7 +211,7 @@ def memory_curve(report: GraphReport, *, checkpoint=(), depth: int = 1, optimize
     last_block = {node_block.get(s.args["node"]): i for i, s in enumerate(steps) if s.args["phase"] == "bwd"}
     written = _written(report)
     comp = dict.fromkeys(COMPONENTS, 0.0)
-    comp.update(weights=param_bytes, optimizer_state=state, inputs=input_bytes)
+    comp.update(weights=param_bytes, optimizer_state=state, inputs=input_bytes, comm_buffers=_ddp_buffers(report))
     points, live_ckpt, in_ckpt_fwd, added = [], {}, set(), set()
     for i, s in enumerate(steps):
         node, phase = s.args["node"], s.args["phase"]
@@ -242,11 +244,23 @@ def memory_curve(report: GraphReport, *, checkpoint=(), depth: int = 1, optimize
                 comp["activations"] -= saved.get(node, 0.0)
     cap = report.hardware.memory_bytes if capacity_bytes is None else capacity_bytes
     curve = MemoryCurve(report.model, report.hardware.name, int(cap or 0), points, tuple(checkpoint))
+    dist = getattr(report, "distributed", None)
+    if dist is not None and getattr(dist.spec, "strategy", "ddp") != "ddp":
+        curve.notes.append(f"{dist.spec.strategy}: sharded weights, gradients and states are not modelled here; "
+                           f"the curve is one unsharded replica")
     if not cap:
         curve.notes.append(f"{report.hardware.name} states no memory size (memory_bytes): the fit is not checked")
     if suggest and curve.fits is False:
         curve.options = ways_to_fit(report, curve, depth=depth, state=state, param_bytes=param_bytes)
     return curve
+
+
+def _ddp_buffers(report: GraphReport) -> float:
+    """DDP's flat gradient buckets, which live as long as the model (none with bucket views)."""
+    dist = getattr(report, "distributed", None)
+    if dist is None or getattr(dist.spec, "strategy", "") != "ddp" or dist.spec.gradient_as_bucket_view:
+        return 0.0
+    return float(sum(b.nbytes for b in getattr(dist, "buckets", None) or []))
 
 
 def _written(report: GraphReport) -> dict:

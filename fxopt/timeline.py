@@ -5,8 +5,10 @@ backward as autograd runs it, then the optimizer), each with its predicted time
 (``GraphReport.call_times``), after the time the device waits for the host to launch it
 (``GraphReport.host_idle``, eager dispatch, when the report has it). Laid end to end on one
 stream they are the step as the device runs it: one slice per run of consecutive calls of one fx
-node and phase, on one track per phase, the waits on a track of their own. Communication is not in the report; a list of ``comm`` slices
-(start, duration, name) from a distributed what-if can be laid on a track of its own.
+node and phase, on one track per phase, the waits on a track of their own. A report analyzed with
+``distributed=`` adds its DDP buckets' all-reduces on a communication track (placed from the
+backward's start, as fxopt/distributed.py overlaps them) and, before the optimizer, the bucket
+copies and the exposed wait for the collectives, so the timeline still ends at the step time.
 
 Chrome trace format: "X" (complete) events in microseconds, one process per timeline and one
 thread (track) per phase/stream, named by "M" metadata events; ``ui.perfetto.dev`` and
@@ -25,6 +27,7 @@ __all__ = ["Slice", "Timeline", "predicted_timeline", "chrome_trace"]
 
 PHASE_TRACK = {"fwd": "forward", "bwd": "backward", "opt": "optimizer", "comm": "communication"}
 HOST_WAIT = "device waits for host"
+EXPOSED = "exposed communication"
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,19 @@ def predicted_timeline(report: GraphReport, comm: list[Slice] | None = None) -> 
     cur = None  # (node, phase) of the open slice
     acc: dict = {}
     idle = getattr(report, "host_idle", None) or [0.0] * len(report.calls)
+    dist = getattr(report, "distributed", None)
+    bwd_start, tail_done = None, dist is None
     for call, ct, wait in zip(report.calls, report.call_times, idle):
         wait = float(wait)
         key = (call.node, call.phase)
+        if call.phase == "bwd" and bwd_start is None:
+            bwd_start = t
+        if call.phase == "opt" and not tail_done:  # DDP: the optimizer waits for the last all-reduce
+            if cur is not None:
+                slices.append(_node_slice(report, cur, acc))
+                cur = None
+            t = _comm_tail(slices, dist, t)
+            tail_done = True
         empty = cur == key and acc["dur"] == 0  # only metadata/view calls so far: nothing to split
         if cur is not None and (key != cur or wait > 0) and not empty:
             slices.append(_node_slice(report, cur, acc))
@@ -104,9 +117,35 @@ def predicted_timeline(report: GraphReport, comm: list[Slice] | None = None) -> 
         t += dur
     if cur is not None:
         slices.append(_node_slice(report, cur, acc))
+    if not tail_done:
+        _comm_tail(slices, dist, t)
+    if comm is None and dist is not None:
+        comm = _buckets(dist, bwd_start or 0.0)
     slices += list(comm or [])
     return Timeline(f"{report.model}: predicted step on {report.hardware.name}", slices,
                     f"predicted (cost model, {report.hardware.name})")
+
+
+def _comm_tail(slices: list, dist, t: float) -> float:
+    """After the backward: DDP's bucket copies on the compute stream, then the wait for the
+    collectives the backward did not hide (``report.distributed``, fxopt/distributed.py)."""
+    for name, track, dur in (("DDP bucket copies", "backward", getattr(dist, "bucket_copy_s", 0.0)),
+                             ("waiting for collectives", EXPOSED, getattr(dist, "exposed_comm_s", 0.0))):
+        if dur and float(dur) > 0:
+            slices.append(Slice(name, track, t, float(dur), {"phase": "comm"}))
+            t += float(dur)
+    return t
+
+
+def _buckets(dist, bwd_start: float) -> list[Slice]:
+    """DDP buckets' all-reduces on the communication track (their times count from the backward's start)."""
+    out = []
+    for b in getattr(dist, "buckets", None) or []:
+        args = {"phase": "comm", "bucket": b.index, "bytes": b.nbytes, "params": len(b.params),
+                "ready_s": b.ready_s}
+        out.append(Slice(f"all-reduce bucket {b.index} ({b.nbytes / 2**20:.3g} MiB)", PHASE_TRACK["comm"],
+                         bwd_start + b.start_s, b.end_s - b.start_s, args))
+    return out
 
 
 def _node_slice(report: GraphReport, key: tuple, acc: dict) -> Slice:

@@ -209,3 +209,25 @@ def test_roofline_labels_stay_inside_the_plot():
         box = t.get_window_extent(renderer)
         assert ax.bbox.x0 - 1 <= box.x0 and box.x1 <= ax.bbox.x1 + 1, t.get_text()
         assert ax.bbox.y0 - 1 <= box.y0 and box.y1 <= ax.bbox.y1 + 1, t.get_text()
+
+
+def test_timeline_of_a_data_parallel_report(net):
+    """With distributed=, the buckets' all-reduces get a track and the exposed part delays the optimizer."""
+    model, x = net
+    rep = _analyze(model, x, distributed={"world_size": 512})
+    dist, tl = rep.distributed, predicted_timeline(rep)
+    assert tl.end_s == pytest.approx(float(rep.totals["step_time_s"]))
+    buckets = [s for s in tl.slices if s.track == "communication"]
+    assert len(buckets) == len(dist.buckets) >= 1
+    assert sum(s.dur_s for s in buckets) == pytest.approx(dist.comm_time_s)
+    exposed = [s for s in tl.slices if s.track == "exposed communication"]
+    assert sum(s.dur_s for s in exposed) == pytest.approx(dist.exposed_comm_s) and dist.exposed_comm_s > 0
+    first_opt = next(s for s in tl.slices if s.track == "optimizer")
+    assert first_opt.start_s >= exposed[-1].end_s - 1e-12
+    bwd = [s for s in tl.slices if s.args.get("phase") == "bwd"]
+    assert all(bwd[0].start_s <= s.start_s for s in buckets)
+    # DDP keeps a full replica plus its flat gradient buckets (one more copy of the gradients)
+    grads = sum(p.numel() * 4 for p in model.parameters())
+    assert memory_curve(rep).peak_bytes == pytest.approx(memory_curve(_analyze(model, x)).peak_bytes + grads)
+    view = _analyze(model, x, distributed={"world_size": 512, "gradient_as_bucket_view": True})
+    assert memory_curve(view).points[0].bytes["comm_buffers"] == 0
