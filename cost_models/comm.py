@@ -176,6 +176,15 @@ def collective_time(collective: str, nbytes: float, world_size: int, cluster: Cl
     return CommTime(collective, nbytes, world_size, sum(p[-1] for p in phases), f"hier({inter_algo})", tuple(phases))
 
 
+def inter_node_time(collective: str, nbytes: float, nodes: int, cluster: Cluster, algorithm: str = "auto") -> CommTime:
+    """``collective`` among one GPU per node over each GPU's own NIC (HSDP's replica all-reduce of
+    a shard: every GPU of a node does its own at once, on its own NIC)."""
+    if nodes <= 1:
+        return CommTime(collective, nbytes, nodes, 0.0, "none")
+    algo, t = _best(collective, nbytes, nodes, cluster.inter, algorithm)
+    return CommTime(collective, nbytes, nodes, t, algo, (("inter", collective, algo, nodes, nbytes, t),))
+
+
 def fit_alpha_beta(samples: list[tuple[str, int, float, float]]) -> tuple[float, float]:
     """Least-squares (alpha, bandwidth) of one collective from ``(collective, ranks, nbytes,
     seconds)`` samples under the ring rule, weighted by 1/seconds so every size counts alike

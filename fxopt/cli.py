@@ -106,7 +106,8 @@ def _add_distributed_args(p, gpus_help: str, gpus_type=int) -> None:
     p.add_argument("--gpus", type=gpus_type, default=None, help=gpus_help)
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the cluster preset's (8)")
     p.add_argument("--strategy", choices=STRATEGIES, default="ddp",
-                   help="ddp, fsdp (FULL_SHARD/ZeRO-3) or shard_grad_op (ZeRO-2)")
+                   help="ddp, fsdp (FULL_SHARD/ZeRO-3), shard_grad_op (ZeRO-2) or hsdp (sharded per node, replicated "
+                        "across nodes)")
     p.add_argument("--cluster", default=None,
                    help=f"cluster preset ({', '.join(cluster_presets())}) or JSON path (default: the --hw's)")
     p.add_argument("--bucket-mb", type=float, default=25.0, help="DDP bucket_cap_mb")

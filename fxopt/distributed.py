@@ -13,6 +13,8 @@ batch of its inputs) and the :class:`Distributed` spec, and returns a :class:`Di
   unit all-gathers its parameters before its forward and (FULL_SHARD) again before its backward,
   the next unit's all-gather prefetched while the current one computes, and reduce-scatters its
   gradients when they are ready. Compute waits for late all-gathers: those waits are exposed.
+  ``"hsdp"`` (``fully_shard`` on a 2-D mesh): FULL_SHARD within each node, replicas across nodes;
+  each unit's gradient shard is then all-reduced across nodes (each GPU over its own NIC).
 
 Collectives are costed by :mod:`fxopt.cost_models.comm` on a cluster preset. Only exposed
 communication adds to ``step_time_s``.
@@ -26,7 +28,7 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from .cost_models.comm import Cluster, CommTime, cluster_presets, collective_time, load_cluster
+from .cost_models.comm import Cluster, CommTime, cluster_presets, collective_time, inter_node_time, load_cluster
 from .cost_models.trace import OPTIMIZER_NODE
 from .errors import AnalysisError, HardwareError, InputError
 
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 __all__ = ["Distributed", "DistributedCost", "apply", "ddp_buckets", "gpu_scaling", "GPUScaling",
            "calibrate_comm", "check_comm_bound"]
 
-STRATEGIES = ("ddp", "fsdp", "shard_grad_op")
+STRATEGIES = ("ddp", "fsdp", "shard_grad_op", "hsdp")
+REGATHER = ("fsdp", "hsdp")   # FULL_SHARD within the shard group: parameters gathered again for the backward
 MIB = 1024 * 1024                       # torch's bucket_cap_mb is in MiB
 DDP_FIRST_BUCKET_MB = 1.0               # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 DEFAULT_CLUSTER = {"h100": "h100-ib", "h200": "h200-ib", "a100": "a100-ib"}
@@ -316,6 +319,7 @@ class Unit:
     ready_s: float
     all_gather: CommTime
     reduce_scatter: CommTime
+    replica_all_reduce: CommTime | None = None   # HSDP: the gradient shard across nodes
 
 
 MAX_UNIT_SHARE = 0.25   # automatic FSDP units: none holds more than this share of the parameters
@@ -354,30 +358,42 @@ def _stall_run(order: list[tuple[float, float]], prefetch: bool, comm_free: floa
     return stalls, comm_free
 
 
+def shard_group(spec: Distributed, cluster: Cluster) -> int:
+    """GPUs one parameter is sharded over: all (FSDP), or one node's (HSDP)."""
+    return min(spec.world_size, cluster.gpus_per_node) if spec.strategy == "hsdp" else spec.world_size
+
+
 def _fsdp(params, spec: Distributed, cluster: Cluster, forward_s: float, backward_s: float):
-    n = spec.world_size
+    shard = shard_group(spec, cluster)
+    replicas = spec.world_size // shard
     units = []
     for name, ps in fsdp_units(params, spec.fsdp_depth).items():
         pb, gb = sum(p.nbytes() for p in ps), sum(p.nbytes(spec.grad_dtype) for p in ps)
         units.append(Unit(name, tuple(p.name for p in ps), pb, gb, min(p.fwd_use_s for p in ps),
                           min(p.bwd_use_s for p in ps), max(p.ready_s for p in ps),
-                          collective_time("all_gather", pb, n, cluster, spec.algorithm),
-                          collective_time("reduce_scatter", gb, n, cluster, spec.algorithm)))
+                          collective_time("all_gather", pb, shard, cluster, spec.algorithm),
+                          collective_time("reduce_scatter", gb, shard, cluster, spec.algorithm),
+                          inter_node_time("all_reduce", gb / shard, replicas, cluster, spec.algorithm)
+                          if spec.strategy == "hsdp" else None))
     fwd = sorted(units, key=lambda u: u.fwd_need_s)
     fwd_stalls, _ = _stall_run([(u.fwd_need_s, u.all_gather.time_s) for u in fwd], spec.prefetch)
     bwd = sorted(units, key=lambda u: u.bwd_need_s)
-    if spec.strategy == "fsdp":   # FULL_SHARD: parameters are re-gathered for the backward
+    if spec.strategy in REGATHER:
         bwd_stalls, free = _stall_run([(u.bwd_need_s, u.all_gather.time_s) for u in bwd], spec.prefetch)
     else:                         # SHARD_GRAD_OP keeps them from the forward
         bwd_stalls, free = [0.0] * len(bwd), 0.0
     stall_at = dict(zip((u.name for u in bwd), bwd_stalls))
     # reduce-scatters follow on the same stream once their gradients are ready (shifted by the stalls)
-    rs = sorted((u.ready_s + stall_at[u.name], u.reduce_scatter.time_s) for u in units)
+    rs = sorted((u.ready_s + stall_at[u.name], _reduce_s(u)) for u in units)
     bwd_stall = bwd_stalls[-1] if bwd_stalls else 0.0
     _, tail = overlap(rs, backward_s + bwd_stall) if rs else ([], 0.0)
     tail = max(tail, free - backward_s - bwd_stall, 0.0)
     exposed = (fwd_stalls[-1] if fwd_stalls else 0.0) + bwd_stall + tail
     return units, exposed
+
+
+def _reduce_s(u: Unit) -> float:
+    return u.reduce_scatter.time_s + (u.replica_all_reduce.time_s if u.replica_all_reduce else 0.0)
 
 
 def _state_bytes(report, params) -> tuple[int, int]:
@@ -434,7 +450,8 @@ class DistributedCost:
     def summary(self) -> str:
         s = self.spec
         what = (f"{len(self.buckets)} gradient buckets (all-reduce)" if s.strategy == "ddp" else
-                f"{len(self.units)} units (all-gather{' x2' if s.strategy == 'fsdp' else ''} + reduce-scatter)")
+                f"{len(self.units)} units (all-gather{' x2' if s.strategy in REGATHER else ''} + reduce-scatter"
+                f"{' + all-reduce across nodes' if s.strategy == 'hsdp' else ''})")
         lines = [f"  distributed        {s.strategy} on {s.world_size} GPUs ({self.cluster.name}, "
                  f"{self.cluster.gpus_per_node}/node): {what}",
                  f"  communication      {self.comm_bytes / 1e6:,.1f} MB, {self.comm_time_s * 1e3:.3g} ms, exposed "
@@ -507,11 +524,13 @@ def apply(report, spec, *, params: list[Param] | None = None, compute_scale: flo
         cost.comm_time_s = sum(b.comm.time_s for b in cost.buckets)
     else:
         cost.units, cost.exposed_comm_s = _fsdp(params, spec, cluster, forward_s, backward_s)
-        gathers = 2 if spec.strategy == "fsdp" else 1
-        cost.comm_bytes = sum(gathers * u.param_bytes + u.grad_bytes for u in cost.units)
-        cost.comm_time_s = sum(gathers * u.all_gather.time_s + u.reduce_scatter.time_s for u in cost.units)
-        n, biggest = spec.world_size, max((u.param_bytes for u in cost.units), default=0)
-        if spec.strategy == "fsdp":   # all sharded; unsharded: two units' parameters (prefetch), one's grads
+        gathers = 2 if spec.strategy in REGATHER else 1
+        replica = [u.replica_all_reduce for u in cost.units if u.replica_all_reduce]
+        cost.comm_bytes = int(sum(gathers * u.param_bytes + u.grad_bytes for u in cost.units) +
+                              sum(c.nbytes for c in replica))
+        cost.comm_time_s = sum(gathers * u.all_gather.time_s + _reduce_s(u) for u in cost.units)
+        n, biggest = shard_group(spec, cluster), max((u.param_bytes for u in cost.units), default=0)
+        if spec.strategy in REGATHER:   # sharded over n; unsharded: two units' parameters (prefetch), one's grads
             kept = (2 * param_b + opt_b) / n + 3 * biggest
         else:                         # ZeRO-2: parameters stay whole; gradients and state sharded
             kept = param_b + (param_b + opt_b) / n + biggest
@@ -612,8 +631,9 @@ def _what_ifs(report, cost: DistributedCost) -> list[tuple[str, float]]:
     for mb in (5, 10, 50, 100):
         if spec.strategy == "ddp" and mb != spec.bucket_mb:
             options.append((f"DistributedDataParallel(bucket_cap_mb={mb})", replace(spec, bucket_mb=mb), 1))
-    other = "ddp" if spec.strategy != "ddp" else "fsdp"
-    options.append((f"strategy {other}", replace(spec, strategy=other), 1))
+    for other in ("ddp", "fsdp", "hsdp"):
+        if other != spec.strategy:
+            options.append((f"strategy {other}", replace(spec, strategy=other), 1))
     options.append(("double the per-GPU batch (time per sample; fewer steps per epoch)", spec, 2))
     out = []
     for change, s, scale in options:

@@ -238,3 +238,17 @@ def test_bench_gpus_runs_ddp_under_torchrun_on_gloo(capsys):
 
 def test_bench_gpus_refuses_variants_it_cannot_run_under_ddp():
     assert main(["bench", "resnet50", "--tiny", "--gpus", "2", "--device", "cpu", "--variants", "compile"]) == 2
+
+
+def test_hsdp_shards_within_a_node_and_all_reduces_shards_across_nodes(mlp_report):
+    cluster = load_cluster("h100-ib")
+    hsdp = D.apply(mlp_report, {"world_size": 64, "strategy": "hsdp"})
+    for u in hsdp.units:
+        assert u.all_gather.ranks == 8 and u.all_gather.time_s == collective_time("all_gather", u.param_bytes, 8,
+                                                                                  cluster).time_s
+        assert u.replica_all_reduce.ranks == 8 and u.replica_all_reduce.nbytes == u.grad_bytes / 8
+    total = sum(p.numel() * 4 for p in _mlp().parameters())
+    assert hsdp.comm_bytes == 2 * total + total + total // 8
+    one_node_h = D.apply(mlp_report, {"world_size": 8, "strategy": "hsdp"})
+    one_node_f = D.apply(mlp_report, {"world_size": 8, "strategy": "fsdp"})
+    assert one_node_h.exposed_comm_s == pytest.approx(one_node_f.exposed_comm_s)
