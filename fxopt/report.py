@@ -65,7 +65,7 @@ class _Acc:
     """Sums of one group of calls; the bound is the term that holds most of the group's time."""
 
     FIELDS = ("fwd_flops", "bwd_flops", "matrix_flops", "bytes_read", "bytes_written", "extra_bytes", "kernels",
-              "time_s", "fwd_time_s", "bwd_time_s", "compute_s", "memory_s", "latency_s", "host_bound_s")
+              "time_s", "fwd_time_s", "bwd_time_s", "opt_time_s", "compute_s", "memory_s", "latency_s", "host_bound_s")
 
     def __init__(self):
         for f in self.FIELDS:
@@ -92,10 +92,8 @@ class _Acc:
         self.bytes_written += row.bytes_written
         self.kernels += row.kernels
         self.time_s += t
-        if row.phase == "fwd":
-            self.fwd_time_s += t
-        else:
-            self.bwd_time_s += t
+        field = {"fwd": "fwd_time_s", "opt": "opt_time_s"}.get(row.phase, "bwd_time_s")
+        setattr(self, field, getattr(self, field) + t)
         if row_bound != "?":
             self.by_bound[row_bound] += float(t)
         if row.kernels:
@@ -220,6 +218,7 @@ class GraphReport:
             "gpu_time_s": step - acc.host_bound_s,
             "compute_bound_s": acc.compute_s, "memory_bound_s": acc.memory_s, "latency_s": acc.latency_s,
             "host_bound_s": acc.host_bound_s,
+            "fwd_time_s": acc.fwd_time_s, "bwd_time_s": acc.bwd_time_s, "optimizer_time_s": acc.opt_time_s,
             "min_bytes": (sum((c.bytes_read + c.bytes_written - c.extra_bytes for c in self.calls), 0)),
             "mfu": (_ratio(matrix, step * self.hardware.bf16_peak)),
             "params": self.params,
