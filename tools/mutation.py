@@ -105,11 +105,13 @@ def _snapshot(dest: Path, shard: str) -> bool:
 
 
 def _config(shard: str, work: Path, timeout: float) -> Path:
-    tests = " ".join(f"'{a}'" if " " in a else a for spec in SHARDS[shard] for a in _existing(spec, work))
     py = shlex.quote(sys.executable)
-    cmd = (f"env PYTHONPATH={shlex.quote(str(work))} PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS=1 "
-           f"{py} -m pytest -x -q "
-           f"-p no:cacheprovider --no-header -m 'not slow and not gpu' {tests}")
+    env = f"env PYTHONPATH={shlex.quote(str(work))} PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS=1"
+    # one pytest per spec (pytest keeps only the last -k), stopping at the first that fails
+    runs = [f"{env} {py} -m pytest -x -q -p no:cacheprovider --no-header -m 'not slow and not gpu' "
+            + " ".join(shlex.quote(a) for a in args)
+            for spec in SHARDS[shard] if (args := _existing(spec, work))]
+    cmd = "bash -c " + shlex.quote(" && ".join(runs))
     lines = [
         "[cosmic-ray]",
         f"module-path = {json.dumps(shard)}",
