@@ -70,11 +70,14 @@ def output(example: Example) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(text: str) -> tuple[str, int]:
-    """README text with every block replaced by its command's output, and how many changed."""
+def write(text: str, outputs: dict | None = None) -> tuple[str, int]:
+    """README text with every block replaced by its command's output (``outputs``: command -> text,
+    run here when missing), and how many blocks changed."""
+    outputs = dict(outputs or {})
     changed = 0
     for example in reversed(examples(text)):  # from the end: earlier offsets stay valid
-        new = output(example)
+        key = (example.command, example.lines)
+        new = outputs[key] if key in outputs else output(example)
         if new != example.shown:
             changed += 1
             text = text[:example.start] + new + text[example.end:]
@@ -87,9 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     text = README.read_text()
     if args.write:
-        new, changed = write(text)
+        outputs = {(e.command, e.lines): output(e) for e in examples(text)}  # slow: minutes
+        fresh = README.read_text()  # others may have edited README meanwhile: substitute into that
+        new, changed = write(fresh, outputs)
         README.write_text(new)
-        print(f"{changed} of {len(examples(text))} README examples rewritten")
+        print(f"{changed} of {len(examples(fresh))} README examples rewritten")
         return 0
     stale = 0
     for example in examples(text):

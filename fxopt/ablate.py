@@ -807,8 +807,9 @@ def add_cli(sub) -> None:
     a.add_argument("--target-loss", type=float, default=None)
     a.add_argument("--no-verify", dest="verify", action="store_false", help="skip fxopt.optimize's verification")
     a.add_argument("--plot", default=None, help="write the loss curves to this .png/.svg")
-    a.add_argument("--json", default=None, help="write the full result (curves included) to this file")
-    a.add_argument("--format", choices=["table", "md"], default="table")
+    a.add_argument("--json", default=None, help="also write the --format json document (curves included) here")
+    a.add_argument("--format", choices=["table", "md", "json"], default="table",
+                   help="json: the fxopt.ablation document on stdout (the same as --json FILE writes)")
     a.set_defaults(func=cmd_ablate)
 
 
@@ -837,11 +838,15 @@ def cmd_ablate(args) -> int:
     data = auto_data(model_fn, spec.inputs[0].shape[1:], args.steps, args.batch, seed=0, device=device)
     result = ablate(model_fn, variants, data, steps=args.steps, seeds=args.seeds, device=device,
                     optimizer_fn=lambda p: torch.optim.AdamW(p, lr=args.lr), target_loss=args.target_loss)
-    print(f"{spec.name}, data: {data!r}")
-    print(result.to_markdown() if args.format == "md" else result.table())
+    notes = sys.stderr if args.format == "json" else sys.stdout  # stdout stays one JSON document
+    if args.format == "json":
+        print(result.to_json())
+    else:
+        print(f"{spec.name}, data: {data!r}")
+        print(result.to_markdown() if args.format == "md" else result.table())
     if args.plot:
-        print(f"plot written to {result.plot(args.plot)}")
+        print(f"plot written to {result.plot(args.plot)}", file=notes)
     if args.json:
         Path(args.json).write_text(result.to_json())
-        print(f"result written to {args.json}")
+        print(f"result written to {args.json}", file=notes)
     return 0 if all(v.verdict in ("baseline", "parity") for v in result.variants) else 1

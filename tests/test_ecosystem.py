@@ -425,3 +425,13 @@ def test_module_tree_adds_up_and_counts_parameters():
 def test_report_by_tree_cli(capsys):
     code, out, _ = _cli(capsys, "report", "convnext_t-tiny", "--by", "tree", "--depth", "2")
     assert code == 0 and "│ 0" in out and "params M" in out
+
+
+def test_ablate_format_json_equals_its_json_file(capsys, tmp_path):
+    import json
+    path = tmp_path / "a.json"
+    code, out, err = _cli(capsys, "ablate", "vit_b16", "--tiny", "--variants", "eager", "--steps", "3",
+                          "--seeds", "1", "--batch", "4", "--format", "json", "--json", str(path))
+    doc = json.loads(out)  # stdout is one JSON document; notes went to stderr
+    assert code == 0 and doc["schema"] == "fxopt.ablation/1" and "result written to" in err
+    assert json.loads(path.read_text())["variants"][0]["name"] == doc["variants"][0]["name"] == "eager"
