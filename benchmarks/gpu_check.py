@@ -258,25 +258,31 @@ def step_bench(ctx: Ctx) -> dict:
 
 # ---- step 4: predicted vs measured --------------------------------------------------------------
 def predict_variant(spec: str, variant: str, batch: int, tiny: bool, preset: str, profile: str | None) -> dict:
-    """Predicted step of one bench variant: its graph built on the meta device with the preset (the
-    decisions fxopt made on the GPU), then costed with the preset and with the fresh profile."""
-    import fxopt
+    """Predicted step of one bench variant: the pipeline fxopt.optimize would run (the preset's
+    decisions, as on the GPU) on the meta device, its final graph costed with the preset (the pass
+    manager's own figure) and with the fresh profile."""
     from fxopt.analyze import analyze
     from fxopt.bench import resolve_bench_model
-    from fxopt.capture import Captured, normalize_inputs
+    from fxopt.capture import Captured, capture
+    from fxopt.passes import PassManager
+    from fxopt.passes.default import choose_pipeline
     pipeline, backend, _ = PREDICTORS[variant]
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.device("meta"):
             name, model, inputs = resolve_bench_model(spec, batch, tiny)
-        opt = fxopt.optimize(model, inputs, pipeline=pipeline, backend=backend, hardware=preset, verify=False)
-        args, kwargs = normalize_inputs(inputs)
-        captured = Captured(opt.graph_module, args, kwargs, True, source_name=name)
-        out = {"preset": float(analyze(captured, hardware=preset).totals["step_time_s"])}
+        captured = capture(model.train(), inputs)
+        if pipeline == "default":
+            pipeline = choose_pipeline(captured.graph_module, True, backend)[0]
+        gm, records = PassManager.from_pipeline(pipeline, verify=False, hardware=preset).run(captured)
+        final = Captured(gm, captured.example_args, captured.example_kwargs, captured.training,
+                         captured.dynamic_batch, name, captured.symbols)
+        after = records[-1].step_time_after_s if records else None
+        out = {"preset": float(after if after is not None else analyze(final, hardware=preset).totals["step_time_s"])}
         if profile:
-            out["profile"] = float(analyze(captured, hardware=profile).totals["step_time_s"])
-    return {"predicted_s": out, "wall_s": time.perf_counter() - t}
+            out["profile"] = float(analyze(final, hardware=profile).totals["step_time_s"])
+    return {"predicted_s": out, "pipeline": pipeline, "wall_s": time.perf_counter() - t}
 
 
 def _prediction_jobs(bench: dict | None) -> tuple[list, list, list]:
@@ -333,7 +339,7 @@ def step_predicted(ctx: Ctx) -> dict:
         if "error" in res:
             row["note"] = f"prediction failed: {res['error']}"
         else:
-            row["predicted_s"] = res["predicted_s"]
+            row["predicted_s"], row["pipeline"] = res["predicted_s"], res["pipeline"]
             row["rel_err"] = {k: (p - job["measured_s"]) / job["measured_s"] for k, p in res["predicted_s"].items()}
         rows.append(row)
         ctx.log(f"{row['model']} {row['variant']}: {row.get('predicted_s') or row.get('note')} vs measured "

@@ -79,6 +79,15 @@ def test_smoke_predictions_against_the_bench(smoke):
         assert set(row["predicted_s"]) == {"preset", "profile"}
         for hw, p in row["predicted_s"].items():
             assert p > 0 and row["rel_err"][hw] == pytest.approx((p - bench[name]) / bench[name])
+    # the fxopt row predicts the graph fxopt.optimize itself builds and costs with that preset
+    import fxopt
+    import torch
+    from fxopt import zoo
+    with torch.device("meta"):
+        model, inputs = zoo.build("vit_b16", tiny=True), zoo.example_inputs("vit_b16", 2, tiny=True)
+    report = fxopt.optimize(model, inputs, hardware=rec["preset"], verify=False).report
+    assert rows["fxopt"]["pipeline"] == report.pipeline
+    assert rows["fxopt"]["predicted_s"]["preset"] == pytest.approx(report.step_time_after_s, rel=1e-9)
     sp = rec["spearman"]
     assert "error" not in sp, sp
     assert all(-1 <= rho <= 1 for rho in sp["spearman"].values()) and sp["nodes"] > 5
