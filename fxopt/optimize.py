@@ -82,6 +82,8 @@ def _verdict(v) -> str:
 
 def _signature(args: tuple, kwargs: dict, training: bool):
     """What a captured graph is specialized to: mode, and each input's shape, dtype and device."""
+    if not kwargs and all(type(t) is torch.Tensor for t in args):  # the common case, without pytree (hot path)
+        return training, tuple((tuple(t.shape), t.dtype, t.device.type) for t in args)
     leaves, _ = tree_flatten((args, kwargs))
     return training, tuple((tuple(t.shape), t.dtype, t.device.type) if isinstance(t, torch.Tensor) else repr(t)
                            for t in leaves)
@@ -239,7 +241,7 @@ class OptimizedModule(nn.Module):
         entries = self._graphs.setdefault(key, [])
         entry = next((e for e in entries if e.fits()), None)
         if entry is not None or tracing:  # an outer capture inlines a graph, or the original
-            self._last = entry or self._last
+            self.__dict__["_last"] = entry or self._last  # (plain dict writes: this runs every call)
             return entry
         if self._captures >= RECAPTURE_LIMIT:
             if not self._warned.get("limit"):
@@ -251,7 +253,7 @@ class OptimizedModule(nn.Module):
         entry = self._build_for(args, kwargs)
         entries.append(entry)
         self._captures += 1
-        self._last = entry
+        self.__dict__["_last"] = entry
         return entry
 
     def _build_for(self, args, kwargs) -> _Entry:
