@@ -75,6 +75,18 @@ def test_div_by_zero_stays_a_division_and_by_one_becomes_a_mul():
     assert torch.equal(inf, x / 0.0) and torch.equal(one, x)
 
 
+def test_div_by_a_tensor_is_left_alone():
+    """Only a Python-number divisor has a constant reciprocal: x / y stays a div, x / 4 beside it
+    still becomes a mul."""
+    x, y = _x(3, 5), _x(3, 5, seed=1).abs() + 1
+    gm, record = run(Fn(lambda m, x, y: x / y + x / 4.0), (x, y), "normalize{rules=div-to-mul;}")
+    assert record.stats == {"div-to-mul": 1}
+    (div,) = nodes_of(gm, "div")
+    assert div.args[1].op == "placeholder"
+    out = gm(x, y)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, x / y + x / 4.0, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dims, perm", [((-2, -1), [1, 0]), ((0, -2), [0, 1]), ((-1, 0), [1, 0])])
 def test_transpose_with_negative_dims_becomes_permute(dims, perm):
     """Every valid dim of a 2-D tensor, -2 and -1 included, maps to its permutation."""
