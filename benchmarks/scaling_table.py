@@ -1,5 +1,5 @@
 """Predicted (not measured) data-parallel scaling of the zoo models on a cluster preset: step
-time, exposed communication and scaling efficiency from 1 to 4096 GPUs, DDP and FSDP. CPU only:
+time, exposed communication and scaling efficiency from 1 to 4096 GPUs, DDP, FSDP and HSDP. CPU only:
 models on the meta device, one analysis per model, then fxopt.distributed per world size. Also
 times what ``distributed=`` adds to an analysis (target: < 20 %).
 
@@ -35,8 +35,9 @@ def main(argv=None) -> None:
              f"(weights and inputs cast), gradients communicated in fp32 (AMP's fp32 master weights); per-GPU batch "
              f"fixed (weak scaling); SGD momentum. Efficiency = 1-GPU step / N-GPU step.", "",
              "| model (per-GPU batch) | GPUs | DDP step ms | DDP exposed comm ms (share) | DDP buckets | "
-             "DDP efficiency | FSDP step ms | FSDP exposed (share) | FSDP saves GB/GPU | throughput DDP (samples/s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "DDP efficiency | DDP samples/s | FSDP step ms | FSDP exposed (share) | HSDP step ms | HSDP exposed (share) "
+             "| FSDP / HSDP save GB/GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     overhead = []
     for name in args.models:
         with torch.device("meta"):
@@ -51,14 +52,15 @@ def main(argv=None) -> None:
         base = None
         for n in gpus:
             ddp = D.apply(report, {"world_size": n, "cluster": args.cluster, "grad_dtype": "fp32"}, params=params)
-            fsdp = D.apply(report, {"world_size": n, "cluster": args.cluster, "grad_dtype": "fp32",
-                                    "strategy": "fsdp"}, params=params)
+            fsdp, hsdp = (D.apply(report, {"world_size": n, "cluster": args.cluster, "grad_dtype": "fp32",
+                                           "strategy": s}, params=params) for s in ("fsdp", "hsdp"))
             base = base or ddp.step_time_s
             lines.append(f"| {name} ({BATCH[name]}) | {n} | {ddp.step_time_s * 1e3:.1f} | "
                          f"{ddp.exposed_comm_s * 1e3:.2f} ({ddp.exposed_share * 100:.1f} %) | {len(ddp.buckets)} | "
-                         f"{base / ddp.step_time_s * 100:.1f} % | {fsdp.step_time_s * 1e3:.1f} | "
+                         f"{base / ddp.step_time_s * 100:.1f} % | {ddp.throughput:,.0f} | {fsdp.step_time_s * 1e3:.1f} | "
                          f"{fsdp.exposed_comm_s * 1e3:.2f} ({fsdp.exposed_share * 100:.1f} %) | "
-                         f"{fsdp.memory_saved_bytes / 1e9:.2f} | {ddp.throughput:,.0f} |")
+                         f"{hsdp.step_time_s * 1e3:.1f} | {hsdp.exposed_comm_s * 1e3:.2f} ({hsdp.exposed_share * 100:.1f} %) | "
+                         f"{fsdp.memory_saved_bytes / 1e9:.2f} / {hsdp.memory_saved_bytes / 1e9:.2f} |")
     lines += ["", "What `distributed=` adds to an analysis (CPU wall time, this machine):", "",
               "| model | analyze s | + distributed cost s | overhead |", "|---|---|---|---|"]
     lines += [f"| {m} | {a:.2f} | {d:.3f} | {d / a * 100:.1f} % |" for m, a, d in overhead]

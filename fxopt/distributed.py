@@ -62,7 +62,8 @@ class Distributed:
     fsdp_depth: int | None = None      # module-path depth of FSDP units (None: the shallowest with 4+ units)
     prefetch: bool = True
     algorithm: str = "auto"            # inter-node all-reduce: auto, ring or tree
-    gradient_as_bucket_view: bool = False   # DDP's flag: True skips the copies into and out of buckets
+    gradient_as_bucket_view: bool = False   # DDP's flag: True skips the copies back from the buckets
+    batched_grad_copy: bool = False         # DDP's flag (recent torch): copies into a bucket as one kernel
 
     def __post_init__(self):
         checks = [
@@ -276,20 +277,24 @@ def overlap(ready_and_times: list[tuple[float, float]], backward_s: float) -> tu
 
 
 def _bucket_copies(report, params: list[Param], buckets: list, spec: Distributed) -> float:
-    """DDP's own kernels on the compute stream, costed like any copy the cost model sees: with
-    ``gradient_as_bucket_view=False`` (its default) each gradient is copied into its bucket and
-    back after the all-reduce (one kernel each way per parameter), and every bucket is divided by
-    the world size before its all-reduce."""
+    """DDP's own kernels on the compute stream (torch's reducer), costed like any kernel the cost
+    model sees. Into the bucket: one kernel per gradient that copies and divides by the world size
+    (``mul_out``), or with ``batched_grad_copy`` one ``_foreach_copy_`` plus one ``div_`` per
+    bucket; with ``zero_grad(set_to_none=True)`` this copy stays even with
+    ``gradient_as_bucket_view`` (torch's docs). Back to ``.grad`` after the all-reduce: one copy per
+    gradient, unless the gradients are bucket views."""
     from .cost_models.roofline import call_time
     hw, prec = report.hardware, report.precision
-    t = 0.0
-    if not spec.gradient_as_bucket_view:
-        t += sum(2 * float(call_time("memory", p.dtype, 0, 2 * p.nbytes(), 1, hw, prec).total_s) for p in params)
+    kernel = lambda cls, dtype, numel, nbytes: float(call_time(cls, dtype, numel, 2 * nbytes, 1, hw, prec).total_s)
     by_name = {p.name: p for p in params}
-    for b in buckets:
-        ps = [by_name[n] for n in b.params]
-        t += float(call_time("pointwise", ps[0].dtype, sum(p.numel for p in ps), 2 * sum(p.nbytes() for p in ps), 1,
-                             hw, prec).total_s)
+    if spec.batched_grad_copy:
+        groups = [[by_name[n] for n in b.params] for b in buckets]
+        t = sum(kernel("memory", g[0].dtype, 0, sum(p.nbytes() for p in g)) +
+                kernel("pointwise", g[0].dtype, sum(p.numel for p in g), sum(p.nbytes() for p in g)) for g in groups)
+    else:
+        t = sum(kernel("pointwise", p.dtype, p.numel, p.nbytes()) for p in params)
+    if not spec.gradient_as_bucket_view:
+        t += sum(kernel("memory", p.dtype, 0, p.nbytes()) for p in params)
     return t
 
 
@@ -625,9 +630,10 @@ def _what_ifs(report, cost: DistributedCost) -> list[tuple[str, float]]:
     if spec.grad_dtype is None and any(p.dtype == "float32" for p in params):
         options.append(("communicate gradients in bf16 (DDP: register_comm_hook(None, bf16_compress_hook); FSDP2: "
                         "MixedPrecisionPolicy(reduce_dtype=torch.bfloat16))", replace(spec, grad_dtype="bf16"), 1))
-    if spec.strategy == "ddp" and not spec.gradient_as_bucket_view:
-        options.append(("DistributedDataParallel(gradient_as_bucket_view=True): no gradient copies into and out of "
-                        "the buckets", replace(spec, gradient_as_bucket_view=True), 1))
+    if spec.strategy == "ddp" and not (spec.gradient_as_bucket_view and spec.batched_grad_copy):
+        options.append(("DistributedDataParallel(gradient_as_bucket_view=True, batched_grad_copy=True) (the latter "
+                        "where your torch has it): no per-parameter copies into and out of the buckets",
+                        replace(spec, gradient_as_bucket_view=True, batched_grad_copy=True), 1))
     for mb in (5, 10, 50, 100):
         if spec.strategy == "ddp" and mb != spec.bucket_mb:
             options.append((f"DistributedDataParallel(bucket_cap_mb={mb})", replace(spec, bucket_mb=mb), 1))

@@ -121,10 +121,12 @@ def test_gradients_are_ready_when_their_nodes_backward_ends(mlp_report):
                                                                     load_cluster("h100-ib")).time_s)
 
 
-def test_ddp_bucket_copies_add_to_the_step_unless_gradients_are_bucket_views(mlp_report):
+def test_ddp_bucket_copies_add_to_the_step(mlp_report):
     copies = D.apply(mlp_report, {"world_size": 16})
     views = D.apply(mlp_report, {"world_size": 16, "gradient_as_bucket_view": True})
-    assert copies.bucket_copy_s > views.bucket_copy_s > 0      # the per-bucket division stays
+    batched = D.apply(mlp_report, {"world_size": 16, "gradient_as_bucket_view": True, "batched_grad_copy": True})
+    assert copies.bucket_copy_s > views.bucket_copy_s > 0      # the copy into the buckets stays
+    assert batched.bucket_copy_s > 0 and len(batched.buckets) == 2
     assert copies.step_time_s == pytest.approx(copies.compute_s + copies.exposed_comm_s + copies.bucket_copy_s)
     assert D.apply(mlp_report, {"world_size": 1}).bucket_copy_s == 0
     assert D.apply(mlp_report, {"world_size": 16, "strategy": "fsdp"}).bucket_copy_s == 0
