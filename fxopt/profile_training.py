@@ -369,7 +369,12 @@ def analyze_trace(trace: dict, *, warmup: int = 0, unprofiled=()) -> TrainingPro
             cl = lambda evs: _clip(iv(evs), lo, hi)
             comm = cl(e for e in mine if COLLECTIVE.search(e["name"]))
             busy = cl(mine)
-            compute = _minus(busy, comm)
+            compute = cl(e for e in mine if not COLLECTIVE.search(e["name"]))  # may overlap the collectives
+            for e in mine:
+                if COLLECTIVE.search(e["name"]) and lo <= e["ts"] < hi:
+                    rec = coll.setdefault(e["name"], {"count": 0, "seconds": 0.0})
+                    rec["count"] += 1
+                    rec["seconds"] += e["dur"] * 1e-6
             matrix = cl(e for e in mine if e.get("cat") == "kernel" and MATRIX_KERNEL.search(e["name"])
                         and not COLLECTIVE.search(e["name"]))
             h2d = _length(cl(e for e in mine if e.get("cat") == "gpu_memcpy" and H2D.search(e["name"])))
@@ -391,7 +396,7 @@ def analyze_trace(trace: dict, *, warmup: int = 0, unprofiled=()) -> TrainingPro
              "optimizer_s": _length(opt), "comm_s": _length(comm), "comm_exposed_s": _length(_clip(exposed, lo, hi)),
              "device_busy_s": _length(_clip(busy, lo, hi)), "device_idle_s": wall - _length(_clip(busy, lo, hi)),
              "host_gap_s": _length(gaps), "matrix_s": _length(_clip(matrix, lo, hi))}
-        m["other_kernel_s"] = max(0.0, m["device_busy_s"] - m["matrix_s"])
+        m["other_kernel_s"] = max(0.0, _length(_clip(compute, lo, hi)) - m["matrix_s"])  # collectives apart
         steps.append({"step": i, **{k: v * 1e-6 for k, v in m.items()}})
         tracks = [("data wait", data), ("optimizer", opt), ("collective", _clip(comm, lo, hi)),
                   ("collective exposed", _clip(exposed, lo, hi)), ("host gap", gaps)]

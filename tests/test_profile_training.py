@@ -50,6 +50,16 @@ def make_loop(delay: float, batch: int = 8):
     return loop
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core CI machine, OpenMP barriers between two threads make a
+    tiny model's ops take 100x longer whenever the other core is busy, which would swamp the loader."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def slow():
     return fxopt.profile_training(make_loop(0.004), steps=4, warmup=1)
@@ -208,3 +218,45 @@ def test_cli_profile_training_and_report_trace(tmp_path, capsys):
     assert "fits: predicted peak" in out
     threads = {e["args"]["name"] for e in json.loads(pred.read_text())["traceEvents"] if e["name"] == "thread_name"}
     assert {"forward", "backward", "optimizer"} <= threads
+
+
+def _gpu_trace(data_end: float, nccl_end: float) -> dict:
+    """A hand-made torch.profiler trace of one GPU step (us): a batch fetch, an H2D copy, forward
+    and backward kernels, an NCCL all-reduce on its own stream overlapping one GEMM, the optimizer."""
+    X = lambda name, cat, ts, end, tid=1, pid=1: {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": end - ts,
+                                                 "pid": pid, "tid": tid, "args": {}}
+    return {"traceEvents": [
+        X("fxopt.step#0", "user_annotation", 0, 1000),
+        X("enumerate(DataLoader)#_MultiProcessingDataLoaderIter.__next__", "user_annotation", 0, data_end),
+        X("aten::linear", "cpu_op", 250, 300),
+        X("autograd::engine::evaluate_function: AddmmBackward0", "cpu_op", 400, 500, tid=2),
+        X("c10d::allreduce_", "cpu_op", 470, 480),
+        X("Optimizer.step#SGD.step", "user_annotation", 600, 650),
+        X("Memcpy HtoD (Pageable -> Device)", "gpu_memcpy", 210, 240, tid=7, pid=0),
+        X("sm90_xmma_gemm_f32f32_tn", "kernel", 300, 400, tid=7, pid=0),
+        X("vectorized_elementwise_kernel", "kernel", 400, 450, tid=7, pid=0),
+        X("ncclDevKernel_AllReduce_Sum_f32_RING_LL", "kernel", 480, nccl_end, tid=20, pid=0),
+        X("sm90_xmma_gemm_f32f32_nn", "kernel", 500, 550, tid=7, pid=0),
+        X("multi_tensor_apply_kernel", "kernel", 700, 720, tid=7, pid=0),
+    ]}
+
+
+def test_gpu_trace_arithmetic_by_hand():
+    res = analyze_trace(_gpu_trace(data_end=205, nccl_end=700))
+    s = {k: v * 1e6 for k, v in res.steps[0].items() if k != "step"}
+    # device busy: [210,240] + [300,450] + [480,720]; compute (non-NCCL) adds [500,550] under the NCCL kernel
+    assert s["device_busy_s"] == pytest.approx(420) and s["device_idle_s"] == pytest.approx(580)
+    assert s["h2d_s"] == pytest.approx(30) and s["matrix_s"] == pytest.approx(150)
+    assert s["other_kernel_s"] == pytest.approx(30 + 50 + 20)  # copy, elementwise, optimizer
+    assert s["comm_s"] == pytest.approx(220) and s["comm_exposed_s"] == pytest.approx(20 + 150)
+    # host gaps: neither device work, data wait nor a collective: [205,210] [240,300] [450,480] [720,1000]
+    assert s["host_gap_s"] == pytest.approx(5 + 60 + 30 + 280)
+    assert s["forward_s"] == pytest.approx(400 - 205) and s["backward_s"] == pytest.approx(100)
+    assert s["optimizer_s"] == pytest.approx(50) and s["data_wait_s"] == pytest.approx(205)
+    assert res.verdict.kind == "input-bound" and "_MultiProcessingDataLoaderIter" in res.verdict.evidence
+    assert [v.kind for v in res.also] == ["host-bound"]
+    assert set(res.collectives) == {"c10d::allreduce_", "ncclDevKernel_AllReduce_Sum_f32_RING_LL"}
+    # a short batch fetch and a long all-reduce the backward cannot hide: communication-bound
+    res = analyze_trace(_gpu_trace(data_end=50, nccl_end=900))
+    assert res.steps[0]["comm_exposed_s"] * 1e6 == pytest.approx(20 + 150 + 180)
+    assert res.verdict.kind == "communication-bound" and "bucket_cap_mb" in res.verdict.change
