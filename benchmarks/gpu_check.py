@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -64,7 +65,7 @@ STEP_SCHEMA = "fxopt.gpu_check.step/1"
 # ConvNeXt-T 45 s, ViT-B/16 22 s; steps 30-70 ms at batch 128) and CPU timings of the same code.
 # Per step: (expected wall on an H100/H200, least useful run, expected wall of the --cpu-smoke form).
 ESTIMATES_S = {
-    "1-pytest-gpu": (90, 30, 0),     # 8 gpu tests; Triton compiles every generated kernel (no CPU form)
+    "1-pytest-gpu": (90, 30, 0),     # 11 gpu tests; Triton compiles every generated kernel (no CPU form)
     "2-calibrate": (30, 15, 6),      # quick grid + process start
     "3-bench": (240, 45, 10),        # elastic: models x variants by priority (BENCH_PLAN, BENCH_EST_S)
     "4-predicted": (60, 30, 15),     # predictions on the host CPU in parallel + one fxopt.profile
@@ -105,6 +106,7 @@ NOT_PREDICTED = {"compile": "Inductor's own fusion is not modelled by fxopt's co
                  "fxopt-inductor": "Inductor's fusion of the final graph is not modelled"}
 PREDICT_JOB_EST_S = 10      # one optimize on the meta device + two analyses, batch 128, host CPU
 SPEARMAN_MODEL = "resnet50"
+PYTEST_TEST_TIMEOUT_S = 120  # per gpu test, where pytest-timeout is installed
 # step 5: (model, batch, seeds, steps cap, per-seed setup s, s per step of both variants)
 ABLATE = ("resnet50", 64, 2, 300, 15.0, 0.06)
 SMOKE_ABLATE = ("vit_b16", 4, 1, 6, 3.0, 0.3)
@@ -157,17 +159,33 @@ def step_pytest(ctx: Ctx) -> dict:
     # collect (a package missing there) must not stop the others
     files = sorted(str(f) for f in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in f.read_text())
     ctx.log(f"gpu tests in: {[Path(f).name for f in files]}")
-    argv = ["-q", "-p", "no:cacheprovider", "-m", "gpu", "--continue-on-collection-errors", "--junitxml", str(xml),
+    argv = ["-v", "-p", "no:cacheprovider", "-m", "gpu", "--continue-on-collection-errors", "--junitxml", str(xml),
             *files]
+    if importlib.util.find_spec("pytest_timeout") is not None:  # a hanging test fails alone (installed there)
+        argv[:0] = ["--timeout", str(PYTEST_TEST_TIMEOUT_S)]
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import _checkout; _checkout.install(); "
             f"import pytest; sys.exit(pytest.main({argv!r}))")
-    with open(ctx.log_file, "a") as log:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=max(ctx.left_s(), 10))
+    try:
+        with open(ctx.log_file, "a") as log:
+            proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=max(ctx.left_s(), 10))
+    except subprocess.TimeoutExpired:
+        ctx.save(**_verbose_results(ctx.log_file))  # no junit XML from a killed run: the -v lines say what finished
+        raise RuntimeError(f"pytest did not finish in {ctx.allot_s:.0f} s; the tests that did are recorded") from None
     result = {"returncode": proc.returncode, **_junit(xml)}
     if proc.returncode not in (0, 1):  # 1: tests failed (reported); else pytest itself did not run
         raise RuntimeError(f"pytest exited {proc.returncode} (see 1-pytest-gpu.log); {result}")
     return result
+
+
+def _verbose_results(log: Path) -> dict:
+    """Per-test outcomes from ``pytest -v`` lines (``tests/x.py::test_y PASSED``)."""
+    import re
+    outcomes = dict(re.findall(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", log.read_text(), re.M))
+    failed = [t for t, o in outcomes.items() if o in ("FAILED", "ERROR")]
+    return {"tests": len(outcomes), "passed": sum(o == "PASSED" for o in outcomes.values()), "failed": len(failed),
+            "skipped": sum(o == "SKIPPED" for o in outcomes.values()),
+            "failures": [{"test": t, "message": "see 1-pytest-gpu.log"} for t in failed]}
 
 
 def _junit(path: Path) -> dict:
