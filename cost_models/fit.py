@@ -264,12 +264,14 @@ def _round(v: float) -> float:
     return float(f"{v:.4g}")
 
 
-def fit_matrix(rows: list[Measurement], hw: Hardware, regime: str, iters: int = 120) -> dict:
-    """Fitted ``eff``, ``k_half``, ``reuse``, ``latency_s`` of one matrix regime."""
+def fit_matrix(rows: list[Measurement], hw: Hardware, regime: str, iters: int = 120,
+               names: "list[str] | None" = None) -> dict:
+    """Fitted ``eff``, ``k_half``, ``reuse``, ``latency_s``, ``reduce_bw`` (or just ``names``) of one
+    matrix regime."""
     rows = [m for m in rows if m.regime == regime]
     if not rows:
         return {}
-    names = list(MATRIX_PARAMS)
+    names = list(names or MATRIX_PARAMS)
     start = {n: hw.kernel_param("matrix")[regime][n] or 1.0 for n in names}
     return _fit(rows, hw, names, MATRIX_PARAMS, start, lambda v: with_params(hw, "matrix", v, regime), iters)
 

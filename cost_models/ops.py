@@ -384,32 +384,58 @@ LN_ONE_PASS_ROW = 16384            # bytes: ATen's vectorized layer norm keeps t
 SOFTMAX_ONE_PASS_ROW = 48 * 1024   # bytes: the shared-memory softmax kernel holds the row
 
 
+def _copies(*ts) -> tuple:
+    """ATen's norm and softmax kernels call ``.contiguous()`` on their inputs: a permuted view (a
+    layer norm over the channels of an NCHW tensor) is copied first, one read and one write."""
+    strided = [t for t in ts if isinstance(t, torch.Tensor) and not _contiguous(t)]
+    return sum((2 * tensor_bytes(t) for t in strided), 0), len(strided)
+
+
+def _contiguous(t) -> bool:
+    try:
+        return bool(t.is_contiguous())
+    except Exception:  # undecidable symbolic strides: assume the common case
+        return True
+
+
+def _with_copies(extra, why, kernels, *ts):
+    """A traffic rule's ``(extra bytes, why, extra kernels)`` plus the copies of strided inputs."""
+    copy_bytes, copies = _copies(*ts)
+    if copies:
+        why = (why + "; " if why else "") + f"{copies} strided input(s) copied to contiguous first"
+    return (extra + copy_bytes, why, kernels + copies) if (extra or copies) else None
+
+
 def _ln_forward(args, kwargs, out):
     x = args[0]
     if _row(x) <= LN_ONE_PASS_ROW:
-        return None
-    return tensor_bytes(x), f"layer norm, row {_row(x)} B > {LN_ONE_PASS_ROW} B: moments then normalize (x read twice)", 0
+        return _with_copies(0, "", 0, x)
+    return _with_copies(tensor_bytes(x), f"layer norm, row {_row(x)} B > {LN_ONE_PASS_ROW} B: moments then "
+                        f"normalize (x read twice)", 0, x)
 
 
 def _ln_backward(args, kwargs, out):
     """dx needs row reductions of (dy, x); dgamma/dbeta a second kernel reducing over rows."""
     go, x = args[0], args[1]
-    return tensor_bytes(go) + tensor_bytes(x), "layer-norm backward: dx kernel + dgamma/dbeta kernel re-read (dy, x)", 1
+    return _with_copies(tensor_bytes(go) + tensor_bytes(x),
+                        "layer-norm backward: dx kernel + dgamma/dbeta kernel re-read (dy, x)", 1, go, x)
 
 
 def _softmax_forward(args, kwargs, out):
     x = args[0]
     dim = args[1] if len(args) > 1 else -1
     if dim not in (-1, x.dim() - 1) or _row(x) <= SOFTMAX_ONE_PASS_ROW:
-        return None
-    return 2 * tensor_bytes(x), f"softmax, row {_row(x)} B > {SOFTMAX_ONE_PASS_ROW} B: max, sum and write passes (x read 3x)", 0
+        return _with_copies(0, "", 0, x)
+    return _with_copies(2 * tensor_bytes(x), f"softmax, row {_row(x)} B > {SOFTMAX_ONE_PASS_ROW} B: max, sum and "
+                        f"write passes (x read 3x)", 0, x)
 
 
 def _softmax_backward(args, kwargs, out):
     go, y = args[0], args[1]
     if _row(y) <= SOFTMAX_ONE_PASS_ROW:
-        return None
-    return tensor_bytes(go) + tensor_bytes(y), "softmax backward, long rows: dot pass then dx pass (dy, y read twice)", 0
+        return _with_copies(0, "", 0, go, y)
+    return _with_copies(tensor_bytes(go) + tensor_bytes(y), "softmax backward, long rows: dot pass then dx pass "
+                        "(dy, y read twice)", 0, go, y)
 
 
 TRAFFIC = {

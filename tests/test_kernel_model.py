@@ -14,7 +14,7 @@ from fxopt.cost_models.ops import cost_call
 from fxopt.cost_models.roofline import Precision, call_time
 
 H100 = load_hardware("h100")
-ONE_TILE = {"eff": 0.8, "k_half": 0.0, "reuse": 0.0, "latency_s": 0.0, "align": 8, "misaligned": 0.5,
+ONE_TILE = {"eff": 0.8, "k_half": 0.0, "reuse": 0.0, "latency_s": 0.0, "reduce_bw": 5e12, "align": 8, "misaligned": 0.5,
             "tiles": [[128, 256]]}
 
 
@@ -160,7 +160,7 @@ def test_fit_recovers_known_matrix_parameters():
     hw_true = fit.with_params(H100, "matrix", truth, "fp32")
     shapes = [(1, m, n, k) for m in (64, 512, 4096) for n in (128, 1024, 3000) for k in (32, 256, 2048)]
     rows = _synthetic(hw_true, [("mm", "float32", s) for s in shapes])
-    got = fit.fit_matrix(rows, H100, "fp32", iters=300)
+    got = fit.fit_matrix(rows, H100, "fp32", iters=300, names=list(truth))
     for name, value in truth.items():
         assert got[name] == pytest.approx(value, rel=0.1), name
     assert fit.mape(rows, fit.with_params(H100, "matrix", got, "fp32")) < 0.01
@@ -246,3 +246,14 @@ def test_symbolic_report_stays_a_formula():
     conc = fxopt.analyze(model, torch.randn(64, 64))
     # the concretized formula prices the same kernels (host path aside: a symbolic step is the GPU's sum)
     assert float(at.totals["gpu_time_s"]) == pytest.approx(conc.totals["gpu_time_s"], rel=1e-6)
+
+
+def test_norm_of_a_permuted_view_pays_the_contiguous_copy():
+    """ConvNeXt's layer norm over NCHW channels: ATen copies the permuted input first."""
+    with FakeTensorMode():
+        x = torch.empty(2, 16, 8, 8).permute(0, 2, 3, 1)
+        args = (x, [16], torch.empty(16), torch.empty(16), 1e-6)
+        c = cost_call(torch.ops.aten.native_layer_norm.default, args, {},
+                      torch.ops.aten.native_layer_norm.default(*args))
+    nbytes = 2 * 16 * 8 * 8 * 4
+    assert c.extra_bytes == 2 * nbytes and c.kernels == 2 and "strided" in c.traffic
