@@ -34,10 +34,10 @@ def main(argv=None) -> None:
              f"torch {torch.__version__}, hardware preset {args.hw}, cluster preset {args.cluster}. bf16 compute "
              f"(weights and inputs cast), gradients communicated in fp32 (AMP's fp32 master weights); per-GPU batch "
              f"fixed (weak scaling); SGD momentum. Efficiency = 1-GPU step / N-GPU step.", "",
-             "| model (per-GPU batch) | GPUs | DDP step ms | DDP exposed comm ms (share) | DDP buckets | "
+             "| model (per-GPU batch) | GPUs | DDP step ms | DDP exposed comm ms (share) | DDP reducer kernels ms | DDP buckets | "
              "DDP efficiency | DDP samples/s | FSDP step ms | FSDP exposed (share) | HSDP step ms | HSDP exposed (share) "
              "| FSDP / HSDP save GB/GPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     overhead = []
     for name in args.models:
         with torch.device("meta"):
@@ -56,7 +56,8 @@ def main(argv=None) -> None:
                                            "strategy": s}, params=params) for s in ("fsdp", "hsdp"))
             base = base or ddp.step_time_s
             lines.append(f"| {name} ({BATCH[name]}) | {n} | {ddp.step_time_s * 1e3:.1f} | "
-                         f"{ddp.exposed_comm_s * 1e3:.2f} ({ddp.exposed_share * 100:.1f} %) | {len(ddp.buckets)} | "
+                         f"{ddp.exposed_comm_s * 1e3:.2f} ({ddp.exposed_share * 100:.1f} %) | {ddp.bucket_copy_s * 1e3:.2f} | "
+                         f"{len(ddp.buckets)} | "
                          f"{base / ddp.step_time_s * 100:.1f} % | {ddp.throughput:,.0f} | {fsdp.step_time_s * 1e3:.1f} | "
                          f"{fsdp.exposed_comm_s * 1e3:.2f} ({fsdp.exposed_share * 100:.1f} %) | "
                          f"{hsdp.step_time_s * 1e3:.1f} | {hsdp.exposed_comm_s * 1e3:.2f} ({hsdp.exposed_share * 100:.1f} %) | "
