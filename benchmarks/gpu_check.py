@@ -71,6 +71,9 @@ ESTIMATES_S = {
     "4-predicted": (60, 30, 15),     # predictions on the host CPU in parallel + one fxopt.profile
     "5-ablate": (60, 30, 10),        # elastic: ablation steps scaled to the time given
 }
+# an isolated step is killed at 1.25 x its allotment + this grace (process start, imports); a --cpu-smoke
+# run's estimates are for an idle CPU, and CI's shared CPUs are often far from idle
+GRACE_S, SMOKE_GRACE_S = 30, 120
 # bench, per model: (build + matrix-FLOP analysis at batch 128, {variant: first step + 3 warm-up + 20 steps})
 BENCH_EST_S = {
     "resnet50": (15, {"autocast-cl": 5, "fxopt": 25, "compile": 65, "fxopt-triton": 60, "fxopt-inductor": 75}),
@@ -155,6 +158,7 @@ def _write_step(out: Path, step: str, **fields) -> None:
 def step_pytest(ctx: Ctx) -> dict:
     """The gpu-marked tests, in their own process (junit XML -> counts and failures)."""
     xml = ctx.out / "1-pytest-gpu.xml"
+    xml.unlink(missing_ok=True)
     # only the files that hold gpu tests (collecting the whole suite costs time), and a file that fails to
     # collect (a package missing there) must not stop the others
     files = sorted(str(f) for f in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in f.read_text())
@@ -211,6 +215,7 @@ def _junit(path: Path) -> dict:
 def step_calibrate(ctx: Ctx) -> dict:
     from fxopt.calibrate import calibrate, summary
     path = ctx.out / "2-calibrate.profile.json"
+    path.unlink(missing_ok=True)  # step 4 must not predict with an earlier run's profile
     prof = calibrate(device=ctx.device, quick=True, out=path)
     ctx.log(summary(prof))
     return {"profile": path.name, "name": prof["name"], "source": prof.get("source"),
@@ -584,7 +589,8 @@ def parse(argv=None):
                    help="also keep --out as this .tar.gz, rewritten after every step (one file to bring back "
                         "from a machine that returns few files; a run killed midway leaves its last state)")
     p.add_argument("--hard-limit-s", type=float, default=None,
-                   help="no step runs past this many seconds from the start (default: budget + 60)")
+                   help="no step runs past this many seconds from the start (default: budget + 60; "
+                        "--cpu-smoke: budget + 240)")
     p.add_argument("--only", default=None, help="comma-separated step numbers to run (e.g. 3,4); the others' "
                                                  "files in --out are left as they are")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -627,7 +633,7 @@ def main(argv=None) -> int:
         meta["steps"] = json.loads(meta_path.read_text()).get("steps", {})
     meta_path.write_text(json.dumps(meta, indent=1))
     bundle(args.out, args.bundle)
-    hard_limit = args.hard_limit_s or args.budget_s + 60
+    hard_limit = args.hard_limit_s or args.budget_s + 2 * (SMOKE_GRACE_S if args.cpu_smoke else GRACE_S)
     print(f"gpu-check: {meta['device']}, torch {meta['torch']}, budget {args.budget_s:.0f} s -> {args.out}",
           flush=True)
     start = time.perf_counter()
@@ -639,6 +645,7 @@ def main(argv=None) -> int:
         est = _est(step.key, args.cpu_smoke)[0]
         log_file = args.out / f"{step.key}.log"
         log_file.write_text(f"{step.title}; {cmd}\n")
+        (args.out / f"{step.key}.json").unlink(missing_ok=True)  # a rerun into the same --out never reads stale results
         t = time.perf_counter()
         if args.cpu_smoke and step.cuda_only:
             status, reason, result = "skipped", step.cuda_only, {}
@@ -646,7 +653,8 @@ def main(argv=None) -> int:
             status, reason, result = ("skipped", f"budget: needs ~{_est(step.key, args.cpu_smoke)[1]:.0f} s at "
                                       f"least, {max(left, 0):.0f} s left", {})
         elif isolate:
-            timeout = max(1.0, min(1.25 * given + 30, hard_limit - (time.perf_counter() - start)))
+            grace = SMOKE_GRACE_S if args.cpu_smoke else GRACE_S
+            timeout = max(1.0, min(1.25 * given + grace, hard_limit - (time.perf_counter() - start)))
             status, reason, result = run_isolated(step, args, given, timeout, log_file)
         else:
             ctx = Ctx(args.out, args.cpu_smoke, device, given, step.key, log_file)
