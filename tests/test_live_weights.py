@@ -113,6 +113,19 @@ def test_replaced_submodule_recaptures():
     assert opt._captures == 3
 
 
+def test_submodule_switched_to_eval_gets_its_own_graph():
+    """Frozen batch norm (a submodule in eval inside a training model) is common in detection
+    models: the graph captured with BN in training mode must not be reused."""
+    model = Net().train()
+    opt = fxopt.optimize(model, _x(), pipeline=PIPE)
+    ref = copy.deepcopy(model)
+    opt.body[1].eval()
+    ref.body[1].eval()
+    _same(opt, ref, _x())
+    assert opt.training and not opt.body[1].training and opt._captures == 2
+    torch.testing.assert_close(opt.body[1].running_mean, ref.body[1].running_mean)  # not updated
+
+
 def test_functional_call_uses_the_given_tensors():
     model = Net().train()
     opt = fxopt.optimize(model, _x(), pipeline=PIPE)
