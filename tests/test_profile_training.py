@@ -31,14 +31,14 @@ class SlowData(Dataset):
         return self.x[i], self.y[i]
 
 
-def _model():
+def _model(width: int = 64):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    return nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
 
 
-def make_loop(delay: float, batch: int = 8):
+def make_loop(delay: float, batch: int = 8, width: int = 64):
     def loop():
-        model = _model()
+        model = _model(width)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         loader = DataLoader(SlowData(512, delay), batch_size=batch, num_workers=0)
         while True:
@@ -67,7 +67,8 @@ def slow():
 
 @pytest.fixture(scope="module")
 def fast():
-    return fxopt.profile_training(make_loop(0.0), steps=6, warmup=2)
+    # a fetch of 64 in-memory rows (~1 ms in Python) beside ~0.4 GFLOP of matmuls per step
+    return fxopt.profile_training(make_loop(0.0, batch=64, width=1024), steps=6, warmup=2)
 
 
 def test_slow_loader_is_input_bound(slow):
@@ -143,6 +144,7 @@ def test_interval_arithmetic():
 
 
 def _gloo_worker(rank: int, world: int, init: str, out: str):
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         def loop():
@@ -164,7 +166,8 @@ def _gloo_worker(rank: int, world: int, init: str, out: str):
 
 def test_two_gloo_processes_show_their_all_reduce(tmp_path):
     init = f"file://{tmp_path}/store"
-    mp.spawn(_gloo_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    # fork: the children inherit the imported torch and fxopt (spawn re-imports them, ~10x slower)
+    mp.start_processes(_gloo_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     for rank in (0, 1):
         data = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert data["rank"] == rank
