@@ -276,7 +276,21 @@ def step_bench(ctx: Ctx) -> dict:
             record["wall_s"] = time.perf_counter() - t
         models.append(record)
         ctx.save(models=models)
+        lost = _cuda_lost(record)
+        if lost:  # every later CUDA call in this process fails too: stop, leave the time to steps 4-5
+            ctx.save(stopped=f"CUDA context lost ({lost}); the models after {entry['model']} were not run "
+                             f"(rerun them in a fresh process: --only 3)")
+            break
     return ctx.result
+
+
+CUDA_LOST = ("illegal memory access", "CUDA error", "device-side assert", "unspecified launch failure")
+
+
+def _cuda_lost(record: dict) -> str | None:
+    """The first failure reason of a model's bench that leaves the process's CUDA context unusable."""
+    reasons = [record.get("error", "")] + [r.get("reason", "") for r in record.get("bench", {}).get("results", [])]
+    return next((r for r in reasons if r and any(k in r for k in CUDA_LOST)), None)
 
 
 # ---- step 4: predicted vs measured --------------------------------------------------------------

@@ -84,6 +84,8 @@ def _bench(r: dict) -> list[str]:
     lines = [f"Batch {r.get('batch')}, one training step (forward, loss, backward, SGD momentum), median of "
              f"{r.get('steps')} steps after {r.get('warmup')} warm-up; first step = build (capture, passes, "
              f"compile) + one step; MFU vs the dense bf16 peak.", ""]
+    if r.get("stopped"):
+        lines += [f"**Stopped early**: {r['stopped']}", ""]
     for m in r.get("models", []):
         lines.append(f"#### {m['model']}")
         lines.append("")

@@ -3,6 +3,7 @@
 The smoke run is the CI check that the driver works before a GPU is lent: every step's results
 land in the directory, skipped steps say why, and the report renders them.
 """
+import importlib
 import json
 import statistics
 import subprocess
@@ -199,3 +200,39 @@ def test_fxopt_imports_from_a_bare_checkout(tmp_path):
     passes_file, hardware_file = proc.stdout.split()
     assert Path(passes_file) == ROOT / "passes" / "__init__.py"
     assert Path(hardware_file) == ROOT / "cost_models" / "hardware.py"
+
+
+def test_bench_step_replans_and_stops_when_cuda_is_lost(tmp_path, monkeypatch):
+    """The GPU form of step 3, with fxopt.bench replaced: a model that fails with a CUDA fault stops the
+    step (every later CUDA call in that process would fail too) and the record says why."""
+    calls = []
+
+    class Result:
+        def __init__(self, variants):
+            self.variants = variants
+
+        def table(self):
+            return ""
+
+        def to_markdown(self):
+            return "title\n| t |"
+
+        def to_dict(self):
+            return {"batch": 128, "results": [
+                {"name": v, "status": "failed" if v == "fxopt" else "ok",
+                 "reason": "RuntimeError: CUDA error: an illegal memory access was encountered" if v == "fxopt" else ""}
+                for v in self.variants]}
+
+    def fake_bench(spec, variants, **kw):
+        calls.append((spec, list(variants), kw["batch"], kw["steps"]))
+        return Result(variants)
+
+    monkeypatch.setattr(importlib.import_module("fxopt.bench"), "bench", fake_bench)
+    ctx = gpu_check.Ctx(tmp_path, False, "cpu", 1000.0, "3-bench", tmp_path / "3-bench.log")
+    result = gpu_check.step_bench(ctx)
+    first_model, first_variants = gpu_check.BENCH_PLAN[0][:2]
+    assert calls == [(first_model, first_variants, 128, 20)]  # 1000 s: the first model runs all its variants
+    assert [m["model"] for m in result["models"]] == [first_model]
+    assert "illegal memory access" in result["stopped"] and "--only 3" in result["stopped"]
+    saved = _step(tmp_path, "3-bench")  # written as it went, before the step returned
+    assert saved["status"] == "running" and saved["result"]["stopped"] == result["stopped"]
