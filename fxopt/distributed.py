@@ -41,6 +41,7 @@ STRATEGIES = ("ddp", "fsdp", "shard_grad_op", "hsdp")
 REGATHER = ("fsdp", "hsdp")   # FULL_SHARD within the shard group: parameters gathered again for the backward
 MIB = 1024 * 1024                       # torch's bucket_cap_mb is in MiB
 DDP_FIRST_BUCKET_MB = 1.0               # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
+DDP_DEFAULT_BUCKET_MB = 25.0            # DistributedDataParallel(bucket_cap_mb=None)
 DEFAULT_CLUSTER = {"h100": "h100-ib", "h200": "h200-ib", "a100": "a100-ib"}
 # optimizer state per parameter byte (SGD momentum: 1 buffer; AdamW: 2), for FSDP's memory saving
 OPTIMIZER_STATE = {"sgd": 1, "adamw": 2, "None": 0}
@@ -56,8 +57,8 @@ class Distributed:
     strategy: str = "ddp"
     gpus_per_node: int | None = None   # default: the cluster's
     cluster: str | None = None         # default: the hardware preset's cluster (h100 -> h100-ib)
-    bucket_mb: float = 25.0
-    first_bucket_mb: float = DDP_FIRST_BUCKET_MB
+    bucket_mb: float = DDP_DEFAULT_BUCKET_MB
+    first_bucket_mb: float | None = None   # None: torch's rule (1 MiB with the default bucket_mb, else bucket_mb)
     grad_dtype: str | None = None
     fsdp_depth: int | None = None      # module-path depth of FSDP units (None: the shallowest with 4+ units)
     prefetch: bool = True
@@ -71,7 +72,8 @@ class Distributed:
             (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
             (self.gpus_per_node is None or (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 1),
              "gpus_per_node must be an int >= 1 (or None: the cluster's)"),
-            (self.bucket_mb > 0 and self.first_bucket_mb > 0, "bucket_mb and first_bucket_mb must be > 0"),
+            (self.bucket_mb > 0 and (self.first_bucket_mb is None or self.first_bucket_mb > 0),
+             "bucket_mb and first_bucket_mb must be > 0"),
             (self.grad_dtype is None or self.grad_dtype in DTYPE_SIZES,
              f"grad_dtype must be None or one of {sorted(DTYPE_SIZES)}"),
             (self.fsdp_depth is None or (isinstance(self.fsdp_depth, int) and self.fsdp_depth >= 1),
@@ -299,7 +301,8 @@ def _bucket_copies(report, params: list[Param], buckets: list, spec: Distributed
 
 
 def _ddp(params, spec: Distributed, cluster: Cluster, backward_s: float):
-    groups = ddp_buckets(params, int(spec.bucket_mb * MIB), int(spec.first_bucket_mb * MIB), spec.grad_dtype)
+    first = spec.first_bucket_mb or (DDP_FIRST_BUCKET_MB if spec.bucket_mb == DDP_DEFAULT_BUCKET_MB else spec.bucket_mb)
+    groups = ddp_buckets(params, int(spec.bucket_mb * MIB), int(first * MIB), spec.grad_dtype)
     comms = [collective_time("all_reduce", sum(p.nbytes(spec.grad_dtype) for p in g), spec.world_size, cluster,
                              spec.algorithm) for g in groups]
     ready = [max(p.ready_s for p in g) for g in groups]

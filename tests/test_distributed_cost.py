@@ -88,6 +88,9 @@ def test_ddp_buckets_equal_real_ddp_buckets(case):
     real, cap, first = _real_ddp_buckets(model, inputs, cap_mb=0.05)
     mine = [[p.name for p in b] for b in D.ddp_buckets(D.parameters(report), cap, first)]
     assert len(real) > 1 and mine == real
+    if first == cap:   # torch's rule here: a custom bucket_cap_mb is also the first bucket's cap
+        spec = D.apply(report, {"world_size": 2, "bucket_mb": 0.05})
+        assert [list(b.params) for b in spec.buckets] == real
 
 
 def test_overlap_against_a_hand_built_timeline():
