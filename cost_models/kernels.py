@@ -131,6 +131,13 @@ def _gemm_choice(b, m, n, k, peak, sms, frozen) -> GemmChoice:
     return best
 
 
+def sustained_efficiency(p: dict, k: int = 4096) -> float:
+    """Share of peak a large GEMM reaches: the biggest tile's reuse at a long K loop. What a
+    call without known GEMM dims is priced at, and the roof lints and scaling formulas draw."""
+    tm, tn = max(p["tiles"], key=lambda t: t[0] * t[1])
+    return p["eff"] * max(0.05, 1.0 - p["reuse"] * (1.0 / tm + 1.0 / tn)) * k / (k + p["k_half"])
+
+
 def memory_time(op_class: str, nbytes, hw, l2_resident: bool = False):
     """Bytes over the class's sustained bandwidth, ramping up with size (latency excluded)."""
     if not nbytes:
@@ -164,8 +171,9 @@ def matrix_time(kind: str, regime: str, peak: float, flops, gemms, hw):
         return 0.0, ""
     p = hw.kernel_param("matrix")[regime]
     kind_eff = hw.kernel_param("kind_eff").get(kind, 1.0)
-    if not gemms:   # no shape known: the asymptotic efficiency
-        return flops / (peak * p["eff"] * kind_eff), f"{regime} {kind} at {p['eff'] * kind_eff:.0%} (no shape)"
+    if not gemms:   # no shape known: a large GEMM's efficiency
+        eff = sustained_efficiency(p) * kind_eff
+        return flops / (peak * eff), f"{regime} {kind} at {eff:.0%} (no shape)"
     t_gemm, f_gemm, notes = 0.0, 0.0, []
     for g in gemms:
         g = tuple(max(1, int(_hint(x))) for x in g)
@@ -175,7 +183,7 @@ def matrix_time(kind: str, regime: str, peak: float, flops, gemms, hw):
         notes.append(f"{'x'.join(map(str, g[1:]))}{'' if g[0] == 1 else f' (x{g[0]})'}: tile "
                      f"{c.tile[0]}x{c.tile[1]}{f' split-k {c.split_k}' if c.split_k > 1 else ''}, "
                      f"{c.waves} wave(s), {c.efficiency:.0%}")
-    rate = f_gemm / t_gemm * kind_eff if t_gemm else peak * p["eff"] * kind_eff
+    rate = f_gemm / t_gemm * kind_eff if t_gemm else peak * sustained_efficiency(p) * kind_eff
     return flops / rate, f"{regime} {kind}: " + "; ".join(notes)
 
 

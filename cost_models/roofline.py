@@ -10,7 +10,7 @@ import sympy
 import torch
 
 from .hardware import DTYPE_KEYS, Hardware
-from .kernels import CallTime, KernelTime, kernel_time  # noqa: F401  (CallTime: old name)
+from .kernels import CallTime, KernelTime, kernel_time, sustained_efficiency  # noqa: F401  (CallTime: old name)
 from .ops import MATRIX_CLASSES, matrix_kind
 
 
@@ -37,11 +37,11 @@ def regime(op_class: str, dtype: str | None, precision: Precision) -> tuple[str,
 
 def peak_for(op_class: str, dtype: str | None, hw: Hardware, precision: Precision) -> float:
     """The sustained FLOP/s of a large, well-shaped call of this class (the roof lints and
-    scaling formulas draw): the regime's peak times its asymptotic efficiency."""
+    scaling formulas draw): the regime's peak times a large GEMM's efficiency."""
     if op_class not in MATRIX_CLASSES:
         return hw.vector_peak(DTYPE_KEYS.get(dtype or "float32", "fp32"))
     key, reg = regime(op_class, dtype, precision)
-    return hw.matrix_peak(key) * hw.kernel_param("matrix")[reg]["eff"] * \
+    return hw.matrix_peak(key) * sustained_efficiency(hw.kernel_param("matrix")[reg]) * \
         hw.kernel_param("kind_eff").get(matrix_kind(op_class), 1.0)
 
 

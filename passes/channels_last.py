@@ -13,7 +13,8 @@ inserts the conversions (``aten._to_copy(x, memory_format=...)``) only at region
   ``permute(x, [0, 2, 3, 1])`` (free, even better, on an NHWC tensor), and everything else (views,
   ``linear``, unknown ops, graph outputs) which gets the original NCHW tensor back.
 * **Decision.** Each tensor of a region is NCHW or NHWC; the estimated step time is the convs'
-  time (NHWC runs at the speedup of :data:`NHWC_SPEEDUP`, per conv class and precision) plus one
+  time (NHWC runs at the device's speedup, ``Hardware.layout_table()``: measured cells over the priors
+  of :data:`NHWC_SPEEDUP`, per conv class and precision) plus one
   conversion copy (read + write at memory bandwidth, one launch, again in the backward when the
   tensor needs a gradient) wherever a tensor and its consumer disagree. That is a binary labelling
   with pairwise costs, solved exactly as a minimum s-t cut (networkx). A region converts only if
@@ -353,7 +354,7 @@ class _Planner:
     def conv_gain(self, conv: fx.Node) -> float:
         cls, why = conv_class(conv)
         prec = _precision(val(conv.args[0]).dtype)
-        factor = NHWC_SPEEDUP[cls][prec]
+        factor = self.costs.hw.layout_table()[cls][prec]   # this device's measured cells over the priors
         # the cost model's own rule: roofline x layout factor in NCHW minus in NHWC
         gain = self.costs.conv(conv) * (layout_factor(factor, False) - layout_factor(factor, True))
         self.conv_info[conv] = (cls, why, prec, factor, gain)

@@ -225,13 +225,17 @@ def test_costs_are_the_roofline_primitives():
     hw = load_hardware("h100")
     nodes = {n.name: n for n in captured.graph.nodes}
     nbytes = 64 * 64 * 56 * 56 * 2
-    one = 2 * nbytes / (hw.memory_bandwidth * hw.efficiency["memory"]) + hw.launch_overhead_s
+    mp = hw.kernel_param("memory")
+    # a copy: read + write at the memory class's share of bandwidth, ramped by size, plus a kernel latency
+    one = (2 * nbytes + mp["ramp_bytes"]) / (hw.memory_bandwidth * mp["efficiency"]["memory"]) + mp["latency_s"]
     assert plan.costs.copy(nodes["x"]) == pytest.approx(one)            # the input needs no gradient
     assert plan.costs.copy(nodes["relu"]) == pytest.approx(2 * one)     # an activation does
     flops = 2 * 64 * 64 * 56 * 56 * 64 * 9                             # 2 N C_out H W C_in k k
-    peak = hw.tensor_flops["bf16"] * hw.efficiency["matrix"]
-    # forward and weight gradient (x needs none), each compute-bound: 14.8 GFLOP at 798 TFLOP/s
-    assert flops / peak > (2 * nbytes + 64 * 64 * 9 * 4) / (hw.memory_bandwidth * hw.efficiency["memory"])
+    p = hw.kernel_param("matrix")["bf16"]   # a large GEMM: the biggest tile's reuse, a 4096-long K loop
+    sustained = p["eff"] * (1 - p["reuse"] * (1 / 128 + 1 / 256)) * 4096 / (4096 + p["k_half"])
+    peak = hw.tensor_flops["bf16"] * sustained * hw.kernel_param("kind_eff")["conv"]
+    # forward and weight gradient (x needs none), each compute-bound at the conv's sustained bf16 rate
+    assert flops / peak > (2 * nbytes + 64 * 64 * 9 * 4) / (hw.memory_bandwidth * mp["efficiency"]["memory"])
     assert plan.costs.conv(nodes["conv2d"]) == pytest.approx(2 * flops / peak)
     assert plan.conv_gain(nodes["conv2d"]) == pytest.approx(2 * flops / peak * (1.8 - 1))
     conv = nodes["conv2d"]
