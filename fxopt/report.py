@@ -313,6 +313,8 @@ class GraphReport:
             "hardware": self.hardware.name, "symbols": sorted(self.symbols),
             "totals": self.totals, "unknown_ops": self.unknown_ops,
             "nodes": self.rows("node"), "op_classes": self.rows("op"), "blocks": self.rows("block", depth),
+            "profile": self.hardware.profile_kind(),
+            **({"distributed": self.distributed.to_dict()} if self.distributed is not None else {}),
         })
 
     def to_json(self, depth: int = 1, indent: int = 1) -> str:
