@@ -207,8 +207,9 @@ class TrainingProfile:
             events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": i, "args": {"name": t}})
             events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": i, "args": {"sort_index": i}})
         for p in self.phases:
-            events.append({"ph": "X", "name": p["name"], "cat": "fxopt", "pid": pid, "tid": tracks.index(p["track"]) + 1,
-                           "ts": p["ts"], "dur": p["dur"], "args": {"step": p["step"]}})
+            events.append({"ph": "X", "name": p["name"], "cat": "fxopt", "pid": pid,
+                           "tid": tracks.index(p["track"]) + 1, "ts": p["ts"], "dur": p["dur"],
+                           "args": {"step": p["step"]}})
         return {**{k: v for k, v in self.trace.items() if k != "traceEvents"}, "traceEvents": events}
 
     def export_chrome_trace(self, path: str | Path) -> Path:
@@ -263,6 +264,7 @@ class TraceTraining:
         self._last = time.perf_counter()
 
     def _start(self) -> None:
+        log.info("profiling %d training steps after %d warm-up steps", self.steps, self.warmup)
         self._prof = torch_profile(activities=self.activities)
         self._prof.__enter__()
         self._open()
@@ -277,6 +279,8 @@ class TraceTraining:
         prof, self._prof, self._done = self._prof, None, True
         prof.__exit__(None, None, None)
         self._trace = _export(prof)
+        log.info("profiler stopped after %d steps; %d trace events", self._n - self.warmup,
+                 len(self._trace.get("traceEvents", [])))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._prof is not None:  # the loop ended inside the window: close the open step
@@ -287,7 +291,8 @@ class TraceTraining:
         profiled = self._n - self.warmup
         if not self._done or profiled < 1:
             raise ProfileTrainingError(f"the loop ran {self._n} steps; profiling needs at least warmup + 1 = "
-                                       f"{self.warmup + 1} (call t.step() once after each training step, or lower warmup)")
+                                       f"{self.warmup + 1} (call t.step() once after each training step, or lower "
+                                       f"warmup)")
         self.result = analyze_trace(self._trace, warmup=self.warmup, unprofiled=self._walls)
 
 
@@ -301,8 +306,9 @@ def profile_training(loop, steps: int = 20, warmup: int = 5, *, activities=None)
     runs it and yields once after each step. Runs ``warmup + steps`` steps, then closes the loop."""
     gen = loop() if inspect.isgeneratorfunction(loop) else loop
     if not inspect.isgenerator(gen):
-        raise ProfileTrainingError(f"profile_training() needs a generator function that yields after each training "
-                                   f"step (def train(): ... for batch in loader: ...; yield), got {type(loop).__name__}")
+        raise ProfileTrainingError(f"profile_training() needs a generator function that yields after each "
+                                   f"training step (def train(): ... for batch in loader: ...; yield), got "
+                                   f"{type(loop).__name__}")
     tracer = TraceTraining(steps, warmup, activities=activities)
     try:
         with tracer:
@@ -436,7 +442,8 @@ def _verdicts(res: TrainingProfile, loader: str | None) -> tuple[Verdict, list[V
     busy, matrix, other = res.median("device_busy_s"), res.median("matrix_s"), res.median("other_kernel_s")
     kind = "memory-bound kernels" if other > matrix else "compute-bound"
     kernels = Verdict(kind, busy / wall if wall else 0.0,
-                      f"device busy {busy * 1e3:.3f} ms of {wall * 1e3:.3f} ms per step: matrix ops {matrix * 1e3:.3f} ms,"
+                      f"device busy {busy * 1e3:.3f} ms of {wall * 1e3:.3f} ms per step: matrix ops "
+                      f"{matrix * 1e3:.3f} ms,"
                       f" other kernels {other * 1e3:.3f} ms", KERNEL_RULES[kind])
     if found:
         return found[0], found[1:]
