@@ -163,6 +163,8 @@ class ExploreResult:
                 lines.append(f"      ablation: {c.verdict_detail}")
         if self.not_applicable:
             lines.append(f"rules that matched nothing: {', '.join(self.not_applicable)}")
+        if self.uncovered:
+            lines.append("not built by any rule: " + "; ".join(f"{k} ({v})" for k, v in self.uncovered.items()))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -293,7 +295,10 @@ def _glob(paths: list[str]) -> str:
     """Touched paths with block indices globbed: ``blocks.*.norm1,norm``."""
     if paths == [""]:
         return "(model)"
-    globs = list(dict.fromkeys(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", p) for p in paths))
+    groups: dict[str, list[str]] = {}
+    for p in paths:
+        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", p), []).append(p)
+    globs = [g if len(ps) > 1 else ps[0] for g, ps in groups.items()]
     return ",".join(globs) if len(globs) <= 3 else ",".join(globs[:2]) + f",+{len(globs) - 2} more"
 
 
@@ -587,7 +592,7 @@ def _verify(rule: Rule, recorded: dict[str, Site], paths: list[str]) -> tuple[bo
         if key in seen or len(seen) >= VERIFY_SITES:
             continue
         seen.add(key)
-        original = _randomize(rec.module, seed=len(seen)).train(rec.module.training)
+        original = _randomize(rec.module, seed=len(seen))  # a deep copy: every submodule keeps its mode
         site = Site(path, original, rec.args, rec.kwargs, rec.output, rec.calls, rec.training, torch.device("cpu"))
         try:
             cand = rule.build(original, site)
@@ -598,15 +603,20 @@ def _verify(rule: Rule, recorded: dict[str, Site], paths: list[str]) -> tuple[bo
         kwargs = {k: _probe(v) for k, v in (rec.kwargs or {}).items()}
         if args and kwargs:
             return False, f"{path}: called with positional and keyword inputs, which fxopt.verify cannot replay"
+        # fxopt.verify puts every module in one mode: a site with a frozen (eval) submodule inside a
+        # training model is verified in eval mode (forward), where the frozen module behaves as in training
+        mixed = len({m.training for m in original.modules()}) > 1
+        training = rec.module.training and not mixed
         try:
-            res = verify(original, cand, kwargs or args, training=rec.module.training, device="cpu")
+            res = verify(original, cand, kwargs or args, training=training, device="cpu")
         except FxoptError as exc:
             return False, f"{path}: {exc}"
         if not res.ok:
             bad = next((c for c in res.checks if not c.ok), None)
             return False, f"{path}: {bad.name if bad else '?'} differs beyond the rule ({res.rule})"
-        notes.append(path)
-    return True, f"fxopt.verify (outputs, input/param grads, params after a step) passed on {', '.join(notes)}"
+        notes.append(f"{path} (outputs in eval mode: it holds frozen submodules)" if mixed else
+                     f"{path} (outputs, input/param grads, params after an SGD step)")
+    return True, f"fxopt.verify passed on {'; '.join(notes)}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,6 +78,12 @@ def _copy_(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
+def _mode(new: nn.Module, old: nn.Module) -> nn.Module:
+    """``new`` in ``old``'s mode, without touching its children (copies keep theirs: a frozen BN stays frozen)."""
+    new.training = old.training
+    return new
+
+
 def _nlin(i: int, o: int, bias: bool = True) -> int:
     """Parameters of Linear(i, o)."""
     return i * o + (o if bias else 0)
@@ -373,7 +379,7 @@ def _build_patchify(m: nn.Module, site: Site) -> nn.Module:
     conv, middle, _ = _stem_parts(m)
     with torch.device(_dev(m)):
         new = nn.Conv2d(conv.in_channels, conv.out_channels, 4, stride=4, bias=conv.bias is not None)
-    return nn.Sequential(new, *(copy.deepcopy(x) for x in middle)).train(m.training)
+    return _mode(nn.Sequential(new, *(copy.deepcopy(x) for x in middle)), m)
 
 
 def _params_patchify(m: nn.Module, site: Site) -> int:
@@ -392,7 +398,9 @@ def _build_stem3x3(m: nn.Module, site: Site) -> nn.Module:
         layers = [nn.Conv2d(conv.in_channels, h, 3, 2, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
                   nn.Conv2d(h, h, 3, 1, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
                   nn.Conv2d(h, c, 3, 1, 1, bias=conv.bias is not None)]
-    return nn.Sequential(*layers, *(copy.deepcopy(x) for x in middle), copy.deepcopy(pool)).train(m.training)
+    for layer in layers:
+        layer.train(m.training)
+    return _mode(nn.Sequential(*layers, *(copy.deepcopy(x) for x in middle), copy.deepcopy(pool)), m)
 
 
 def _params_stem3x3(m: nn.Module, site: Site) -> int:
@@ -448,7 +456,7 @@ def _match_fold(site: Site) -> bool:
 
 
 def _build_fold(m: nn.Module, site: Site) -> nn.Module:
-    return FoldedConvBN(m[0], m[1]).train(m.training)
+    return _mode(FoldedConvBN(m[0], m[1]), m)  # the BN keeps its (eval) mode
 
 
 def _match_gn(site: Site) -> bool:
@@ -665,7 +673,7 @@ def _build_depth_width(m: nn.Module, site: Site) -> nn.Module:
             continue
         parent, _, attr = name.rpartition(".")
         setattr(b.get_submodule(parent), attr, _widen(b.get_submodule(name), hidden))
-    return (nn.Sequential(*blocks) if type(m) is nn.Sequential else nn.ModuleList(blocks)).train(m.training)
+    return _mode(nn.Sequential(*blocks) if type(m) is nn.Sequential else nn.ModuleList(blocks), m)
 
 
 def _params_depth_width(m: nn.Module, site: Site) -> int:
@@ -711,7 +719,7 @@ def _low_res(site: Site) -> tuple[int, int] | None:
 
 
 def _build_low_res(m: nn.Module, site: Site) -> nn.Module:
-    return Downscale(m, _low_res(site)).train(m.training)
+    return _mode(Downscale(m, _low_res(site)), m)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -279,6 +279,10 @@ def test_exact_rules_are_verified_and_a_wrong_one_is_caught():
     c = res.candidates[0]
     assert c.exact and c.verified and c.status == "ok"
 
+    for rule, host_fn, shape in (("fold-bn", frozen_bn_host, IMG), ("conv1x1-linear", CASES["conv1x1-linear"][0], IMG)):
+        c = explore(_build(host_fn), _inputs(shape), rules=rule).candidates[0]
+        assert c.exact and c.verified and c.status == "ok", (rule, c.reason)
+
     sdpa = next(r for r in RULES if r.name == "sdpa")
 
     def wrong(m, site):  # claims exactness, changes the scale
@@ -286,10 +290,11 @@ def test_exact_rules_are_verified_and_a_wrong_one_is_caught():
         new.scale = 1.0
         return new
     liar = Rule("test-wrong-sdpa", "attention", "wrong", "", "", True, sdpa.match, wrong, sdpa.params)
-    bad = explore(host, x, rules=[liar]).candidates[0]
+    res = explore(host, x, rules=[liar])
+    bad = res.candidates[0]
     assert bad.status == "verify failed" and not bad.verified
     assert bad.step_time_s is None  # not costed, never ranked as exact
-    line = next(ln for ln in explore(host, x, rules=[liar]).table().splitlines() if "test-wrong-sdpa@" in ln)
+    line = next(ln for ln in res.table().splitlines() if "test-wrong-sdpa@" in ln)
     assert "NOT verified" in line and "verify failed" in line
 
 
