@@ -87,6 +87,24 @@ def test_div_by_a_tensor_is_left_alone():
     torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, x / y + x / 4.0, rtol=0, atol=0)
 
 
+def test_t_of_a_vector_is_left_to_the_identity():
+    """t() of a 1-D tensor is the identity: no permute is made (a 1-D permutation of two dims would
+    not exist), the graph still computes x."""
+    x = _x(6)
+    gm, record = run(Fn(lambda m, x: x.t() * 2), x, "normalize{rules=transpose-to-permute;}")
+    assert not nodes_of(gm, "permute")
+    out = gm(x)
+    torch.testing.assert_close(out[0] if isinstance(out, (tuple, list)) else out, x * 2)
+
+
+@pytest.mark.parametrize("p, train, why", [(0.0, True, "p=0"), (0.5, False, "train=False")])
+def test_identity_dropout_says_why(p, train, why):
+    x = _x(3, 5)
+    gm, record = run(Fn(lambda m, x: F.dropout(x, p, train) * 2), x, "normalize{rules=identity-dropout;}")
+    assert record.stats == {"identity-dropout": 1} and not nodes_of(gm, "dropout")
+    assert any(f"identity ({why})" in d.reason for d in record.decisions)
+
+
 @pytest.mark.parametrize("dims, perm", [((-2, -1), [1, 0]), ((0, -2), [0, 1]), ((-1, 0), [1, 0])])
 def test_transpose_with_negative_dims_becomes_permute(dims, perm):
     """Every valid dim of a 2-D tensor, -2 and -1 included, maps to its permutation."""

@@ -85,8 +85,12 @@ def test_floor_overrides():
 
 def test_integers_are_exact():
     r = torch.tensor([3, 4, 5])
-    assert check_tensor("t", "buffer", r.double(), r, r).allowed == 0
-    assert not check_tensor("t", "buffer", r.double(), r, r + torch.tensor([0, 0, 1])).ok
+    exact = check_tensor("t", "buffer", r.double(), r, r)
+    assert exact.allowed == 0 and exact.ratio == 0.0          # nothing allowed, nothing off
+    off = check_tensor("t", "buffer", r.double(), r, r + torch.tensor([0, 0, 1]))
+    assert not off.ok and off.ratio == math.inf
+    c = check_tensor("t", "output", _t(torch.float64), _t(torch.float32), _t(torch.float32, [1.0, -2.0, 0.5, 1e-5]))
+    assert c.ratio == pytest.approx(1e-5 / (1e-5 * 2.0), rel=1e-3)   # cand_error / allowed
 
 
 def test_non_finite_candidate_always_fails():
