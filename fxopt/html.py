@@ -211,7 +211,8 @@ def timeline_svg(tl) -> str:
              f'aria-label="{_e(tl.title)}">', _axis(end, top + lane * len(tracks), lane * len(tracks))]
     for i, track in enumerate(tracks):
         y = top + i * lane
-        parts.append(f'<text x="{_LEFT - 6}" y="{y + lane / 2 + 4:.1f}" font-size="12" text-anchor="end">{_e(track)}</text>')
+        parts.append(f'<text x="{_LEFT - 6}" y="{y + lane / 2 + 4:.1f}" font-size="12" text-anchor="end">'
+                     f"{_e(track)}</text>")
     for s in tl.slices:
         y = top + tracks.index(s.track) * lane + 2
         a = s.args
@@ -273,7 +274,8 @@ def memory_svg(curve) -> str:
                  f"<title>peak {peak.total / GB:.4g} GB at {_e(peak.node)} ({_e(peak.phase)})</title></line>")
     if show_cap:
         y = ys(cap)
-        parts.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#b42318" stroke-width="1.5">'
+        parts.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#b42318" '
+                     f'stroke-width="1.5">'
                      f"<title>{_e(curve.hardware)} memory {cap / GB:.4g} GB</title></line>"
                      f'<text x="{_W - _RIGHT - 4}" y="{y - 4:.1f}" font-size="11" text-anchor="end" fill="#b42318">'
                      f"{_e(curve.hardware)} {cap / GB:.3g} GB</text>")
@@ -288,7 +290,8 @@ def _timeline_section(report: GraphReport) -> str:
     return (f'<section id="timeline"><h2>Predicted timeline of one step</h2><div class="plot">{timeline_svg(tl)}</div>'
             f'<p class="muted">Each node\'s forward and backward calls end to end as the device would run them if '
             f"the host kept up; colour: what bounds the slice {legend}. Hover for node, module and source. "
-            f"<code>fxopt report MODEL --trace step.json</code> writes it for Perfetto / chrome://tracing.</p></section>")
+            f"<code>fxopt report MODEL --trace step.json</code> writes it for Perfetto / chrome://tracing.</p>"
+            f"</section>")
 
 
 def _memory_section(report: GraphReport) -> str:

@@ -100,7 +100,8 @@ class MemoryCurve:
 
     def summary(self) -> str:
         peak = self.peak
-        lines = [f"memory of {self.model} ({'checkpointed: ' + ', '.join(self.checkpointed) if self.checkpointed else 'no checkpointing'}):",
+        ckpt = "checkpointed: " + ", ".join(self.checkpointed) if self.checkpointed else "no checkpointing"
+        lines = [f"memory of {self.model} ({ckpt}):",
                  "  " + self.verdict(),
                  "  at the peak: " + ", ".join(f"{k} {v / GB:.3g} GB" for k, v in peak.bytes.items() if v)]
         if self.options:

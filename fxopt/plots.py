@@ -208,8 +208,8 @@ def _label(ax, points: list[dict], fontsize: float = 7.5) -> None:
             box = (x0, y0, x0 + w, y0 + h)
             outside = (max(0.0, area.x0 - box[0]) + max(0.0, box[2] - area.x1) + max(0.0, area.y0 - box[1])
                        + max(0.0, box[3] - area.y1))
-            overlap = sum(max(0.0, min(box[2], b[2]) - max(box[0], b[0])) * max(0.0, min(box[3], b[3]) - max(box[1], b[1]))
-                          for b in placed)
+            overlap = sum(max(0.0, min(box[2], b[2]) - max(box[0], b[0]))
+                          * max(0.0, min(box[3], b[3]) - max(box[1], b[1])) for b in placed)
             key = (outside, overlap)
             if best is None or key < best[0]:
                 best = (key, dx, dy, box)

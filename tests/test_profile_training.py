@@ -107,7 +107,8 @@ def test_summary_json_and_chrome_trace(slow, tmp_path):
     assert "fxopt: step phases" in names and {"data wait", "forward", "backward", "optimizer"} <= names
     # torch's own events are still there: the DataLoader ranges and the ATen ops
     assert any(e["name"].startswith("enumerate(DataLoader)#") for e in trace["traceEvents"] if e.get("ph") == "X")
-    ours = [e for e in trace["traceEvents"] if e.get("pid") == "fxopt" and e.get("ph") == "X" and e["name"] == "data wait"]
+    ours = [e for e in trace["traceEvents"]
+            if e.get("pid") == "fxopt" and e.get("ph") == "X" and e["name"] == "data wait"]
     assert sum(e["dur"] for e in ours) * 1e-6 == pytest.approx(sum(s["data_wait_s"] for s in slow.steps))
 
 
