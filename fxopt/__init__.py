@@ -1,6 +1,7 @@
 """fxopt: compiler passes on torch.fx graphs that make training faster, and show why."""
 from . import cost_models, data, zoo  # noqa: F401  (cost_models installs as fxopt.cost_models)
 from .ablate import AblationError, AblationResult, ablate
+from .explore import ExploreResult, explore
 from .analyze import UnknownOpWarning, analyze
 from .bench import BenchResult, bench
 from .calibrate import calibrate
@@ -21,5 +22,5 @@ from .backend import fxopt_backend, register as _register_backend
 _register_backend()  # torch.compile(model, backend="fxopt")
 
 __version__ = "0.1.0"
-__all__ = ["Distributed", "DistributedCost", "gpu_scaling", "bench", "BenchResult", "calibrate", "profile", "ProfileResult", "profile_training", "trace_training", "TrainingProfile", "scaling", "ScalingReport", "sweep", "SweepResult", "MeasureError", "html_report", "ablate", "AblationResult", "AblationError", "analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError", "fxopt_backend",
+__all__ = ["explore", "ExploreResult", "Distributed", "DistributedCost", "gpu_scaling", "bench", "BenchResult", "calibrate", "profile", "ProfileResult", "profile_training", "trace_training", "TrainingProfile", "scaling", "ScalingReport", "sweep", "SweepResult", "MeasureError", "html_report", "ablate", "AblationResult", "AblationError", "analyze", "capture", "optimize", "verify", "lint", "LintReport", "OptimizedModule", "VerificationResult", "Captured", "GraphReport", "UnknownOpWarning", "FxoptError", "fxopt_backend",
            "CaptureError", "InputError", "ModelSpecError", "HardwareError", "AnalysisError"]
