@@ -435,3 +435,21 @@ def test_ablate_format_json_equals_its_json_file(capsys, tmp_path):
     doc = json.loads(out)  # stdout is one JSON document; notes went to stderr
     assert code == 0 and doc["schema"] == "fxopt.ablation/1" and "result written to" in err
     assert json.loads(path.read_text())["variants"][0]["name"] == doc["variants"][0]["name"] == "eager"
+
+
+@pytest.mark.gpu
+def test_backend_trains_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the GPU machine)")
+    torch.manual_seed(0)
+    model = ConvBreak().cuda()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="fxopt", options={"pipeline": FP32_PIPELINE})
+    x = torch.randn(8, 3, 16, 16, device="cuda")
+    out_c, out_e = compiled(x), eager(x)
+    # cuDNN convs run in TF32 by default (10-bit mantissa) and channels-last picks other algorithms
+    torch.testing.assert_close(out_c, out_e, rtol=5e-3, atol=5e-3)
+    out_c.sum().backward()
+    out_e.sum().backward()
+    for name, grad in _grads(eager).items():
+        torch.testing.assert_close(_grads(model)[name], grad, rtol=5e-3, atol=5e-3, msg=name)
