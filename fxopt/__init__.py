@@ -1,4 +1,8 @@
 """fxopt: compiler passes on torch.fx graphs that make training faster, and show why."""
+from . import _checkout
+
+if _checkout.needed():  # a bare checkout on PYTHONPATH (the GPU machine): map passes/ and cost_models/
+    _checkout.install()
 from . import cost_models, data, zoo  # noqa: F401  (cost_models installs as fxopt.cost_models)
 from .ablate import AblationError, AblationResult, ablate
 from .explore import ExploreResult, explore

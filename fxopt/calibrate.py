@@ -38,10 +38,14 @@ GEMM_SHAPES = [(8192, 8192, 8192), (4096, 4096, 4096), (2048, 2048, 2048), (1024
                (256, 256, 256), (128, 128, 128), (25216, 768, 768), (25216, 3072, 768), (25216, 768, 3072),
                (768, 768, 25216), (4095, 4097, 4093), (1000, 1000, 1000), (64, 4096, 4096), (4096, 64, 4096),
                (100, 100, 100), (4096, 4096, 64)]
-GEMM_SHAPES_QUICK = [(256, 256, 256), (128, 128, 128), (127, 129, 131), (32, 32, 32)]
+GEMM_SHAPES_QUICK = [(256, 256, 256), (128, 128, 128), (127, 129, 131), (32, 32, 32)]   # CPU smoke runs
+# a GPU's quick grid (< 90 s on an H100 with the fit): one shape per effect the model has
+GEMM_SHAPES_QUICK_GPU = [(4096, 4096, 4096), (1024, 1024, 1024), (256, 256, 256), (25216, 768, 768),
+                         (768, 768, 25216), (4095, 4097, 4093), (64, 4096, 4096), (4096, 4096, 64)]
 # (rows, cols) of memory-bound kernels: 4 KB .. 256 MB in fp32
 MEMORY_SHAPES = [(1, 1024), (16, 1024), (256, 1024), (2048, 1024), (8192, 1024), (32768, 1024), (65536, 1024)]
 MEMORY_SHAPES_QUICK = [(1, 256), (64, 256), (1024, 256)]
+MEMORY_SHAPES_QUICK_GPU = [(1, 1024), (256, 1024), (8192, 1024), (65536, 1024)]
 MEMORY_OPS = ("add", "mulu", "relu", "gelu", "layer_norm", "softmax")
 # (name, NHWC_SPEEDUP class, N, C_in, H, C_out, kernel, groups)
 CONVS = [("3x3 64->64 56x56", "dense", 64, 64, 56, 64, 3, 1),
@@ -170,13 +174,20 @@ def _regimes(device: torch.device, quick: bool) -> list[tuple[str, torch.dtype, 
     return [("float32", torch.float32, False)]
 
 
+def _grid(device, quick: bool, full: list, cpu_quick: list, gpu_quick: list) -> list:
+    """The shapes to measure: the full grid, or a quick one sized for the device."""
+    if not quick:
+        return full
+    return gpu_quick if device.type == "cuda" else cpu_quick
+
+
 def _gemms(device, quick, reps) -> list:
     out = []
     prev = torch.backends.cuda.matmul.allow_tf32
     try:
         for name, dtype, tf32 in _regimes(device, quick):
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            for m, n, k in GEMM_SHAPES_QUICK if quick else GEMM_SHAPES:
+            for m, n, k in _grid(device, quick, GEMM_SHAPES, GEMM_SHAPES_QUICK, GEMM_SHAPES_QUICK_GPU):
                 a = torch.randn(m, k, device=device, dtype=dtype)
                 b = torch.randn(k, n, device=device, dtype=dtype)
                 out.append(fit.Measurement("mm", name, (1, m, n, k), time_fn(lambda: torch.mm(a, b), device, reps),
@@ -190,7 +201,7 @@ def _gemms(device, quick, reps) -> list:
 def _memory(device, quick, reps) -> list:
     """Memory-bound kernels over sizes: their ramp, latency and per-class sustained bandwidth."""
     out = []
-    for rows, cols in MEMORY_SHAPES_QUICK if quick else MEMORY_SHAPES:
+    for rows, cols in _grid(device, quick, MEMORY_SHAPES, MEMORY_SHAPES_QUICK, MEMORY_SHAPES_QUICK_GPU):
         x = torch.randn(rows, cols, device=device)
         y = torch.randn(rows, cols, device=device)
         w = torch.ones(cols, device=device)

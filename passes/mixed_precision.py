@@ -334,11 +334,13 @@ def _estimate(gm: fx.GraphModule, ctx: PassContext, low: torch.dtype) -> _Estima
         nbytes, flops = _hinted(c.bytes_read + c.bytes_written), _hinted(c.flops)
         if nbytes is None or flops is None:  # sizes without an example value: no numeric estimate
             return empty
-        t32[r.node] += float(call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, prec).total_s)
+        shape = {"gemms": c.gemms, "kind": c.kind}   # the same shape-aware price as the report's
+        t32[r.node] += float(call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, prec, **shape).total_s)
         if c.dtype == "float32":
-            t16[r.node] += float(call_time(c.op_class, low_name, flops, nbytes / 2, c.kernels, hw, prec).total_s)
+            t16[r.node] += float(call_time(c.op_class, low_name, flops, nbytes / 2, c.kernels, hw, prec,
+                                           **shape).total_s)
         else:
-            t16[r.node] += float(call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, prec).total_s)
+            t16[r.node] += float(call_time(c.op_class, c.dtype, flops, nbytes, c.kernels, hw, prec, **shape).total_s)
     return _Estimates(dict(t32), dict(t16), hw, ctx.training)
 
 
