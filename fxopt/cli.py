@@ -19,8 +19,6 @@ from .cost_models.hardware import presets
 from .errors import FxoptError
 from .models import input_overrides, resolve
 
-log = logging.getLogger(__name__)
-
 
 def _build(spec: str, batch: int, tiny: bool):
     """Build on the meta device: analysis needs shapes only, so even a 7B model costs no memory."""
