@@ -1,10 +1,11 @@
 """Every private torch API fxopt relies on, in one place, each with why it is needed.
 
 torch is pinned to ``>=2.11,<2.15`` (pyproject.toml) because of these: when a torch release moves
-one, this module is where it changes. Modules import the names from here where that is a one-line
-change; the table ``PRIVATE_APIS`` also lists the uses that stay inline (``isinstance`` checks on
-``torch._ops`` classes in a few passes), so ``tests/test_ecosystem.py`` can check that every
-private name used anywhere in fxopt is listed and still exists in the installed torch.
+one, this module is where it changes. The pytree helpers are re-exported here for modules to
+import (today most still import ``torch.utils._pytree`` directly, in files other helpers own); the
+table ``PRIVATE_APIS`` lists every use, inline ones included (``isinstance`` checks on ``torch._ops``
+classes in a few passes), and ``tests/test_ecosystem.py`` checks that every private name used
+anywhere in fxopt is listed and still exists in the installed torch.
 """
 from __future__ import annotations
 
