@@ -71,8 +71,9 @@ class Candidate:
     description: str          # what changes, where (module path and source line)
     why: str
     risk: str
-    model: nn.Module | None = field(default=None, repr=False)
+    meta_model: nn.Module | None = field(default=None, repr=False)  # the candidate on the meta device (costed)
     transform: Callable | None = field(default=None, repr=False)  # model -> candidate model (same rule)
+    source: nn.Module | None = field(default=None, repr=False)      # the user's model (never modified)
     status: str = "ok"        # ok | failed | verify failed
     reason: str | None = None
     verified: bool | None = None   # exact rules: fxopt.verify on the touched modules
@@ -89,6 +90,16 @@ class Candidate:
     verdict_detail: str = ""
     steps_to_target: float | None = None  # steps (count) the smoothed loss needs to reach the target
     time_to_target_s: float | None = None  # predicted: steps_to_target x predicted step time
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The candidate as a trainable module: built (once, on first use) from a deep copy of the user's
+        model with its weights; the meta-device build when the user's model has no real weights."""
+        if self.source is None or _on_meta(self.source) or self.meta_model is None:
+            return self.meta_model
+        if getattr(self, "_real", None) is None:
+            self._real = self.transform(copy.deepcopy(self.source))
+        return self._real
 
     @property
     def speedup(self) -> float | None:
@@ -497,7 +508,7 @@ def _spliced(c: Candidate, recorded: dict[str, Site], cache: dict, base_report, 
     from dataclasses import replace
 
     from .report import GraphReport
-    units = [u for p in c.sites for u in _cost_units(p, recorded, c.model)]
+    units = [u for p in c.sites for u in _cost_units(p, recorded, c.meta_model)]
     new_calls: dict[tuple, list] = {}
     nodes, saved = dict(base_report.nodes), {}
     for path, rec, module in units:
@@ -511,7 +522,7 @@ def _spliced(c: Candidate, recorded: dict[str, Site], cache: dict, base_report, 
             new_calls.setdefault((path, call.phase), []).append(replace(call, node=name))
         saved.update({f"{path}/{n}": b for n, b in rep.saved_bytes.items()
                       if _site_of(rep.nodes[n].module, ["block"]) is not None})
-    params = sum(p.numel() for p in c.model.parameters())
+    params = sum(p.numel() for p in c.meta_model.parameters())
     ratio = params / base_report.params if base_report.params else 1.0
     unit_paths = [u[0] for u in units]
     calls, done = [], set()
@@ -698,7 +709,7 @@ def explore(model: nn.Module, inputs, hardware="h100", rules="all", ablate: dict
 
     def cost(cand: Candidate, whole: bool) -> None:
         if whole:
-            _fill_cost(cand, _cost(cand.model, meta_inputs, hardware, training, dtype, optimizer), base_report, base)
+            _fill_cost(cand, _cost(cand.meta_model, meta_inputs, hardware, training, dtype, optimizer), base_report, base)
         else:
             report = _spliced(cand, recorded, cache, base_report, (hardware, training, dtype, optimizer))
             _fill_cost(cand, report, base_report, base)
@@ -765,7 +776,7 @@ def _propose(model: nn.Module, inputs, rules, training: bool):
     for rule in selected:
         paths = _sites(rule, recorded, training)
         if paths:
-            out.append((_candidate(rule, recorded, paths, meta), rule))
+            out.append((_candidate(rule, recorded, paths, meta, model), rule))
         else:
             none.append(rule.name)
     return meta, meta_inputs, recorded, out, none
@@ -794,12 +805,13 @@ def _pick(candidates: list[Candidate], settings: dict) -> list[Candidate]:
     return picked
 
 
-def _candidate(rule: Rule, recorded: dict[str, Site], paths: list[str], meta: nn.Module) -> Candidate:
+def _candidate(rule: Rule, recorded: dict[str, Site], paths: list[str], meta: nn.Module,
+               source: nn.Module) -> Candidate:
     where = [f"{p or '(model)'} ({source_line(meta, p) or 'no source'})" for p in paths[:2]]
     more = f" and {len(paths) - 2} more" if len(paths) > 2 else ""
     first = recorded[paths[0]].module
     cand = Candidate(f"{rule.name}@{_glob(paths)}", rule.name, rule.family, _glob(paths), list(paths), rule.exact,
-                     "", rule.why, rule.risk, transform=_transform(rule, recorded, paths))
+                     "", rule.why, rule.risk, transform=_transform(rule, recorded, paths), source=source)
     try:
         model = cand.transform(copy.deepcopy(meta))
         new = model.get_submodule(paths[0]) if paths[0] else model
@@ -808,7 +820,7 @@ def _candidate(rule: Rule, recorded: dict[str, Site], paths: list[str], meta: nn
         if spec is not None and not spec.uses_sdpa:
             note = " (the original's hand-written attention becomes SDPA too: see the sdpa candidate for that part)"
         cand.description = f"{'; '.join(where)}{more}: {_brief(first)} -> {_brief(new)}: {rule.builds}{note}"
-        cand.model = model
+        cand.meta_model = model
         problem = _check_outputs(rule, recorded, paths, model)
         if problem:
             cand.status, cand.reason = "failed", problem
@@ -827,7 +839,7 @@ def _combine(pair: tuple[Candidate, Candidate], recorded: dict[str, Site], meta:
     return Candidate(f"{a.name}+{b.name}", f"{a.rule}+{b.rule}", f"{a.family}+{b.family}",
                      f"{a.module_path}+{b.module_path}", a.sites + b.sites, False,
                      f"both: [{a.description}] and [{b.description}]", f"{a.why}; {b.why}", f"{a.risk}; {b.risk}",
-                     model=model, transform=transform)
+                     meta_model=model, transform=transform, source=a.source)
 
 
 def _ranked(cands: list[Candidate]) -> list[Candidate]:

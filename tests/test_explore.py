@@ -251,6 +251,10 @@ def test_ranked_by_saving_and_slower_listed(vit_explored):
         # params: the real candidate's count; speedup: original step / candidate step
         assert c.params == sum(p.numel() for p in c.transform(copy.deepcopy(model)).parameters())
         assert c.speedup == pytest.approx(spliced.baseline["step_time_s"] / c.step_time_s)
+        # .model: trainable, with the user's weights where the rule kept them
+        assert not any(p.is_meta for p in c.model.parameters())
+        assert torch.equal(c.model.get_submodule("head").weight, model.head.weight)
+        assert c.model.get_submodule("head").weight is not model.head.weight
     table = spliced.table()
     for c in ok:
         line = next(ln for ln in table.splitlines() if f" {c.name} " in ln)
@@ -304,6 +308,7 @@ def test_meta_models_explore_and_ablate_needs_real_weights():
         x = zoo.example_inputs("vit_b16", tiny=True)
     res = explore(m, x, rules="mqa")
     assert res.candidates[0].status == "ok" and res.candidates[0].step_time_s > 0
+    assert all(p.is_meta for p in res.candidates[0].model.parameters())
     with pytest.raises(ExploreError, match="model_fn"):
         explore(m, x, rules="mqa", ablate={"steps": 2})
 
@@ -318,6 +323,9 @@ def test_bad_arguments_are_refused_before_work():
         explore(lambda t: t, x)
     with pytest.raises(FxoptError):
         explore(m, "not a tensor")
+    from fxopt.ablate import AblationError, ablate
+    with pytest.raises(AblationError, match="transform must be callable"):  # ablate's hook explore trains through
+        ablate(lambda: m, {"a": None, "b": {"optimize": False, "transform": 3}}, [], steps=1)
 
 
 def test_ablation_gives_verdicts_and_predicted_time_to_target():
