@@ -101,3 +101,38 @@ def test_non_finite_candidate_always_fails():
     inf = torch.tensor([math.inf, 1.0], dtype=torch.float64)
     assert check_tensor("t", "output", inf, inf.float(), inf.float()).ok
     assert not check_tensor("t", "output", inf, inf.float(), torch.tensor([-math.inf, 1.0])).ok
+
+
+class _ConstMatmul(torch.nn.Module):
+    """A constant matrix built in forward: export lifts it to a plain tensor attribute of the graph."""
+
+    def forward(self, x):
+        return x @ torch.tensor([[1.0, 2.0], [3.0, 4.0]]) + 0.1
+
+
+def test_graph_constants_are_promoted_in_the_float64_copy():
+    """The float64 reference of a captured graph promotes its fp32 tensor constants too (an fp32
+    constant in an fp64 matmul would not run, and the reference would fall back to fp32)."""
+    import fxopt
+    from fxopt.verify import verify
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    gm = fxopt.capture(_ConstMatmul(), x).graph_module
+    assert any(isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and v.dtype == torch.float32
+               for v in vars(gm).values()), "no plain tensor constant captured: the test needs one"
+    import copy
+    res = verify(gm, copy.deepcopy(gm), x, training=False)
+    assert res.ok and res.reference == "float64", res.table()
+
+
+def test_table_limit_and_verdict_name_the_precision():
+    import fxopt
+    from fxopt.verify import verify
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    res = verify(model, fxopt.capture(model, x).graph_module, x)
+    assert len(res.checks) > 3
+    rows = lambda text: [l for l in text.splitlines() if l.startswith(("ok ", "FAIL "))]  # noqa: E731
+    assert len(rows(res.table(limit=2))) == 2 and len(rows(res.table())) == len(res.checks)
+    assert "judged at" not in res.verdict()
+    res16 = verify(model, fxopt.capture(model, x).graph_module, x, reference_precision="bf16")
+    assert "(judged at bfloat16)" in res16.verdict()
