@@ -177,6 +177,22 @@ def test_submodule_hooks_are_refused_before_and_after():
     assert "OptimizedModule itself" in str(err.value)
 
 
+def test_global_module_hooks_warn_once_that_submodules_are_not_called():
+    from torch.nn.modules.module import register_module_forward_hook
+    opt = fxopt.optimize(Net(), _x(), pipeline=PIPE)
+    seen = []
+    handle = register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    try:
+        with pytest.warns(UserWarning, match="not for its submodules"):
+            opt(_x())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt(_x())                                    # once per module, not every call
+    finally:
+        handle.remove()
+    assert seen.count("OptimizedModule") == 2 and "Linear" not in seen  # the warning told the truth
+
+
 # ---- 3. nested optimize ----------------------------------------------------------------------------
 class Outer(nn.Module):
     def __init__(self, inner):
