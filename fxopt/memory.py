@@ -214,6 +214,7 @@ def memory_curve(report: GraphReport, *, checkpoint=(), depth: int = 1, optimize
     comp = dict.fromkeys(COMPONENTS, 0.0)
     comp.update(weights=param_bytes, optimizer_state=state, inputs=input_bytes, comm_buffers=_ddp_buffers(report))
     points, live_ckpt, in_ckpt_fwd, added = [], {}, set(), set()
+    grad_of = dict(grad_at or {})  # node -> parameter-gradient bytes its backward produces
     for i, s in enumerate(steps):
         node, phase = s.args["node"], s.args["phase"]
         block = node_block.get(node)
@@ -225,7 +226,7 @@ def memory_curve(report: GraphReport, *, checkpoint=(), depth: int = 1, optimize
             elif node not in added:  # a node's calls may span several slices (host waits between them)
                 added.add(node)
                 comp["activations"] += saved.get(node, 0.0)
-        elif phase == "bwd":
+        if phase == "bwd":
             if grad_at is None:
                 comp["grads"] = param_bytes
             else:
@@ -235,7 +236,10 @@ def memory_curve(report: GraphReport, *, checkpoint=(), depth: int = 1, optimize
                 comp["activations"] += block_saved[block]
         elif phase == "opt" and grad_at is not None:
             comp["grads"] = param_bytes  # every gradient exists by the optimizer step
-        comp["transient"] = written.get((node, phase), 0.0) if phase != "opt" else 0.0  # the step updates in place
+        # what the slice writes, less the parameter gradients it produces (.grad takes them, no copy);
+        # the optimizer step updates in place
+        made = grad_of.get(node, 0.0) if phase == "bwd" else 0.0
+        comp["transient"] = max(0.0, written.get((node, phase), 0.0) - made) if phase != "opt" else 0.0
         points.append(MemoryPoint(s.end_s, node, phase, dict(comp)))
         if phase == "bwd":  # after the slice ran: free what the backward no longer needs
             if block in ckpt:

@@ -231,3 +231,33 @@ def test_timeline_of_a_data_parallel_report(net):
     assert memory_curve(rep).peak_bytes == pytest.approx(memory_curve(_analyze(model, x)).peak_bytes + grads)
     view = _analyze(model, x, distributed={"world_size": 512, "gradient_as_bucket_view": True})
     assert memory_curve(view).points[0].bytes["comm_buffers"] == 0
+
+
+@pytest.mark.gpu
+def test_predicted_memory_increment_against_the_cuda_allocator():
+    """What one steady training step adds on top of the weights, momentum and batch, predicted vs
+    torch.cuda.max_memory_allocated (cuBLAS workspaces exist after the warm-up and are not counted)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 16))
+    x = torch.randn(512, 1024)
+    curve = memory_curve(_analyze(model, x))
+    start = curve.points[0].bytes
+    predicted = curve.peak_bytes - (start["weights"] + start["optimizer_state"] + start["inputs"])
+    model, x = model.cuda(), x.cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+
+    def step():
+        out = model(x)
+        out.backward(torch.ones_like(out))  # what the cost model's step does
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - base
+    assert measured == pytest.approx(predicted, rel=0.25), curve.summary()

@@ -264,3 +264,23 @@ def test_gpu_trace_arithmetic_by_hand():
     res = analyze_trace(_gpu_trace(data_end=50, nccl_end=900))
     assert res.steps[0]["comm_exposed_s"] * 1e6 == pytest.approx(20 + 150 + 180)
     assert res.verdict.kind == "communication-bound" and "bucket_cap_mb" in res.verdict.change
+
+
+@pytest.mark.gpu
+def test_profile_training_on_a_gpu_sees_copies_kernels_and_the_loader():
+    def loop():
+        model = _model(256).cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        loader = DataLoader(SlowData(512, 0.004), batch_size=8, pin_memory=True)
+        while True:
+            for x, y in loader:
+                x, y = x.cuda(non_blocking=True), y.cuda(non_blocking=True)
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+                yield
+    res = fxopt.profile_training(loop, steps=4, warmup=2)
+    assert res.device != "cpu" and res.verdict.kind == "input-bound", res.summary()
+    for s in res.steps:
+        assert s["h2d_s"] > 0 and s["matrix_s"] > 0 and s["device_busy_s"] > 0
+        assert s["device_idle_s"] >= 0.5 * s["data_wait_s"]  # the GPU idles while the batch is fetched
