@@ -16,7 +16,11 @@ Walks the predicted timeline (fxopt.timeline) slice by slice and keeps, at each 
   gradients in flight), a rough working set on top; the optimizer updates in place.
 
 Allocator caching and fragmentation are not modelled: on a GPU, ``max_memory_allocated`` is the
-figure this predicts, ``max_memory_reserved`` is higher.
+figure this predicts, ``max_memory_reserved`` is higher. Known approximations: a batch tensor
+the first layer saves counts under inputs and activations (one batch too many); a checkpointed
+block is charged its external inputs even when an earlier node saves them already, and its
+output, first saved inside it, counts as freed although the next node keeps it (for blocks
+whose input and output have one size, as residual blocks do, the two cancel).
 """
 from __future__ import annotations
 
