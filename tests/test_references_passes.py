@@ -105,6 +105,15 @@ def test_identity_dropout_says_why(p, train, why):
     assert any(f"identity ({why})" in d.reason for d in record.decisions)
 
 
+def test_noop_copy_reasons_name_what_was_kept():
+    x = _x(3, 5)
+    gm, record = run(Fn(lambda m, x: x.clone() * 2 + x.to(torch.float32) * 3), x, "normalize{rules=noop-copy;}")
+    assert record.stats == {"noop-copy": 2}
+    reasons = sorted(d.reason for d in record.decisions)
+    assert any("clone keeps the layout" in r for r in reasons)
+    assert any("same dtype float32, device and layout" in r for r in reasons)
+
+
 @pytest.mark.parametrize("dims, perm", [((-2, -1), [1, 0]), ((0, -2), [0, 1]), ((-1, 0), [1, 0])])
 def test_transpose_with_negative_dims_becomes_permute(dims, perm):
     """Every valid dim of a 2-D tensor, -2 and -1 included, maps to its permutation."""

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: module -> the test files (and -k selections) that test it. Small on purpose: a mutant is run
 #: against what should catch it, which keeps a shard to minutes, not hours.
 SHARDS: dict[str, list[str]] = {
-    "passes/normalize.py": ["tests/test_references_passes.py -k 'div or transpose or vector or dropout'",
+    "passes/normalize.py": ["tests/test_references_passes.py -k 'div or transpose or vector or dropout or noop'",
                             "tests/test_passes.py -k 'normalize and not each_pass'"],
     "passes/dce.py": ["tests/test_passes.py -k 'dce or numerics'", "tests/test_references_passes.py"],
     "passes/rewrite.py": ["tests/test_passes.py -k 'normalize or dce'", "tests/test_references_passes.py"],
