@@ -55,29 +55,11 @@ class OptimizeReport:
     def decisions(self) -> list:
         return [d for r in self.records for d in r.decisions]
 
-    def table(self) -> str:
-        from .passes import timing_table
-        lines = [f"pipeline: {self.pipeline}"] + [f"  {r}" for r in self.pipeline_reasons]
-        lines += [timing_table(self.records),
-                 f"predicted step: {_ms(self.step_time_before_s)} ms -> {_ms(self.step_time_after_s)} ms; "
-                 f"final verification: {_verdict(self.verification)}"]
-        lines += [f"  {r.name}: {r.note}" for r in self.records if r.note]
-        from .passes import region_table
-        lines += [region_table(r.stats["regions"]) for r in self.records
-                  if r.name == "fuse" and r.stats.get("regions") and not r.rolled_back]
-        changes = [d for d in self.decisions() if d.action != "keep"]
-        lines += [f"  - {d}" for d in changes[:30]]
-        if len(self.decisions()) > 30:
-            lines.append(f"  ({len(self.decisions())} decisions in all: report.decisions())")
-        return "\n".join(lines)
-
-
-def _ms(t) -> str:
-    return "-" if t is None else f"{t * 1e3:.3f}"
-
-
-def _verdict(v) -> str:
-    return "-" if v is None else ("ok" if v else "FAILED")
+    def table(self, verbose: bool = False) -> str:
+        """Passes table and predicted step first, then decisions that change the predicted step;
+        those with no estimated effect are one summary line unless ``verbose`` (``fxopt optimize -v``)."""
+        from .cli_output import optimize_text
+        return optimize_text(self, verbose=verbose)
 
 
 def _signature(args: tuple, kwargs: dict, training: bool):
@@ -123,6 +105,8 @@ class OptimizedModule(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; available: {BACKENDS}")
+        from .passes.manager import check_config
+        check_config(pipeline, hardware)  # PipelineError / HardwareError before anything is captured
         live.refuse_wrapped(model)
         live.refuse_foreign_hooks(model, "at optimize()")
         source = copy.deepcopy(model)
