@@ -409,6 +409,9 @@ def _resolve(passes: PassSpec | Iterable[PassSpec]) -> list[tuple[Pass, dict]]:
         return [(get(n)(), check_options(get(n), o)) for n, o in parse_pipeline(passes)]
     if isinstance(passes, Pass) or (isinstance(passes, type) and issubclass(passes, Pass)):
         passes = [passes]
+    if not isinstance(passes, (list, tuple)):
+        raise PipelineError(f"a pipeline is a string like 'dce,normalize' or a list of passes, got "
+                            f"{type(passes).__name__}")
     out = []
     for item in passes:
         options: dict = {}

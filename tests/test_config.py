@@ -12,23 +12,32 @@ from fxopt.passes.base import Option, check_options, defaults, options_help, sch
 
 
 class Counted(nn.Module):
-    """Counts its forward calls: a check that runs "before capture" leaves the count at 0."""
+    """Counts forward calls of every instance and copy (a class attribute: optimize runs a copy), so
+    a check that runs "before capture" leaves the count at 0."""
+
+    calls = [0]
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 4)
-        self.calls = 0
 
     def forward(self, x):
-        self.calls += 1
+        Counted.calls[0] += 1
         return self.fc(x).relu()
 
 
 def _refused_before_capture(error, match, **kwargs):
     model = Counted()
+    Counted.calls[0] = 0
     with pytest.raises(error, match=match):
         fxopt.optimize(model, torch.randn(2, 4), **kwargs)
-    assert model.calls == 0  # refused before capture: the model never ran (neither did its copy)
+    assert Counted.calls[0] == 0  # refused before capture: neither the model nor a copy of it ran
+
+
+def test_the_counter_sees_a_capture():
+    Counted.calls[0] = 0
+    fxopt.optimize(Counted(), torch.randn(2, 4), pipeline="dce", verify=False)
+    assert Counted.calls[0] > 0  # so 0 in the tests below means nothing was captured
 
 
 def test_unknown_hardware_is_an_error_before_capture():
