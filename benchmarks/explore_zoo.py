@@ -23,6 +23,10 @@ from fxopt import zoo
 from fxopt.explore import explore, propose
 
 MODELS = ("driving", "vit_b16", "convnext_t")
+# The full-size models' predicted-faster non-exact rules (H100, bf16, batch 32; docs/BENCHMARKS.md, 2026-12-03):
+# what --skip-full ablates on the tiny variants without re-exploring the full-size models.
+RECORDED_TOP = {"driving": ["stem-patchify", "heads-hd64", "mqa", "gqa"], "vit_b16": ["mqa", "gqa", "depth-width"],
+                "convnext_t": ["resolution", "depth-width", "dw-smaller-k"]}
 
 
 def _cpu_s() -> float:
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--ablate-steps", type=int, default=0)
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--skip-full", action="store_true", help="only the tiny ablations, of the recorded top rules")
     args = p.parse_args(argv)
     warnings.simplefilter("ignore")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -79,8 +84,8 @@ def main(argv=None) -> int:
     print(f"`python benchmarks/explore_zoo.py {' '.join(argv or sys.argv[1:])}`, {date}, torch {torch.__version__}, "
           f"CPU ({os.cpu_count()} cores, load average {load:.1f} at start). Step times are PREDICTIONS of "
           f"fxopt's cost model on {args.hw}, not measurements.\n")
-    failed, fastest = False, {}
-    for name in args.models.split(","):
+    failed, fastest = False, dict(RECORDED_TOP)
+    for name in [] if args.skip_full else args.models.split(","):
         res, wall, cpu, n_ok = full_size(name, args.batch, args.hw, args.dtype)
         table = res.table(tablefmt="github")
         fastest[name] = [c.rule for c in res.candidates if c.status == "ok" and not c.exact and (c.saving_s or 0) > 0]
@@ -91,13 +96,15 @@ def main(argv=None) -> int:
               f"{os.getloadavg()[0]:.1f}); {'meets' if ok else 'MISSES'} the < 60 s, >= 5 candidates target\n")
         print(_md(table) + "\n")
     if args.ablate_steps:
-        total = 0.0
+        total = total_cpu = 0.0
         for name in args.models.split(","):
+            c0 = _cpu_s()
             table, wall = tiny_ablation(name, fastest[name], args.ablate_steps, args.seeds)
-            total += wall
-            print(f"### {name} (tiny, CPU ablation, {args.ablate_steps} steps x {args.seeds} seeds): {wall:.1f} s\n")
+            total, total_cpu = total + wall, total_cpu + _cpu_s() - c0
+            print(f"### {name} (tiny, CPU ablation, {args.ablate_steps} steps x {args.seeds} seeds): "
+                  f"{_cpu_s() - c0:.1f} s CPU ({wall:.1f} s wall at load {os.getloadavg()[0]:.1f})\n")
             print(_md(table) + "\n")
-        print(f"tiny ablations: {total:.1f} s in all (target < 180 s)")
+        print(f"tiny ablations: {total_cpu:.1f} s CPU, {total:.1f} s wall in all (target < 180 s)")
     return 1 if failed else 0
 
 

@@ -58,8 +58,10 @@ def small_cnn():
                nn.Linear(8, 10))
 
 
-def tiny_resnet():
-    return zoo.ResNet(depths=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem_width=8, num_classes=10)
+def resnet_stem_host():
+    """A ResNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and a 1x1 head."""
+    return seq(seq(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
+               nn.Conv2d(8, 4, 1))
 
 
 def depth_width_expected(n=4, d=32, mlp=64):
@@ -89,10 +91,10 @@ CASES = {
     "head-dim-align": (lambda: Tokens(zoo.BevSelfAttention(60, 3)), (1, 16, 60),
                        (lambda: Tokens(zoo.BevSelfAttention(64, 4)), (1, 16, 64)),
                        3 * lin(60, 3 * 24) + lin(3 * 24, 60)),  # head dim 20 -> 24
-    "stem-patchify": (tiny_resnet, (3, 32, 32), (lambda: zoo.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64),
+    "stem-patchify": (resnet_stem_host, (3, 32, 32), (lambda: zoo.ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64),
                                                                       num_classes=10), (3, 32, 32)),
                       8 * 3 * 16 + 2 * 8),
-    "stem-3x3": (tiny_resnet, (3, 32, 32), (small_cnn, (3, 32, 32)),
+    "stem-3x3": (resnet_stem_host, (3, 32, 32), (small_cnn, (3, 32, 32)),
                  9 * (3 * 4 + 4 * 4 + 4 * 8) + 2 * 2 * 4 + 2 * 8),
     "rmsnorm": (lambda: Tokens(seq(nn.Linear(32, 32), nn.LayerNorm(32), nn.Linear(32, 8))), T,
                 lambda: Tokens(seq(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))), 32),
@@ -333,7 +335,7 @@ def test_ablation_gives_verdicts_and_predicted_time_to_target():
     model = zoo.build("vit_b16", tiny=True)
     x = zoo.example_inputs("vit_b16", batch=4, tiny=True)
     res = explore(model, x, rules="gelu-relu,mqa",
-                  ablate={"steps": 12, "seeds": 2, "batch": 8, "candidates": ["gelu-relu", "mqa"]})
+                  ablate={"steps": 8, "seeds": 2, "batch": 4, "candidates": ["gelu-relu", "mqa"]})
     assert res.ablation is not None
     names = [c.name for c in res.candidates]
     combo = next(n for n in names if "+" in n)  # the compatible pair, trained too
