@@ -111,8 +111,10 @@ class _ConstMatmul(torch.nn.Module):
 
 
 def test_graph_constants_are_promoted_in_the_float64_copy():
-    """The float64 reference of a captured graph promotes its fp32 tensor constants too (an fp32
-    constant in an fp64 matmul would not run, and the reference would fall back to fp32)."""
+    """The float64 reference of a captured graph with a lifted fp32 constant runs in float64 (an fp32
+    constant in an fp64 matmul would not run, and the reference would fall back to fp32). Export
+    registers the constant as a buffer, so ``.double()`` promotes it; verify's own promotion of
+    unregistered tensor attributes is not reached here."""
     import fxopt
     from fxopt.verify import verify
     x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
