@@ -115,13 +115,14 @@ def load_hardware(spec: "str | Path | Hardware | None" = "h100") -> Hardware:
             raise HardwareError(f"unknown hardware preset {spec!r}; known presets: {presets()}, "
                                 f"or pass the path of a profile JSON")
     try:
-        return _load_path(str(path.resolve()), path.stat().st_mtime_ns)
+        stat = path.stat()
+        return _load_path(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     except OSError as exc:
         raise HardwareError(f"cannot read hardware profile {path}: {exc}") from exc
 
 
 @functools.lru_cache(maxsize=32)
-def _load_path(path: str, mtime_ns: int) -> Hardware:
+def _load_path(path: str, mtime_ns: int, size: int) -> Hardware:
     """Profiles are read once per file version: every pass of a pipeline gets the same object."""
     path = Path(path)
     try:

@@ -108,7 +108,8 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
                          precision=precision or Precision.from_torch(), params=trace.params,
                          saved_bytes={k: _num(v, sym_map) for k, v in trace.saved_bytes.items()},
                          symbols={s.name: s for s in sym_map.values()}, training=training,
-                         inputs=_input_summary(captured), captured=captured)
+                         inputs=_input_summary(captured), captured=captured,
+                         optimizer=optimizer if training else None)
     if dist_spec is not None:
         report.distributed = apply_distributed(report, dist_spec)
     if report.unknown_ops:

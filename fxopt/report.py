@@ -20,6 +20,7 @@ from .cost_models.roofline import Precision, bound, call_time
 from .nodeinfo import NodeInfo
 
 SCHEMA = "fxopt.graph_report/1"
+OPTIMIZER_WORDS = {"sgd": "SGD momentum", "adamw": "AdamW", None: "no optimizer step"}
 BY = ("node", "op", "block")
 
 
@@ -118,8 +119,9 @@ class GraphReport:
 
     def __init__(self, *, model: str, calls: list[CallRow], nodes: dict[str, NodeInfo], hardware: Hardware,
                  precision: Precision, params: int, saved_bytes: dict, symbols: dict | None = None,
-                 training: bool = True, inputs: str = "", captured=None):
+                 training: bool = True, inputs: str = "", captured=None, optimizer: str | None = None):
         self.model, self.calls, self.nodes, self.hardware = model, calls, nodes, hardware
+        self.optimizer = optimizer       # the step's optimizer ("sgd" momentum, "adamw") or None
         self.precision, self.params, self.saved_bytes = precision, params, saved_bytes
         self.symbols = symbols or {}     # user name -> sympy.Symbol
         self.training, self.inputs = training, inputs
@@ -171,7 +173,7 @@ class GraphReport:
         inputs = self.inputs + " at " + ", ".join(f"{k}={v}" for k, v in values.items())
         return GraphReport(model=self.model, calls=calls, nodes=self.nodes, hardware=self.hardware,
                            precision=self.precision, params=self.params, saved_bytes=saved, symbols=rest,
-                           training=self.training, inputs=inputs)
+                           training=self.training, inputs=inputs, optimizer=self.optimizer)
 
     @property
     def unknown_ops(self) -> dict[str, int]:
@@ -280,7 +282,7 @@ class GraphReport:
     def summary(self) -> str:
         t = self.totals
         lines = [
-            f"{self.model} ({self.inputs}), {'training step' if self.training else 'forward'} on "
+            f"{self.model} ({self.inputs}), {self._step_words()} on "
             f"{self.hardware.name}",
             f"  params             {_fmt(t['params'], 1e-6)} M",
             f"  matrix FLOPs       fwd {_fmt(t['matrix_flops_fwd'], 1e-9)} G, bwd {_fmt(t['matrix_flops_bwd'], 1e-9)} G",
@@ -304,13 +306,23 @@ class GraphReport:
             lines.append(f"  UNKNOWN ops (no cost formula, counted as memory traffic only): {self.unknown_ops}")
         return "\n".join(lines)
 
+    def _step_words(self) -> str:
+        """What was costed, with the assumptions a reader needs: optimizer and TF32 use."""
+        tf32 = (f"TF32 matmul {'on' if self.precision.tf32_matmul else 'off'}, "
+                f"conv {'on' if self.precision.tf32_conv else 'off'}")
+        if not self.training:
+            return f"forward ({tf32})"
+        opt = OPTIMIZER_WORDS.get(self.optimizer, str(self.optimizer))
+        return f"training step ({opt}, {tf32})"
+
     def to_markdown(self, top: int = 30, by: str = "node", depth: int = 1) -> str:
         return f"```\n{self.summary()}\n```\n\n{self.table(top, by, depth, tablefmt='github')}\n"
 
     def to_dict(self, depth: int = 1) -> dict:
         return _jsonable({
             "schema": SCHEMA, "model": self.model, "inputs": self.inputs, "training": self.training,
-            "hardware": self.hardware.name, "symbols": sorted(self.symbols),
+            "hardware": self.hardware.name, "symbols": sorted(self.symbols), "optimizer": self.optimizer,
+            "tf32": {"matmul": self.precision.tf32_matmul, "conv": self.precision.tf32_conv},
             "totals": self.totals, "unknown_ops": self.unknown_ops,
             "nodes": self.rows("node"), "op_classes": self.rows("op"), "blocks": self.rows("block", depth),
             "profile": self.hardware.profile_kind(),
