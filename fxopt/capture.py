@@ -12,6 +12,7 @@ import inspect
 import logging
 import re
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,10 +150,21 @@ def capture_module(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: b
     from .checkpointing import tag_checkpoint_regions
     from .live import record_python_state, warn_python_writes
     dynamic_shapes = _batch_dynamic_shapes(model, args, kwargs) if dynamic_batch else None
+    def export(recorder):
+        with tag_checkpoint_regions(), recorder, _training_without_kv_cache(model), _module_to_no_op_kept():
+            return torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+
     try:
-        with tag_checkpoint_regions(), record_python_state() as python_state, \
-                _training_without_kv_cache(model), _module_to_no_op_kept():
-            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+        recorder = record_python_state()
+        try:
+            ep, python_state = export(recorder), recorder.state
+        except FxoptError:
+            raise
+        except Exception:  # noqa: BLE001 - dynamo (torch.cond branches) cannot trace the recorder: retry without
+            ep, python_state = export(contextlib.nullcontext()), None
+            warnings.warn(f"{name}: Python attributes that forward reads are not guarded (its higher-order "
+                          f"ops, e.g. torch.cond, cannot be traced with fxopt's attribute recorder); "
+                          f"changing them after capture is not seen", stacklevel=3)
     except FxoptError:
         raise
     except Exception as exc:  # export raises many types; every one becomes a CaptureError
@@ -165,8 +177,9 @@ def capture_module(model: nn.Module, args: tuple, kwargs: dict, dynamic_batch: b
     gm = ep.module()
     _drop_guard_calls(gm)
     symbols = _symbol_names(gm) if dynamic_batch else {}
-    python_state = python_state.only(model)
-    warn_python_writes(python_state, {id(m): n or name for n, m in model.named_modules()})
+    if python_state is not None:
+        python_state = python_state.only(model)
+        warn_python_writes(python_state, {id(m): n or name for n, m in model.named_modules()})
     return Captured(gm, args, kwargs, model.training, dynamic_batch, name, symbols, python_state)
 
 

@@ -177,9 +177,6 @@ def test_passes_on_a_control_flow_graph_are_verified_or_rolled_back():
     torch.testing.assert_close(gm(x), model(x))
 
 
-@pytest.mark.xfail(strict=True, reason="fxopt.live.record_python_state patches nn.Module.__getattribute__ during "
-                   "capture, which dynamo cannot trace inside torch.cond's branches (UncapturedHigherOrderOpError); "
-                   "owned by the 'live' helper, reported to the lead: remove this mark when fixed")
 def test_control_flow_does_not_crash_the_default_pipeline():
     torch.manual_seed(0)
     model, x = Branchy(), torch.randn(4, 8)
