@@ -497,7 +497,8 @@ def _run(label: str, model: nn.Module, example_inputs, device, *, double: bool, 
     gen = torch.Generator().manual_seed(seed + 1)
     (args, kwargs), (call_args, call_kwargs) = _prepare_inputs(args, kwargs, device, double=double,
                                                                requires_grad=training, perturb=perturb, gen=gen)
-    model.train(training)
+    if model.training != training:  # keep submodule modes the user set (frozen batch norm in a training model)
+        model.train(training)
     if perturb:
         with torch.no_grad():
             for t in list(model.parameters()) + list(model.buffers()):
