@@ -367,9 +367,6 @@ def _parser() -> argparse.ArgumentParser:
     from .ablate import add_cli as add_ablate_cli
     add_ablate_cli(sub)
 
-    from .explore import add_cli as add_explore_cli
-    add_explore_cli(sub)
-
     from .profile_training import add_cli as add_profile_training_cli
     add_profile_training_cli(sub)
 
