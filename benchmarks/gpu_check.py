@@ -219,9 +219,8 @@ def step_calibrate(ctx: Ctx) -> dict:
     prof = calibrate(device=ctx.device, quick=True, out=path)
     ctx.log(summary(prof))
     return {"profile": path.name, "name": prof["name"], "source": prof.get("source"),
-            "memory_bandwidth": prof.get("memory_bandwidth"), "launch_overhead_s": prof.get("launch_overhead_s"),
-            "efficiency": prof.get("efficiency"), "efficiency_by_class": prof.get("efficiency_by_class"),
-            "nhwc_speedup": prof.get("nhwc_speedup")}
+            "memory_bandwidth": prof.get("memory_bandwidth"), "kernel_model": prof.get("kernel_model"),
+            "fit_mape": prof.get("measured", {}).get("fit_mape"), "nhwc_speedup": prof.get("nhwc_speedup")}
 
 
 # ---- step 3: bench -------------------------------------------------------------------------------

@@ -70,13 +70,21 @@ def _pytest(r: dict) -> list[str]:
 
 
 def _calibrate(r: dict) -> list[str]:
-    bw, launch = r.get("memory_bandwidth"), r.get("launch_overhead_s")
-    lines = [f"Profile `{r.get('profile')}` ({_cell(r.get('source'))}): bandwidth "
-             f"{'—' if bw is None else f'{bw / 1e9:,.1f} GB/s'}, launch overhead "
-             f"{'—' if launch is None else f'{launch * 1e6:.2f} us'}; efficiency {r.get('efficiency')}.", ""]
-    by_class = r.get("efficiency_by_class") or {}
-    if by_class:
-        lines += _table(["op class"] + list(by_class), [["fraction of peak"] + [f"{v:.3f}" for v in by_class.values()]])
+    """The fitted kernel-time parameters (cost_models/kernels.py) and the fit's in-sample error."""
+    bw, km = r.get("memory_bandwidth"), r.get("kernel_model") or {}
+    lines = [f"Profile `{r.get('profile')}` ({_cell(r.get('source'))}): peak bandwidth "
+             f"{'—' if bw is None else f'{bw / 1e9:,.1f} GB/s'}; host dispatch "
+             f"{_cell(km.get('host', {}).get('fwd'))} s per op.", ""]
+    matrix = km.get("matrix") or {}
+    if matrix:
+        keys = ["eff", "k_half", "reuse", "latency_s", "reduce_bw"]
+        lines += _table(["regime"] + keys, [[reg] + [f"{p.get(k, float('nan')):.4g}" for k in keys]
+                                            for reg, p in matrix.items()]) + [""]
+    eff = (km.get("memory") or {}).get("efficiency") or {}
+    if eff:
+        lines += _table(["memory-bound class"] + list(eff), [["share of bandwidth"] + [f"{v:.3f}" for v in eff.values()]])
+    if r.get("fit_mape"):
+        lines += ["", "Fit error (in-sample MAPE): " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in r["fit_mape"].items())]
     return lines
 
 

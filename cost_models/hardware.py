@@ -27,15 +27,10 @@ class Hardware:
     tensor_flops: dict
     vector_flops: dict
     efficiency: dict = field(default_factory=lambda: {"matrix": 1.0, "memory": 1.0})
-    launch_overhead_s: float = 4e-6
     sm_count: int = 0
     l2_bytes: int = 0
     memory_bytes: int = 0
     source: str = ""
-    # measured per-op-class efficiency (``fxopt calibrate``): for matmul/conv/attention it scales
-    # the FLOP/s peak, for every other class the memory bandwidth; a class not listed falls back
-    # to ``efficiency["matrix"]`` / ``efficiency["memory"]``
-    efficiency_by_class: dict = field(default_factory=dict)
     nhwc_speedup: dict = field(default_factory=dict)  # measured cells overriding layout.NHWC_SPEEDUP
     # shape-aware kernel-time parameters (``cost_models.kernels``): sections "matrix" (per regime),
     # "kind_eff", "memory", "host"; what a profile lacks falls back to the priors there
@@ -59,12 +54,6 @@ class Hardware:
     def layout_table(self) -> dict:
         """NHWC speedups per conv class and precision: this device's measured cells over the priors."""
         return {cls: {**row, **self.nhwc_speedup.get(cls, {})} for cls, row in NHWC_SPEEDUP.items()}
-
-    def class_efficiency(self, op_class: str, matrix: bool) -> float:
-        """The fraction of peak a call of ``op_class`` reaches (FLOP/s if ``matrix``, else bandwidth)."""
-        if op_class in self.efficiency_by_class:
-            return float(self.efficiency_by_class[op_class])
-        return self.efficiency.get("matrix" if matrix else "memory", 1.0)
 
     def matrix_peak(self, dtype_key: str) -> float:
         """Tensor-core peak for a GEMM/conv/attention in ``dtype_key`` (fp32 without TF32 uses

@@ -89,6 +89,7 @@ class GemmChoice:
     split_k: int
     tiles: int
     waves: int
+    slots: int          # tiles that run at once (SMs x CTAs of this tile per SM): one wave
     efficiency: float   # achieved FLOP/s over the regime's peak
     time_s: float
 
@@ -127,7 +128,7 @@ def _gemm_choice(b, m, n, k, peak, sms, frozen) -> GemmChoice:
             if split > 1:   # partial tiles written and summed: fp32 partials through memory
                 t += 2.0 * split * m * n * b * 4 / p["reduce_bw"]
             if best is None or t < best.time_s:
-                best = GemmChoice((tm, tn), split, tiles, waves, flops / t / peak, t)
+                best = GemmChoice((tm, tn), split, tiles, waves, sms * ctas, flops / t / peak, t)
     return best
 
 

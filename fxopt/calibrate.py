@@ -282,7 +282,7 @@ def calibrate(device=None, quick: bool = False, out: "str | Path | None" = None)
     hw = replace(hw, kernel_model=km, name=f"{preset_name}-measured" if preset_name else base.name,
                  description=base.description + (" (measured profile)" if preset_name else ""),
                  nhwc_speedup={cls: {col: speedup[cls][col]} for cls, col in (c.split("/") for c in cells)},
-                 launch_overhead_s=host, source=source)
+                 source=source)
     profile = {"schema": SCHEMA, **_profile_fields(hw),
                "measured": {**versions, "quick": quick, "reps": reps, "nhwc_speedup": speedup,
                             "nhwc_speedup_measured_cells": cells,

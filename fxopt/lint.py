@@ -26,7 +26,8 @@ from .analyze import _cast, analyze, parse_dtype
 from .capture import Captured, capture
 from .cost_models.hardware import DTYPE_KEYS, load_hardware
 from .cost_models.ops import MATRIX_CLASSES
-from .cost_models.roofline import call_time, peak_for
+from .cost_models.kernels import gemm_choice, memory_time
+from .cost_models.roofline import call_time, peak_for, regime
 from .errors import InputError
 from .report import GraphReport
 
@@ -49,9 +50,6 @@ ASSUMPTIONS: dict[str, Assumption] = {
     "misaligned_slowdown": Assumption(2.0, "a tensor-core GEMM/conv with a misaligned leading dimension runs on "
                                            "a slower path (narrow loads, no TMA): est. 2x its aligned roofline "
                                            "time (compute and memory terms); not yet calibrated"),
-    "tile": Assumption((128, 128), "output tile (rows x cols) of one thread block of a large tensor-core "
-                                   "GEMM (cuBLAS/CUTLASS on Hopper use 128x128 to 128x256); one tile per SM "
-                                   "at a time, so a GEMM runs ceil(tiles / sm_count) waves"),
     "max_last_wave_fill": Assumption(0.5, "a GEMM of 2+ waves whose last wave fills at most this fraction of "
                                           "the SMs is flagged (133 tiles on 132 SMs: 1/132)"),
     "max_width_change": Assumption(0.2, "the nearest efficient width must be within this fraction of the "
@@ -215,9 +213,11 @@ class LintContext:
     def __init__(self, report: GraphReport, graph: fx.Graph | None, depth: int):
         self.report, self.graph, self.depth = report, graph, depth
         self.hw, self.precision, self.training = report.hardware, report.precision, report.training
-        self.bandwidth = self.hw.memory_bandwidth * self.hw.efficiency.get("memory", 1.0)
+        # sustained bandwidth of a large memory-bound kernel (the kernel model's pointwise share)
+        self.bandwidth = self.hw.memory_bandwidth * self.hw.kernel_param("memory")["efficiency"]["pointwise"]
         self.times = report.call_times
-        self.step_s = float(sum(t.total_s for t in self.times))
+        self.host_idle = report.host_idle
+        self.step_s = float(report.step_time_s)
         self.by_node: dict[str, list[int]] = {}
         for i, c in enumerate(report.calls):
             self.by_node.setdefault(c.node, []).append(i)
@@ -264,7 +264,8 @@ class LintContext:
         return info.op if info else str(node.target)
 
     def memory_s(self, nbytes: float) -> float:
-        return nbytes / self.bandwidth
+        """Time to move ``nbytes`` in memory-bound kernels (the kernel model's ramp included)."""
+        return float(memory_time("pointwise", nbytes, self.hw))
 
     def kernel_s(self, op_class: str, dtype: str | None, flops: float, nbytes: float, kernels: int = 1) -> float:
         return float(call_time(op_class, dtype, flops, nbytes, kernels, self.hw, self.precision).total_s)
@@ -466,51 +467,46 @@ def check_alignment(ctx: LintContext):
                      "assumptions": ["alignment_bytes", "misaligned_slowdown"]})
 
 
-def _waves(tiles: int, sms: int) -> int:
-    return -(-tiles // sms)
-
-
 @lint_rule("wave-quantization", "tile and wave quantization")
 def check_waves(ctx: LintContext):
     """GEMMs whose output tiles leave the last wave over the SMs mostly idle.
 
-    Tile model (``tile`` assumption): the forward GEMM's output (M x N, per batch/group) is cut into
-    128x128 tiles; the SMs (hardware ``sm_count``) run one tile each per wave, so the GEMM takes
-    ceil(tiles / sm_count) waves and its compute time is roofline / efficiency with efficiency =
-    M*N*batch / (waves * sm_count * 128*128) (tile and wave quantization together). Backward GEMMs
-    have other grids (dgrad M x K, wgrad N x K, often split-K) and are not modeled. Flagged: 2+
-    waves with the last one at most ``max_last_wave_fill`` full, when a size within
-    ``max_width_change`` drops a wave. The change: that size (N or M, whichever saves more), its
-    saving, and the widest size with the same number of waves (free capacity).
+    The kernel model's tile choice (``cost_models.kernels.gemm_choice``: the fastest tile and
+    split-K for this GEMM on this device) gives the forward GEMM's tiles and waves over the SMs.
+    Backward GEMMs have other grids and are not flagged. Flagged: 2+ waves with the last one at most
+    ``max_last_wave_fill`` full, when a size within ``max_width_change`` drops a wave. The change: that
+    size (N or M, whichever is nearer), its saving priced by the same model, and the widest size with
+    the same number of waves (free capacity).
     """
     sms = ctx.hw.sm_count
     if not sms:
         return
-    tm, tn = _a("tile")
     for node, g, dtype, op_class in _gemms(ctx):
         if _tensor_core_multiple(dtype, op_class, ctx) is None or g.depthwise:
             continue
+        key, reg = regime(op_class, dtype, ctx.precision)
+        params, peak = ctx.hw.kernel_param("matrix")[reg], ctx.hw.matrix_peak(key)
+        choice = gemm_choice(g.batch, g.m, g.n, g.k, peak, sms, params)
+        if choice.split_k > 1:
+            continue
+        (tm, tn), tiles, waves, slots = choice.tile, choice.tiles, choice.waves, choice.slots
         tiles_m, tiles_n = -(-g.m // tm), -(-g.n // tn)
-        tiles = g.batch * tiles_m * tiles_n
-        waves = _waves(tiles, sms)
-        fill = (tiles - (waves - 1) * sms) / sms
+        fill = (tiles - (waves - 1) * slots) / slots
         if waves < 2 or fill > _a("max_last_wave_fill"):
             continue
         fwd = [i for i in ctx.calls(node.name, "fwd") if ctx.report.calls[i].op_class in MATRIX_CLASSES]
         if not fwd:
             continue
-        compute = sum(ctx.times[i].compute_s for i in fwd)
-        memory = sum(ctx.times[i].memory_s for i in fwd)
+        memory = sum(float(ctx.times[i].memory_s) for i in fwd)
 
         def t(m, n):
-            eff = (m * n * g.batch) / (_waves(g.batch * -(-m // tm) * -(-n // tn), sms) * sms * tm * tn)
-            return max(compute * (m * n) / (g.m * g.n) / eff, memory)
+            return max(gemm_choice(g.batch, m, n, g.k, peak, sms, params).time_s, memory * (m * n) / (g.m * g.n))
 
         now = t(g.m, g.n)
         options = []
         for dim, size, tile, other in (("N", g.n, tn, tiles_m), ("M", g.m, tm, tiles_n)):
-            fewer = ((waves - 1) * sms) // (g.batch * other)     # tiles along dim that fit one wave fewer
-            same = (waves * sms) // (g.batch * other)
+            fewer = ((waves - 1) * slots) // (g.batch * other)     # tiles along dim that fit one wave fewer
+            same = (waves * slots) // (g.batch * other)
             smaller = fewer * tile if 0 < fewer * tile < size else None
             if smaller and (size - smaller) > _a("max_width_change") * size:
                 smaller = None
@@ -529,14 +525,14 @@ def check_waves(ctx: LintContext):
             "wave-quantization", (node.name,), ctx.module(node.name),
             evidence=f"{ctx.op(node)} `{node.name}` ({dtype}) M={g.m} N={g.n} K={g.k}"
                      + (f" x{g.batch}" if g.batch > 1 else "")
-                     + f": {tiles} tiles of {tm}x{tn} on {sms} SMs = {waves} waves, the last {fill:.0%} full; "
-                       f"est. {_us(now)} forward vs {_us(max(compute, memory))} roofline",
+                     + f": {tiles} tiles of {tm}x{tn} ({slots} per wave on {sms} SMs) = {waves} waves, the last "
+                       f"{fill:.0%} full; est. {_us(now)} forward",
             change=f"{what} {size} -> {smaller}: {waves - 1} wave(s), est. -{_us(saving)}"
                    + (f"; or widen to {wider} at about the same time" if wider else ""),
             saving_s=saving, source=ctx.source(node.name),
             details={"tiles": tiles, "waves": waves, "last_wave_fill": fill, "sm_count": sms, "tile": [tm, tn],
                      "dim": dim, "size": size, "suggested": smaller, "same_time_width": wider,
-                     "assumptions": ["tile", "max_last_wave_fill", "max_width_change"]})
+                     "assumptions": ["max_last_wave_fill", "max_width_change"]})
 
 
 # Node categories for fusion: what a node's forward kernels are.
@@ -602,7 +598,8 @@ def _ridge(ctx: LintContext, dtype: str | None, op_class: str) -> float:
 def check_low_intensity(ctx: LintContext):
     """Memory-bound blocks (``report.rows("block", depth)``) that hold a large share of the step.
 
-    Flagged: bound "memory", share >= ``min_block_share``. The evidence names what the time goes to
+    Flagged: memory-bound or below the ridge point (a narrow GEMM wasting its tiles is priced
+    compute-bound but still has low intensity), share >= ``min_block_share``. The evidence names what the time goes to
     (norms, activations, depthwise or narrow convs); the change is the fusion that lifts them: each
     intermediate a fused chain keeps on chip (GEMM epilogues: conv/linear -> activation; chains of
     norms, activations, residual adds) saves ``fused_bytes_per_intermediate`` x its bytes and the
@@ -617,7 +614,7 @@ def check_low_intensity(ctx: LintContext):
             members.setdefault(ctx.block(name, depth), set()).add(name)
     for row in ctx.report.rows("block", depth):
         block, share = row["block"], float(row["share"])
-        if block == "(optimizer)" or row["bound"] != "memory" or share < _a("min_block_share"):
+        if block == "(optimizer)" or share < _a("min_block_share"):
             continue
         names = members.get(block, set())
         by_class: Counter = Counter()
@@ -630,9 +627,11 @@ def check_low_intensity(ctx: LintContext):
         dtype = dtypes.most_common(1)[0][0] if dtypes else "bfloat16"
         mclass = "conv" if by_class.get("conv", 0) >= by_class.get("matmul", 0) else "matmul"
         ridge = _ridge(ctx, dtype, mclass)
+        if row["bound"] != "memory" and float(row["ai"]) >= ridge:
+            continue   # neither memory-bound nor below the ridge (a narrow GEMM the tiles waste is both)
         saved_bytes, kernels, edges = _fusion(ctx, names)
         nonmatrix = sum(ctx.node_time(n) for n in names if _category(ctx, n) in ("elementwise", "rowwise"))
-        saving = min(ctx.memory_s(saved_bytes) + kernels * ctx.hw.launch_overhead_s, nonmatrix)
+        saving = min(ctx.memory_s(saved_bytes) + kernels * ctx.hw.kernel_param("memory")["latency_s"], nonmatrix)
         notes = []
         depthwise = [n for n in sorted(names, key=ctx.order.get) if _is_depthwise(ctx, n)]
         if depthwise:
@@ -693,10 +692,11 @@ def _narrow_gemms(ctx: LintContext, names: set[str], ridge: float) -> list[str]:
 def check_launch_bound(ctx: LintContext):
     """Runs of consecutive tiny kernels whose launch overhead exceeds their work.
 
-    A kernel is tiny when its roofline work (max of compute and memory time) is below its launch
-    overhead (hardware ``launch_overhead_s``). A run of at least ``launch_run_min_kernels`` tiny
-    kernels in one phase (views do not break it) is flagged. Saving: the run's launch overhead
-    times (1 - ``graph_launch_fraction``): what capturing it in a CUDA graph (or fusing it) removes.
+    A kernel is tiny when its work (max of compute and memory time) is below its fixed latency
+    (the kernel model's ``latency_s``). A run of at least ``launch_run_min_kernels`` tiny kernels in
+    one phase (views do not break it) is flagged. Overhead: the run's kernel latencies plus the GPU's
+    waits for the host to dispatch them; saving: that times (1 - ``graph_launch_fraction``), what
+    capturing it in a CUDA graph (or fusing it) removes.
     """
     calls, times = ctx.report.calls, ctx.times
     runs, run, phase = [], [], None
@@ -717,7 +717,7 @@ def check_launch_bound(ctx: LintContext):
         kernels = sum(calls[i].kernels for i in run)
         if kernels < _a("launch_run_min_kernels"):
             continue
-        launch = sum(times[i].launch_s for i in run)
+        launch = sum(times[i].launch_s + ctx.host_idle[i] for i in run)
         work = sum(max(times[i].compute_s, times[i].memory_s) for i in run)
         nodes = tuple(dict.fromkeys(calls[i].node for i in run))
         phase = calls[run[0]].phase

@@ -373,10 +373,16 @@ class _Fit:
                 "step_time_s": float(step),
                 "mfu": matrix / (step * self.hw.bf16_peak) if step else 0.0}
 
-    def _rates(self, c):
-        peak = peak_for(c.op_class, c.dtype, self.hw, self.precision) / time_factor(c, self.hw)
-        bw = self.hw.memory_bandwidth * self.hw.efficiency.get("memory", 1.0)
-        return peak, bw
+    def _rates(self, i: int, c) -> tuple[float, float, float]:
+        """The call's FLOP/s, bytes/s and fixed latency as the kernel model prices it at the example
+        sizes (shape-dependent efficiencies frozen there), so the formulas match the report there."""
+        bvals = self.base.values
+        f, nbytes = float(bvals[3 * i]), float(bvals[3 * i + 1] + bvals[3 * i + 2])
+        t = row_time(c, self.hw, self.precision, f, nbytes)
+        peak = f / float(t.compute_s) if f and t.compute_s else \
+            peak_for(c.op_class, c.dtype, self.hw, self.precision) / time_factor(c, self.hw)
+        bw = nbytes / float(t.memory_s) if nbytes and t.memory_s else self.hw.memory_bandwidth
+        return peak, bw, float(t.latency_s)
 
     def regime_coeffs(self, pred=lambda c: True) -> list[float]:
         """Float coefficients of the step time with each kernel at its bound at the example sizes."""
@@ -386,14 +392,14 @@ class _Fit:
         for i, c in enumerate(self.calls):
             if not pred(c):
                 continue
-            peak, bw = self._rates(c)
+            peak, bw, latency = self._rates(i, c)
             f, nbytes = bvals[3 * i], bvals[3 * i + 1] + bvals[3 * i + 2]
             compute, memory = (f / peak if f else 0.0), (nbytes / bw if nbytes else 0.0)
             if compute or memory:
                 col, rate = (self.col(3 * i), peak) if compute >= memory else \
                     ([a + b for a, b in zip(self.col(3 * i + 1), self.col(3 * i + 2))], bw)
                 out = [o + v / self.den / rate for o, v in zip(out, col)]
-            launch += c.kernels * self.hw.launch_overhead_s
+            launch += latency
         out[0] += launch
         return out
 
@@ -401,12 +407,12 @@ class _Fit:
         """Exact time: identical kernels are grouped, so the sum stays readable-sized."""
         if self._time is None:
             groups: dict = {}
-            launch = 0
+            launch = 0.0
             for i, c in enumerate(self.calls):
-                peak, bw = self._rates(c)
+                peak, bw, latency = self._rates(i, c)
                 fl = tuple(self.col(3 * i))
                 nb = tuple(a + b for a, b in zip(self.col(3 * i + 1), self.col(3 * i + 2)))
-                launch += c.kernels
+                launch += latency
                 if any(fl) or any(nb):
                     key = (fl, nb, peak, bw)
                     groups[key] = groups.get(key, 0) + 1
@@ -417,7 +423,7 @@ class _Fit:
                 t = memory if compute is None else compute if memory is None else \
                     sympy.Max(compute, memory, evaluate=False)
                 terms.append(count * t)
-            terms.append(sympy.Float(launch * self.hw.launch_overhead_s, 15))
+            terms.append(sympy.Float(launch, 15))
             self._time = sympy.Add(*terms)
         return self._time
 

@@ -314,10 +314,10 @@ class Fuse(Pass):
         rec.bytes_after, rec.time_after_s = _fused_time(low, ctx.training, hw)
         if all(t is not None for t in times):
             rec.time_before_s = sum(times)
-        else:   # not costed: the same roofline on the unfused bytes, one launch per op each way
+        else:   # not costed: the kernel model on the unfused bytes, one kernel per op each way
+            from fxopt.cost_models.roofline import call_time
             launches = len(ops) * (2 if ctx.training else 1)
-            rec.time_before_s = rec.bytes_before / (hw.memory_bandwidth * hw.class_efficiency("pointwise", False)) \
-                + launches * hw.launch_overhead_s
+            rec.time_before_s = float(call_time("pointwise", None, 0, rec.bytes_before, launches, hw).total_s)
         gain = rec.time_before_s - rec.time_after_s
         what = (f"region {name} ({' '.join(ops)}): {rec.bytes_before / 1e6:.2f} -> {rec.bytes_after / 1e6:.2f} MB, "
                 f"{rec.time_before_s * 1e6:.1f} -> {rec.time_after_s * 1e6:.1f} us")

@@ -108,41 +108,50 @@ def test_calibrate_quick_profile_loads_and_drives_the_cost_model(cpu_profile):
     path, prof = cpu_profile
     assert prof["name"] == "cpu-measured"
     ref = json.loads(open(load_hardware.__globals__["PRESET_DIR"] / "h100.json").read())
-    for key in ("name", "memory_bandwidth", "tensor_flops", "vector_flops", "efficiency", "launch_overhead_s",
-                "sm_count"):
-        assert key in prof and type(prof[key]) is type(ref[key]) or key in ("sm_count", "launch_overhead_s")
+    for key in ("name", "memory_bandwidth", "tensor_flops", "vector_flops", "sm_count", "kernel_model"):
+        assert key in prof and type(prof[key]) is type(ref[key])
     m = prof["measured"]
-    assert {"torch", "date", "device", "raw", "nhwc_speedup"} <= set(m)
+    assert {"torch", "date", "device", "raw", "nhwc_speedup", "fit_mape"} <= set(m)
     assert set(m["nhwc_speedup"]) == set(__import__("fxopt.cost_models.layout", fromlist=["x"]).NHWC_SPEEDUP)
-    assert {"matmul", "conv", "pointwise", "reduction"} <= set(prof["efficiency_by_class"])
-    assert any(not r["aligned"] for r in m["raw"]["gemm"])  # misaligned shapes are in the grid
+    # the raw measurements are what the kernel model has parameters for: GEMMs (a misaligned one among
+    # them), memory-bound kernels over sizes, every conv class, the host's dispatch time
+    assert any(any(d % 8 for d in r["dims"][1:]) for r in m["raw"]["gemm"])
+    assert len({tuple(r["dims"]) for r in m["raw"]["memory"]}) >= 3
     assert {r["class"] for r in m["raw"]["conv"]} == {"dense", "1x1", "depthwise", "grouped"}
+    km = prof["kernel_model"]
+    assert set(km["matrix"]["fp32"]) >= {"eff", "k_half", "reuse", "latency_s"}
+    assert km["host"]["fwd"] == m["raw"]["host_dispatch_s"] > 0
+    assert km["source"].startswith("fxopt calibrate --quick")
     hw = load_hardware(str(path))
-    assert hw.name == "cpu-measured" and hw.efficiency_by_class == prof["efficiency_by_class"]
+    assert hw.name == "cpu-measured" and hw.kernel_param("host")["fwd"] == km["host"]["fwd"]
+    assert hw.profile_kind().startswith("measured")
     report = analyze(MLP(), (torch.randn(4, 16),), hardware=str(path))
     assert report.hardware.name == "cpu-measured" and report.totals["step_time_s"] > 0
 
 
-def test_per_class_efficiency_changes_a_matmul_time():
+def test_profile_parameters_change_a_matmul_time():
+    """A profile's kernel-model efficiency scales a GEMM's time; a memory-bound class's share scales
+    its bandwidth; an unlisted class keeps the prior."""
+    from fxopt.cost_models.fit import with_params
     base = load_hardware("h100")
-    fields = {**base.to_dict(), "efficiency_by_class": {"matmul": base.efficiency["matrix"] / 2, "pointwise": 0.25}}
-    half = Hardware(**fields)
+    p = base.kernel_param("matrix")["bf16"]
+    half = with_params(with_params(base, "matrix", {"eff": p["eff"] / 2}, "bf16"), "memory",
+                       {"efficiency": {"pointwise": 0.25}})
+    gemm = ((1, 4096, 4096, 4096),)
     flops = 2 * 4096 ** 3
-    t0 = call_time("matmul", "bfloat16", flops, 0, 0, base).total_s
-    t1 = call_time("matmul", "bfloat16", flops, 0, 0, half).total_s
-    assert t1 == pytest.approx(2 * t0)
-    # a pointwise kernel's bandwidth is scaled by its class efficiency; conv (not listed) is unchanged
-    p0 = call_time("pointwise", "float32", 0, 1e9, 0, base).total_s
-    assert call_time("pointwise", "float32", 0, 1e9, 0, half).total_s == pytest.approx(
-        p0 * base.efficiency["memory"] / 0.25)
-    assert call_time("conv", "bfloat16", flops, 0, 0, half).total_s == call_time("conv", "bfloat16", flops, 0, 0, base).total_s
-    # and analyze of a model sees it: the linear layers' predicted time doubles
+    t0 = call_time("matmul", "bfloat16", flops, 0, 1, base, gemms=gemm)
+    t1 = call_time("matmul", "bfloat16", flops, 0, 1, half, gemms=gemm)
+    assert t1.compute_s == pytest.approx(2 * t0.compute_s)
+    p0 = call_time("pointwise", "float32", 0, 1e9, 1, base)
+    share = base.kernel_param("memory")["efficiency"]["pointwise"]
+    assert call_time("pointwise", "float32", 0, 1e9, 1, half).memory_s == pytest.approx(p0.memory_s * share / 0.25)
+    assert call_time("softmax", "float32", 0, 1e9, 1, half).memory_s == call_time("softmax", "float32", 0, 1e9, 1,
+                                                                                   base).memory_s
+    # and analyze of a model sees it: the linear layers' compute time doubles
     x = (torch.randn(64, 16),)
-    lin = lambda r: sum(t.total_s for c, t in zip(r.calls, r.call_times) if c.op_class == "matmul")
-    compute_only = {**fields, "launch_overhead_s": 0.0, "memory_bandwidth": 1e30}
-    fast = analyze(MLP(), x, hardware=Hardware(**{**compute_only, "efficiency_by_class": {}}))
-    slow = analyze(MLP(), x, hardware=Hardware(**compute_only))
-    assert lin(slow) == pytest.approx(2 * lin(fast))
+    lin = lambda r: sum(t.compute_s for c, t in zip(r.calls, r.call_times) if c.op_class == "matmul")
+    slow = with_params(base, "matrix", {"eff": base.kernel_param("matrix")["fp32"]["eff"] / 2}, "fp32")
+    assert lin(analyze(MLP(), x, hardware=slow)) == pytest.approx(2 * lin(analyze(MLP(), x, hardware=base)))
 
 
 # ---- profile -------------------------------------------------------------------------------
@@ -219,7 +228,8 @@ def test_bench_gpu_events_memory_and_mfu():
 @pytest.mark.gpu
 def test_calibrate_and_profile_gpu(tmp_path):
     prof = calibrate("cuda", quick=True, out=tmp_path / "gpu.json")
-    assert load_hardware(str(tmp_path / "gpu.json")).efficiency_by_class
+    hw = load_hardware(str(tmp_path / "gpu.json"))
+    assert hw.kernel_model["matrix"]["bf16"]["eff"] > 0.3 and prof["measured"]["fit_mape"]["bf16 gemm"] < 0.3
     model, x = zoo.build("resnet50", tiny=True), zoo.example_inputs("resnet50", 4, tiny=True)
     res = profile(model, x, steps=2, hardware=str(tmp_path / "gpu.json"), device="cuda")
     convs = [r for r in res.rows if r["op"] == "aten.conv2d.default"]
