@@ -257,3 +257,21 @@ def test_norm_of_a_permuted_view_pays_the_contiguous_copy():
                       torch.ops.aten.native_layer_norm.default(*args))
     nbytes = 2 * 16 * 8 * 8 * 4
     assert c.extra_bytes == 2 * nbytes and c.kernels == 2 and "strided" in c.traffic
+
+
+def test_layer_norm_backward_two_kernels_and_rereads():
+    rows, cols = 64, 1024
+    with FakeTensorMode():
+        go, x = torch.empty(rows, cols), torch.empty(rows, cols)
+        mean, rstd, w = torch.empty(rows, 1), torch.empty(rows, 1), torch.empty(cols)
+        args = (go, x, [cols], mean, rstd, w, w, [True, True, True])
+        out = torch.ops.aten.native_layer_norm_backward.default(*args)
+        c = cost_call(torch.ops.aten.native_layer_norm_backward.default, args, {}, out)
+    assert c.kernels == 2 and c.extra_bytes == 2 * rows * cols * 4   # dgamma/dbeta kernel re-reads dy and x
+
+
+def test_transposed_conv_gemm_dims():
+    """A transposed conv's weight is [C_in, C_out/g, k, k]: N = C_out, K = C_in x k x k."""
+    x, w = (2, 16, 8, 8), (16, 8, 2, 2)
+    c = _call(torch.ops.aten.convolution.default, x, w, None, [2, 2], [0, 0], [1, 1], True, [0, 0], 1)
+    assert c.kind == "conv" and c.gemms == ((1, 2 * 16 * 16, 8, 16 * 4),)
