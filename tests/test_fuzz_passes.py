@@ -22,7 +22,6 @@ import os
 import warnings
 from collections import Counter
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
