@@ -30,6 +30,7 @@ from .cost_models import fit
 from .cost_models.hardware import Hardware, load_hardware
 from .cost_models.layout import NHWC_SPEEDUP
 from .errors import FxoptError
+from .progress import progress
 
 SCHEMA = "fxopt.hardware_profile/2"
 
@@ -187,7 +188,8 @@ def _gemms(device, quick, reps) -> list:
     try:
         for name, dtype, tf32 in _regimes(device, quick):
             torch.backends.cuda.matmul.allow_tf32 = tf32
-            for m, n, k in _grid(device, quick, GEMM_SHAPES, GEMM_SHAPES_QUICK, GEMM_SHAPES_QUICK_GPU):
+            shapes = _grid(device, quick, GEMM_SHAPES, GEMM_SHAPES_QUICK, GEMM_SHAPES_QUICK_GPU)
+            for m, n, k in progress(shapes, desc=f"calibrate {name} GEMMs", unit="shape"):
                 a = torch.randn(m, k, device=device, dtype=dtype)
                 b = torch.randn(k, n, device=device, dtype=dtype)
                 out.append(fit.Measurement("mm", name, (1, m, n, k), time_fn(lambda: torch.mm(a, b), device, reps),
@@ -201,7 +203,8 @@ def _gemms(device, quick, reps) -> list:
 def _memory(device, quick, reps) -> list:
     """Memory-bound kernels over sizes: their ramp, latency and per-class sustained bandwidth."""
     out = []
-    for rows, cols in _grid(device, quick, MEMORY_SHAPES, MEMORY_SHAPES_QUICK, MEMORY_SHAPES_QUICK_GPU):
+    shapes = _grid(device, quick, MEMORY_SHAPES, MEMORY_SHAPES_QUICK, MEMORY_SHAPES_QUICK_GPU)
+    for rows, cols in progress(shapes, desc="calibrate memory-bound kernels", unit="size"):
         x = torch.randn(rows, cols, device=device)
         y = torch.randn(rows, cols, device=device)
         w = torch.ones(cols, device=device)

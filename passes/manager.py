@@ -54,6 +54,7 @@ from torch.utils._pytree import tree_leaves
 
 from fxopt.capture import Captured
 from fxopt.graphtext import canonical_text, unified_diff
+from fxopt.progress import progress
 
 from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineError, check_options, defaults,
                    format_pipeline, get, parse_pipeline)
@@ -530,7 +531,7 @@ class PassManager:
         ctx = PassContext(hardware=self.hardware, training=captured.training, example_args=args,
                           example_kwargs=kwargs)
         records: list[PassRecord] = []
-        for i, (p, options) in enumerate(self.passes, 1):
+        for i, (p, options) in enumerate(progress(self.passes, desc="optimize", unit="pass"), 1):
             label = f"{i:02d}_{p.name}"
             previous = [r.name for r in records]
             candidate = _quiet_deepcopy(current)
