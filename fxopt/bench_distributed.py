@@ -90,13 +90,21 @@ def _worker(args) -> None:
         dist.destroy_process_group()
 
 
+LAUNCH_TIMEOUT_S = int(os.environ.get("FXOPT_TORCHRUN_TIMEOUT_S", "900"))
+
+
 def _launch(n: int, args, out: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "fxopt.bench_distributed", "--worker", args.model, "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", out,
            "--variants", *args.variants] + (["--tiny"] if args.tiny else []) + \
           (["--device", args.device] if args.device else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:   # a rank that dies leaves the others waiting in a collective: never wait forever
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise FxoptError(f"torchrun with {n} process(es) did not finish in {LAUNCH_TIMEOUT_S} s (a rank "
+                         f"probably died and the others wait in a collective); rerun with fewer steps, or "
+                         f"set FXOPT_TORCHRUN_TIMEOUT_S") from exc
     if proc.returncode or not os.path.exists(out):
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise FxoptError(f"torchrun with {n} process(es) failed (exit {proc.returncode}):\n{tail}")
