@@ -268,7 +268,7 @@ class Fuse(Pass):
     name = "fuse"
     summary = "pointwise/broadcast/row-reduction chains -> one fxopt Triton kernel each, forward and backward"
     options = {
-        "max_ops": Option(int, 24, "most ops in one region", minimum=2),
+        "max_ops": Option(int, 24, "most ops in one region (1: fuse nothing)", minimum=1),
         "max_inputs": Option(int, 8, "most tensor inputs of one region", minimum=1),
         "max_row": Option(int, MAX_ROW, "longest reduced row (elements) a row-reduction region takes", minimum=1),
         "min_gain_us": Option(float, 0.0, "fuse a region only when the cost model predicts at least this gain (us)"),

@@ -61,7 +61,7 @@ def test_cli_unknown_hardware_exits_2_listing_the_presets(capsys):
     ("epilogue{bias=maybe}", r"option 'bias' of pass 'epilogue' is 'maybe'; it must be true or false"),
     ("fuse{fallback=bogus}", r"option 'fallback' of pass 'fuse' is 'bogus'; it must be one of unfused, reference"),
     ("fuse{max_ops=abc}", r"option 'max_ops' of pass 'fuse' is 'abc'; it must be an integer"),
-    ("fuse{max_ops=1}", r"option 'max_ops' of pass 'fuse' is 1; it must be an integer, at least 2"),
+    ("fuse{max_ops=0}", r"option 'max_ops' of pass 'fuse' is 0; it must be an integer, at least 1"),
     ("sdpa{min_gain_us=fast}", r"option 'min_gain_us' of pass 'sdpa' is 'fast'; it must be a number"),
     ("channels-last{force=1}", r"option 'force' of pass 'channels-last' is 1; it must be true or false"),
     ("normalize{rules=nope;}", r"option 'rules' of pass 'normalize'.*noop-view"),
