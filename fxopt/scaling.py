@@ -375,7 +375,10 @@ class _Fit:
 
     def _rates(self, i: int, c) -> tuple[float, float, float]:
         """The call's FLOP/s, bytes/s and fixed latency as the kernel model prices it at the example
-        sizes (shape-dependent efficiencies frozen there), so the formulas match the report there."""
+        sizes. The kernel model's efficiencies depend on shape (tiles, waves, bandwidth ramp); a
+        closed form freezes them at the example, so time formulas equal the report's GPU time there
+        and approximate it elsewhere (small examples overprice large sizes: scale from an example near
+        the sizes you care about). FLOPs, bytes and memory formulas stay exact."""
         bvals = self.base.values
         f, nbytes = float(bvals[3 * i]), float(bvals[3 * i + 1] + bvals[3 * i + 2])
         t = row_time(c, self.hw, self.precision, f, nbytes)
