@@ -156,6 +156,9 @@ def _hint(x) -> float:
     to decide a ramp, so symbols take ``SYMBOL_HINT``)."""
     if isinstance(x, sympy.Basic):
         return float(x.subs({s: SYMBOL_HINT for s in x.free_symbols}))
+    if not isinstance(x, (int, float)):   # a SymInt: its hint, without guarding (float() would
+        from .layout import _int           # specialize the shared ShapeEnv's symbol)
+        return float(_int(x))
     return float(x)
 
 
