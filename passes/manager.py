@@ -550,7 +550,13 @@ class PassManager:
                                 options=dict(options))
             if modified:
                 record.step_time_after_s, new_times = self._cost(gm, captured)
-                if self.verify:
+                if options.get("only_if_faster") and _slower(record.step_time_after_s, step):
+                    # the manager's policy: the whole step re-costed (host dispatch, casts, every
+                    # kernel) has the last word over the pass's own per-node estimate
+                    record.rolled_back = True
+                    record.note = (f"only_if_faster: the re-costed step is slower ({float(step) * 1e3:.3f} -> "
+                                   f"{float(record.step_time_after_s) * 1e3:.3f} ms), rolled back")
+                elif self.verify:
                     self._verify(record, captured, reference, current, gm)
             if record.diff and self.print_after_change:
                 print(record.diff, end="")
@@ -688,3 +694,8 @@ def timing_table(records: list[PassRecord]) -> str:
     headers = ["#", "pass", "status", "pass ms", "step ms before", "step ms after", "delta %", "decisions",
                "verified"]
     return tabulate(rows, headers=headers, disable_numparse=True)
+
+
+def _slower(after, before) -> bool:
+    """Concrete step times where the rewrite made the step slower (symbolic or missing: no verdict)."""
+    return isinstance(after, (int, float)) and isinstance(before, (int, float)) and after > before
