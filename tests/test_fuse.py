@@ -257,7 +257,7 @@ def test_model_passed_in_is_not_changed():
 
 def test_cli_optimize_triton_backend(capsys):
     from fxopt.cli import main
-    assert main(["optimize", "driving", "--tiny", "--backend", "triton", "--eval"]) == 0
+    assert main(["optimize", "driving", "--tiny", "--backend", "triton", "--eval", "-v"]) == 0   # -v: every decision
     out = capsys.readouterr().out
     assert "fuse: backend triton" in out and "batch_norm relu" in out and "fused" in out
 
