@@ -12,6 +12,8 @@ import os
 import sys
 from collections import Counter
 
+from .passes.manager import format_ms
+
 LOG_FORMAT = "fxopt: %(levelname)s: %(name)s: %(message)s"
 # -q/-v count -> level of the "fxopt" logger (warnings by default)
 LEVELS = {-1: logging.ERROR, 0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
@@ -117,7 +119,7 @@ def optimize_text(report, *, verbose: bool = False, limit: int = 30) -> str:
     unless ``verbose``."""
     from .passes import region_table, timing_table
     lines = [f"pipeline: {report.pipeline}", timing_table(report.records),
-             f"predicted step: {_ms(report.step_time_before_s)} ms -> {_ms(report.step_time_after_s)} ms; "
+             f"predicted step: {format_ms(report.step_time_before_s)} ms -> {format_ms(report.step_time_after_s)} ms; "
              f"final verification: {_verdict(report.verification)}"]
     lines += [f"  {r.name}: {r.note}" for r in report.records if r.note]
     lines += [region_table(r.stats["regions"]) for r in report.records
@@ -147,15 +149,6 @@ def optimize_text(report, *, verbose: bool = False, limit: int = 30) -> str:
         lines.append("why these passes:")
         lines += [f"  {r}" for r in report.pipeline_reasons]
     return "\n".join(lines)
-
-
-def _ms(t) -> str:
-    if t is None:
-        return "-"
-    try:
-        return f"{float(t) * 1e3:.3f}"
-    except TypeError:
-        return str(t)
 
 
 def _verdict(v) -> str:

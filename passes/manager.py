@@ -668,15 +668,19 @@ def _failure_text(check) -> str:
            f"{getattr(check, 'allowed', float('nan')):.3g}"
 
 
+def format_ms(t) -> str:
+    """Seconds as milliseconds for tables; "-" when unknown, the formula when symbolic."""
+    if t is None:
+        return "-"
+    try:
+        return f"{float(t) * 1e3:.3f}"
+    except TypeError:
+        return str(t)
+
+
 def timing_table(records: list[PassRecord]) -> str:
     """One row per pass: changed?, pass time, predicted step time before/after, decisions, status."""
-    def ms(t):
-        if t is None:
-            return "-"
-        try:
-            return f"{float(t) * 1e3:.3f}"
-        except TypeError:
-            return str(t)
+    ms = format_ms
 
     def delta(r):
         try:
