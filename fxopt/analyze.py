@@ -67,6 +67,32 @@ def _input_summary(captured: Captured) -> str:
                      if isinstance(v, torch.Tensor))
 
 
+def _recompute_checkpoints(calls: list, saved: dict, graph) -> tuple[list, dict]:
+    """Activation checkpointing as eager runs it: a checkpointed region saves nothing of its own
+    (its saved tensors are dropped) and its forward runs again in the backward, just before the
+    region's first backward call. Regions are the nodes capture tagged (``checkpointing.AC_KEY``).
+    Approximation: the region's inputs, which checkpoint keeps, are counted where their producers
+    saved them, not again."""
+    from dataclasses import replace as _replace
+
+    from .checkpointing import AC_KEY
+    region = {n.name: n.meta[AC_KEY] for n in graph.nodes if AC_KEY in n.meta}
+    if not region:
+        return calls, saved
+    recompute: dict = {}
+    for c in calls:
+        if c.phase == "fwd" and c.node in region:
+            recompute.setdefault(region[c.node], []).append(_replace(c, phase="bwd"))
+    out, done = [], set()
+    for c in calls:
+        r = region.get(c.node)
+        if c.phase == "bwd" and r is not None and r not in done:
+            out += recompute.get(r, [])
+            done.add(r)
+        out.append(c)
+    return out, {k: v for k, v in saved.items() if k not in region}
+
+
 def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardware="h100",
             training: bool = True, dtype=None, *, optimizer: str | None = "sgd",
             dynamic_batch: bool = False, precision: Precision | None = None,
@@ -102,11 +128,14 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
                      r.cost.kernels, r.cost.dtype, r.cost.known, r.cost.conv_layout,
                      tuple(tuple(_num(d, sym_map) for d in g) for g in r.cost.gemms), r.cost.kind,
                      r.cost.traffic, _num(r.cost.extra_bytes, sym_map)) for r in trace.records]
+    saved = {k: _num(v, sym_map) for k, v in trace.saved_bytes.items()}
+    if training:
+        calls, saved = _recompute_checkpoints(calls, saved, captured.graph)
     nodes = {n.name: node_info(n) for n in captured.graph.nodes}
     nodes[OPTIMIZER_NODE] = NodeInfo(OPTIMIZER_NODE, str(optimizer), "(optimizer)", "", "")
     report = GraphReport(model=captured.source_name, calls=calls, nodes=nodes, hardware=hw,
                          precision=precision or Precision.from_torch(), params=trace.params,
-                         saved_bytes={k: _num(v, sym_map) for k, v in trace.saved_bytes.items()},
+                         saved_bytes=saved,
                          symbols={s.name: s for s in sym_map.values()}, training=training,
                          inputs=_input_summary(captured), captured=captured,
                          optimizer=optimizer if training else None)
