@@ -16,6 +16,7 @@ import fxopt
 from fxopt import zoo
 from fxopt.cost_models import Precision, load_hardware
 from fxopt.errors import HardwareError
+from nets import Fn  # noqa: E402  (tests/nets.py)
 
 F32 = 4
 
@@ -81,14 +82,6 @@ def test_tiny_zoo_analyzes_exactly_with_no_unknown_ops(name):
 
 
 # ---- hand-derived counts on single ops (forward only unless stated) --------------------------
-
-class Fn(nn.Module):
-    def __init__(self, fn, *mods):
-        super().__init__()
-        self.fn, self.mods = fn, nn.ModuleList(mods)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
 
 
 def calls_of(report, op_class=None):

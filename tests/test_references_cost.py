@@ -20,17 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxopt
+from nets import Fn  # noqa: E402  (tests/nets.py)
 
 F32, BF16, I64 = 4, 2, 8
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, *mods):
-        super().__init__()
-        self.fn, self.mods = fn, nn.ModuleList(mods)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
 
 
 def kernel_calls(report, phase="fwd", op_class=None, op=None):

@@ -14,17 +14,9 @@ from torch import nn
 
 import fxopt
 from fxopt.passes import PassManager
+from nets import Fn  # noqa: E402  (tests/nets.py)
 
 aten = torch.ops.aten
-
-
-class Fn(nn.Module):
-    def __init__(self, fn, *mods):
-        super().__init__()
-        self.fn, self.mods = fn, nn.ModuleList(mods)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
 
 
 def _x(*shape, seed=0):
