@@ -19,6 +19,8 @@ from pathlib import Path
 
 from fxopt.errors import HardwareError
 
+from .hardware import preset_path
+
 CLUSTER_DIR = Path(__file__).parent / "clusters"
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -95,12 +97,7 @@ def load_cluster(spec: "str | Path | Cluster" = "h100-ib") -> Cluster:
     """A preset name (``h100-ib``, ``h200-ib``, ``a100-ib``, ``h100-pcie``), a JSON path, or a Cluster."""
     if isinstance(spec, Cluster):
         return spec
-    path = Path(spec)
-    if not path.suffix:
-        path = CLUSTER_DIR / f"{str(spec).lower()}.json"
-        if not path.exists():
-            raise HardwareError(f"unknown cluster preset {spec!r}; known: {cluster_presets()}, or the path "
-                                f"of a cluster JSON")
+    path = preset_path(spec, CLUSTER_DIR, "cluster preset", "cluster")
     try:
         d = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -92,17 +92,24 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
+def preset_path(spec: "str | Path", folder: Path, what: str, file_kind: str) -> Path:
+    """A preset's file (a name without suffix, looked up in ``folder``) or the path given."""
+    path = Path(spec)
+    if path.suffix:
+        return path
+    path = folder / f"{str(spec).lower()}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in folder.glob("*.json"))
+        raise HardwareError(f"unknown {what} {spec!r}; known presets: {known}, or pass the path of a "
+                            f"{file_kind} JSON")
+    return path
+
+
 def load_hardware(spec: "str | Path | Hardware | None" = "h100") -> Hardware:
     """A preset name (``h100``, ``h200``, ``a100``), a path to a profile JSON, or a Hardware."""
     if isinstance(spec, Hardware):
         return spec
-    spec = "h100" if spec is None else spec
-    path = Path(spec)
-    if not path.suffix:
-        path = PRESET_DIR / f"{str(spec).lower()}.json"
-        if not path.exists():
-            raise HardwareError(f"unknown hardware preset {spec!r}; known presets: {presets()}, "
-                                f"or pass the path of a profile JSON")
+    path = preset_path("h100" if spec is None else spec, PRESET_DIR, "hardware preset", "profile")
     try:
         stat = path.stat()
         return _load_path(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
