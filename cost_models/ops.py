@@ -8,6 +8,7 @@ output element written once; views, metadata and allocations move nothing.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -254,33 +255,17 @@ def cost_call(func, args, kwargs, out) -> CallCost:
 
 # ---- GEMM shapes of matrix calls (what the tile/wave model prices) ------------------------
 
-def _hints(*xs) -> tuple:
-    """Sizes as they are: ints, or SymInts that analyze turns into formulas (kernels take a hint)."""
-    return tuple(xs)
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= x
-    return out
-
-
 def _mm(args, kwargs, out):
+    """mm(a, b) and addmm(bias, a, b): the last two positional arguments (beta/alpha are keywords)."""
     a, b = args[-2], args[-1]
-    return "gemm", (_hints(1, a.shape[0], b.shape[1], a.shape[1]),)
+    return "gemm", ((1, a.shape[0], b.shape[1], a.shape[1]),)
 
 
 def _bmm(args, kwargs, out):
     a, b = args[-2], args[-1]
     if args[0] is not a and len(args) >= 3:   # baddbmm(self, b1, b2)
         a, b = args[1], args[2]
-    return "gemm", (_hints(a.shape[0], a.shape[1], b.shape[2], a.shape[2]),)
-
-
-def _addmm(args, kwargs, out):
-    a, b = args[1], args[2]
-    return "gemm", (_hints(1, a.shape[0], b.shape[1], a.shape[1]),)
+    return "gemm", ((a.shape[0], a.shape[1], b.shape[2], a.shape[2]),)
 
 
 def _conv_kind(w, groups, cin) -> str:
@@ -295,13 +280,13 @@ def _conv(args, kwargs, out):
     transposed, groups = bool(args[6]) if len(args) > 6 else False, int(args[8]) if len(args) > 8 else 1
     if x.dim() < 3:
         return None, ()
-    ksize = _prod(_hints(*w.shape[2:]))
+    ksize = math.prod(w.shape[2:])
     if transposed:   # w: [C_in, C_out/g, k...]
         n, k = w.shape[1], w.shape[0] // groups * ksize
     else:
-        n, k = _hints(w.shape[0])[0] // groups, _hints(w.shape[1])[0] * ksize
-    m = _prod(_hints(out.shape[0], *out.shape[2:]))
-    return _conv_kind(w, groups, _hints(x.shape[1])[0]), ((groups, m, n, k),)
+        n, k = w.shape[0] // groups, w.shape[1] * ksize
+    m = math.prod((out.shape[0], *out.shape[2:]))
+    return _conv_kind(w, groups, x.shape[1]), ((groups, m, n, k),)
 
 
 def _conv_backward(args, kwargs, out):
@@ -310,14 +295,14 @@ def _conv_backward(args, kwargs, out):
     groups, mask = int(args[9]), args[10]
     if x.dim() < 3:
         return None, ()
-    ksize = _prod(_hints(*w.shape[2:]))
-    cin_g, cout_g = _hints(x.shape[1])[0] // groups, _hints(go.shape[1])[0] // groups
+    ksize = math.prod(w.shape[2:])
+    cin_g, cout_g = x.shape[1] // groups, go.shape[1] // groups
     gemms = []
     if mask[0]:
-        gemms.append((groups, _prod(_hints(x.shape[0], *x.shape[2:])), cin_g, cout_g * ksize))
+        gemms.append((groups, math.prod((x.shape[0], *x.shape[2:])), cin_g, cout_g * ksize))
     if mask[1]:
-        gemms.append((groups, cout_g, cin_g * ksize, _prod(_hints(go.shape[0], *go.shape[2:]))))
-    return _conv_kind(w, groups, _hints(x.shape[1])[0]), tuple(gemms)
+        gemms.append((groups, cout_g, cin_g * ksize, math.prod((go.shape[0], *go.shape[2:]))))
+    return _conv_kind(w, groups, x.shape[1]), tuple(gemms)
 
 
 def _attention(backward: bool):
@@ -333,7 +318,7 @@ def _attention(backward: bool):
     return dims
 
 
-_GEMM_DIMS = {"mm": _mm, "bmm": _bmm, "baddbmm": _bmm, "addmm": _addmm, "_addmm_activation": _addmm,
+_GEMM_DIMS = {"mm": _mm, "bmm": _bmm, "baddbmm": _bmm, "addmm": _mm, "_addmm_activation": _mm,
               "convolution": _conv, "convolution_backward": _conv_backward}
 
 

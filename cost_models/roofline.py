@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sympy
 import torch
 
 from .hardware import DTYPE_KEYS, Hardware
-from .kernels import CallTime, KernelTime, kernel_time, sustained_efficiency  # noqa: F401  (CallTime: old name)
+from .kernels import KernelTime, kernel_time, sustained_efficiency
 from .ops import MATRIX_CLASSES, matrix_kind
 
 
