@@ -1,4 +1,5 @@
 """Small modules the tests share."""
+import torch
 from torch import nn
 
 
@@ -11,3 +12,25 @@ class Fn(nn.Module):
 
     def forward(self, *xs):
         return self.fn(self, *xs)
+
+
+class Lambda(nn.Module):
+    """A module around a plain function of its inputs (no parameters: every tensor is an input)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs):
+        return self.fn(*xs)
+
+
+class Scaled(nn.Module):
+    """linear -> relu -> divide by a constant: a tiny net with a source line worth showing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x)) / 4.0

@@ -30,6 +30,7 @@ from fxopt.codegen import choose_saved, classify, derive_backward, lower, region
 from fxopt.codegen import kernel, runtime
 from fxopt.codegen.kernel import output_order, run_reference
 from fxopt.codegen.runtime import LAUNCHES
+from nets import Lambda as Fn  # noqa: E402  (tests/nets.py)
 
 aten = torch.ops.aten
 
@@ -48,17 +49,6 @@ def interpret_cpu_kernels():
 
 
 # ---- helpers: a module -> its region -> the fused op, and the float64 unfused reference ------------
-
-
-class Fn(nn.Module):
-    """A module around a plain function of its inputs (every tensor is an input: no parameters)."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
 
 
 @dataclass

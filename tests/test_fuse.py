@@ -19,6 +19,7 @@ from fxopt.codegen import runtime
 from fxopt.passes import PassManager, region_table
 
 import goldens  # noqa: E402  (tests/goldens.py)
+from nets import Lambda as _Fn  # noqa: E402  (tests/nets.py)
 
 GOLDEN = Path(__file__).parent / "golden" / "fuse"
 
@@ -140,15 +141,6 @@ def test_outputs_take_the_strides_eager_gives_the_actual_inputs():
     _, record, gm = run(_Fn(scale_add), (a, b), pipeline="fuse{min_gain_us=-1}")
     assert record.stats["fused"] == 1
     assert gm(a, b).stride() == scale_add(a, b).stride() == b.stride()
-
-
-class _Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
 
 
 def test_reused_graph_with_other_shapes_says_what_to_do():

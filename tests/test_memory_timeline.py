@@ -15,6 +15,7 @@ from fxopt.errors import AnalysisError
 from fxopt.html import html_report
 from fxopt.memory import memory_curve
 from fxopt.timeline import HOST_WAIT, Slice, chrome_trace, predicted_timeline
+from nets import Scaled  # noqa: E402  (tests/nets.py)
 
 
 class Net(nn.Module):
@@ -167,20 +168,11 @@ def test_chrome_trace_one_track_per_phase(report, tmp_path):
     assert chrome_trace([tl, tl])["traceEvents"][-1]["pid"] == 2
 
 
-class Scaled(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return torch.relu(self.fc(x)) / 4.0
-
-
 def test_html_source_column_keeps_code_after_a_slash():
     doc = html_report(_analyze(Scaled(), torch.randn(2, 8)), lint=None)
     nodes = doc[doc.index('<section id="nodes">'):doc.index("</section>", doc.index('<section id="nodes">'))]
     assert "torch.relu(self.fc(x)) / 4.0" in nodes
-    assert re.search(r'<td class="src">test_memory_timeline\.py:\d+: ', nodes)  # the path is shortened
+    assert re.search(r'<td class="src">nets\.py:\d+: ', nodes)  # the path is shortened (tests/nets.py)
 
 
 def test_html_summary_once_and_timeline_and_memory_sections(report):

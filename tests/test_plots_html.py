@@ -16,6 +16,7 @@ from fxopt.html import html_report
 from fxopt.passes.base import Decision
 from fxopt.passes.manager import PassRecord
 from fxopt.plots import PlotError, roofline, roofline_points, roofline_svg
+from nets import Scaled  # noqa: E402  (tests/nets.py)
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +78,6 @@ def test_without_matplotlib_a_clear_error_and_a_report_without_plot(report, monk
     doc = html_report(report, lint=None)
     roof = doc[doc.index('<section id="roofline">'):doc.index("</section>", doc.index('<section id="roofline">'))]
     assert "pip install" in roof and "<svg" not in roof  # the timeline and memory plots need no matplotlib
-
-
-class Scaled(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return torch.relu(self.fc(x)) / 4.0
 
 
 def _records():

@@ -11,20 +11,11 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import fxopt
 from fxopt.codegen import choose_saved, classify, derive_backward, lower
 from fxopt.codegen.kernel import run_reference
-
-
-class Fn(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *xs):
-        return self.fn(*xs)
+from nets import Lambda as Fn  # noqa: E402  (tests/nets.py)
 
 
 def program_of(fn, *xs):
