@@ -63,10 +63,13 @@ SHARDS: dict[str, list[str]] = {
     "cost_models/layout.py": ["tests/test_cost_model.py -k 'layout'", "tests/test_channels_last.py"],
     "cost_models/roofline.py": ["tests/test_cost_model.py -k 'not full_size'"],
     "cost_models/hardware.py": ["tests/test_cost_model.py -k 'not full_size'"],
-    "fxopt/verify.py": ["tests/test_verify.py", "tests/test_references_verify.py"],
-    "fxopt/capture.py": ["tests/test_capture.py"],
-    "fxopt/codegen/program.py": ["tests/test_codegen.py", "tests/test_references_codegen.py"],
-    "fxopt/codegen/lower.py": ["tests/test_codegen.py", "tests/test_references_codegen.py"],
+    "fxopt/verify.py": ["tests/test_mutation_core.py -k verify", "tests/test_references_verify.py",
+                        "tests/test_verify.py"],
+    "fxopt/capture.py": ["tests/test_mutation_core.py -k capture", "tests/test_capture.py"],
+    "fxopt/codegen/program.py": ["tests/test_mutation_core.py -k 'program or lower'",
+                                 "tests/test_references_codegen.py", "tests/test_codegen.py"],
+    "fxopt/codegen/lower.py": ["tests/test_mutation_core.py -k 'program or lower'",
+                               "tests/test_references_codegen.py", "tests/test_codegen.py"],
 }
 
 #: mutmut-sized operator set: each binary operator gets one counterpart (not all twelve), each
