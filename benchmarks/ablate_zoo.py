@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import fxopt  # noqa: E402
 from fxopt import zoo  # noqa: E402
-from fxopt.ablate import ablate  # noqa: E402
-from fxopt.data import auto_data  # noqa: E402
+from fxopt.measure.ablate import ablate  # noqa: E402
+from fxopt.workloads.data import auto_data  # noqa: E402
 
 VARIANTS = {
     "eager-fp32": None,

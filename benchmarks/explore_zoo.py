@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from fxopt import zoo
-from fxopt.explore import explore, propose
+from fxopt.study.explore import explore, propose
 
 MODELS = ("driving", "vit_b16", "convnext_t")
 # The full-size models' predicted-faster non-exact rules (H100, bf16, batch 32; docs/BENCHMARKS.md, 2026-12-03):

@@ -213,7 +213,7 @@ def _junit(path: Path) -> dict:
 
 # ---- step 2: calibrate ---------------------------------------------------------------------------
 def step_calibrate(ctx: Ctx) -> dict:
-    from fxopt.calibrate import calibrate, summary
+    from fxopt.measure.calibrate import calibrate, summary
     path = ctx.out / "2-calibrate.profile.json"
     path.unlink(missing_ok=True)  # step 4 must not predict with an earlier run's profile
     prof = calibrate(device=ctx.device, quick=True, out=path)
@@ -248,7 +248,7 @@ def plan_bench(plan: list, est: dict, budget_s: float) -> list[dict]:
 
 
 def step_bench(ctx: Ctx) -> dict:
-    from fxopt.bench import bench
+    from fxopt.measure.bench import bench
     if ctx.smoke:
         plan = [{"model": m, "run": v, "skipped": dict(SMOKE_NOT_RUN)} for m, v in SMOKE_BENCH_PLAN]
         steps, warmup, batch = 3, 1, 2
@@ -298,7 +298,7 @@ def predict_variant(spec: str, variant: str, batch: int, tiny: bool, preset: str
     decisions, as on the GPU) on the meta device, its final graph costed with the preset (the pass
     manager's own figure) and with the fresh profile."""
     from fxopt.analyze import analyze
-    from fxopt.bench import resolve_bench_model
+    from fxopt.measure.bench import resolve_bench_model
     from fxopt.capture import Captured, capture
     from fxopt.passes import PassManager
     from fxopt.passes.default import choose_pipeline
@@ -398,7 +398,7 @@ def _spearman(ctx: Ctx, preset: str, profile: str | None) -> dict:
     """Per-node rank correlation of predicted and measured time (``fxopt.profile``), preset and profile."""
     from fxopt import zoo
     from fxopt.analyze import analyze
-    from fxopt.profile import profile as measure, spearman
+    from fxopt.measure.profile import profile as measure, spearman
     name = "vit_b16" if ctx.smoke else SPEARMAN_MODEL
     batch = 2 if ctx.smoke else BENCH_BATCH
     try:
@@ -431,8 +431,8 @@ def step_ablate(ctx: Ctx) -> dict:
     from ablate_zoo import VARIANTS  # benchmarks/ablate_zoo.py: the variants docs/ABLATION.md uses
 
     from fxopt import zoo
-    from fxopt.ablate import ablate
-    from fxopt.data import auto_data
+    from fxopt.measure.ablate import ablate
+    from fxopt.workloads.data import auto_data
     name, batch, seeds, cap, setup_s, step_s = SMOKE_ABLATE if ctx.smoke else ABLATE
     steps = cap if ctx.smoke else int(min(cap, (ctx.left_s() - 10 - seeds * setup_s) / (seeds * step_s)))
     if steps < 50 and not ctx.smoke and seeds > 1:  # one seed with enough steps beats two too short to tell

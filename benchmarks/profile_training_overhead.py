@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fxopt.profile_training import trace_training
+from fxopt.measure.profile_training import trace_training
 
 
 def loop(device):

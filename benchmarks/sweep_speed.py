@@ -19,8 +19,8 @@ import torch  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt import zoo  # noqa: E402
-from fxopt.plots import roofline  # noqa: E402
-from fxopt.sweep import sweep  # noqa: E402
+from fxopt.render.plots import roofline  # noqa: E402
+from fxopt.study.sweep import sweep  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 GRID = {"width": [32, 48, 64, 96, 128], "blocks": [2, 3], "cams": [4, 6]}

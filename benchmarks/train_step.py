@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from _cli import add_output_options, provenance, refuses_cpu, write_outputs  # noqa: E402  (benchmarks/_cli.py)
-from fxopt.bench import DEFAULT_VARIANTS, bench  # noqa: E402
+from fxopt.measure.bench import DEFAULT_VARIANTS, bench  # noqa: E402
 
 MODELS = ["resnet50", "convnext_t", "vit_b16", "driving",
           "timm:resnet50", "timm:convnext_tiny", "timm:vit_base_patch16_224"]

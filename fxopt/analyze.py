@@ -13,8 +13,8 @@ from .capture import Captured, capture
 from .cost_models.hardware import load_hardware
 from .cost_models.roofline import Precision
 from .cost_models.trace import OPTIMIZER_NODE, trace_step
-from .distributed import Distributed
-from .distributed import apply as apply_distributed
+from .study.distributed import Distributed
+from .study.distributed import apply as apply_distributed
 from .errors import InputError
 from .nodeinfo import NodeInfo, node_info
 from .report import CallRow, GraphReport
@@ -102,7 +102,7 @@ def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardwa
     ``dtype`` ("bf16", "fp16", a torch.dtype) costs the model as if its weights and inputs were
     cast to it; ``precision`` says whether fp32 GEMMs/convs use TF32 (default: torch's settings).
     ``distributed`` (``{"world_size": 64, "strategy": "ddp"}`` or ``fxopt.Distributed``) adds the
-    communication of data-parallel training (``report.distributed``; fxopt/distributed.py).
+    communication of data-parallel training (``report.distributed``; fxopt/study/distributed.py).
     """
     dtype = parse_dtype(dtype)
     dist_spec = Distributed.parse(distributed)  # checked before any work

@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from . import zoo
+from .workloads import zoo
 from .analyze import UnknownOpWarning, analyze
 from . import __version__
 from ._torch_private import quiet_torch_warnings
@@ -17,7 +17,7 @@ from .cli_output import (configure_logging, diff_dict, dumps, models_dict, model
                          optimize_text, silence_closed_stdout)
 from .cost_models.hardware import presets
 from .errors import FxoptError
-from .models import input_overrides, resolve
+from .workloads.models import input_overrides, resolve
 
 
 def _build(spec: str, batch: int, tiny: bool):
@@ -42,19 +42,19 @@ def cmd_report(args) -> int:
     report.model = spec.name
     found = None
     if args.lint and not args.symbolic:
-        from .lint import lint
+        from .study.lint import lint
         found = lint(report)
     tree = args.by == "tree"  # DeepSpeed-profiler-style module tree; plots and tables of blocks otherwise
     by = "block" if tree else args.by
     if args.plot:
-        from .plots import roofline
+        from .render.plots import roofline
         roofline(report, args.plot, by=by, depth=args.depth)
     if args.trace:
-        from .timeline import predicted_timeline
+        from .render.timeline import predicted_timeline
         predicted_timeline(report).export_chrome_trace(args.trace)
         print(f"wrote {args.trace}: the predicted step for ui.perfetto.dev or chrome://tracing", file=sys.stderr)
     if args.format == "html":
-        from .html import html_report
+        from .render.html import html_report
         print(html_report(report, model=spec.model, inputs=spec.inputs, lint=found if found is not None else "auto",
                           top=args.top, depth=args.depth))
     elif args.format == "json":
@@ -84,7 +84,7 @@ def cmd_report(args) -> int:
         if found is not None:
             print("\n" + found.table(top=args.lint))
     if args.memory:
-        from .memory import memory_curve
+        from .study.memory import memory_curve
         print(memory_curve(report).summary(), file=sys.stderr if args.format in ("json", "html") else sys.stdout)
     return 0
 
@@ -100,7 +100,7 @@ def _distributed(args, world_size=None):
 
 def _add_distributed_args(p, gpus_help: str, gpus_type=int) -> None:
     from .cost_models.comm import cluster_presets
-    from .distributed import STRATEGIES
+    from .study.distributed import STRATEGIES
     p.add_argument("--gpus", type=gpus_type, default=None, help=gpus_help)
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the cluster preset's (8)")
     p.add_argument("--strategy", choices=STRATEGIES, default="ddp",
@@ -114,7 +114,7 @@ def _add_distributed_args(p, gpus_help: str, gpus_type=int) -> None:
 
 
 def cmd_scaling(args) -> int:
-    from .distributed import gpu_scaling
+    from .study.distributed import gpu_scaling
     spec = _build(args.model, args.batch, args.tiny)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnknownOpWarning)
@@ -132,7 +132,7 @@ def cmd_scaling(args) -> int:
 def cmd_sweep(args) -> int:
     import functools
     import inspect
-    from .sweep import load_factory, parse_grid, sweep
+    from .study.sweep import load_factory, parse_grid, sweep
     factory, make_inputs, _ = load_factory(args.model)
     grid = parse_grid(args.grid)
     if make_inputs is not None and "batch" not in grid and "batch" in inspect.signature(make_inputs).parameters:
@@ -148,24 +148,24 @@ def cmd_sweep(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.gpus:
-        from .bench_distributed import bench_gpus
+        from .measure.bench_distributed import bench_gpus
         print(bench_gpus(args))
         return 0
-    from .bench import bench
+    from .measure.bench import bench
     res = bench(args.model, variants=args.variants, steps=args.steps, warmup=args.warmup, device=args.device,
                 batch=args.batch, tiny=args.tiny, hardware=args.hw,
-                log=logging.getLogger("fxopt.bench").info)  # fxopt bench -v shows each variant as it starts
+                log=logging.getLogger("fxopt.measure.bench").info)  # fxopt bench -v shows each variant as it starts
     print(res.to_json() if args.format == "json" else res.to_markdown() if args.format == "md" else res.table())
     return 0
 
 
 def cmd_calibrate(args) -> int:
     if args.comm:
-        from .distributed import calibrate_comm
+        from .study.distributed import calibrate_comm
         prof = calibrate_comm(out=args.out, quick=args.quick)
         print(json.dumps(prof["intra"]["by_collective"], indent=1) + (f"\nwrote {args.out}" if args.out else ""))
         return 0
-    from .calibrate import calibrate, import_table, summary
+    from .measure.calibrate import calibrate, import_table, summary
     if args.import_csv:
         prof = import_table(args.import_csv, device=args.import_device or args.device, base=args.hw or "h100",
                             out=args.out)
@@ -176,7 +176,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .profile import profile
+    from .measure.profile import profile
     spec = resolve(args.model, batch=args.batch, tiny=args.tiny)  # real tensors: profile runs the model
     res = profile(spec.model, spec.inputs, steps=args.steps, hardware=args.hw, device=args.device)
     res.model = spec.name
@@ -185,7 +185,7 @@ def cmd_profile(args) -> int:
 
 
 def cmd_lint(args) -> int:
-    from .lint import lint
+    from .study.lint import lint
     spec = _build(args.model, args.batch, args.tiny)
     rules = [r.strip() for r in args.rules.split(",")] if args.rules else None
     with warnings.catch_warnings():
@@ -321,7 +321,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["table", "json", "csv"], default="table")
     s.set_defaults(func=cmd_sweep)
 
-    from .bench import VARIANTS
+    from .measure.bench import VARIANTS
     b = sub.add_parser("bench", help="time a training step in several variants (GPU: CUDA events; CPU: wall clock)")
     b.add_argument("model", help="zoo name, hf:<ModelClass>, file.py:factory, timm:<name>, torchvision:<name>")
     b.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -364,13 +364,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--format", choices=["table", "json"], default="table")
     pr.set_defaults(func=cmd_profile)
 
-    from .ablate import add_cli as add_ablate_cli
+    from .measure.ablate import add_cli as add_ablate_cli
     add_ablate_cli(sub)
 
-    from .profile_training import add_cli as add_profile_training_cli
+    from .measure.profile_training import add_cli as add_profile_training_cli
     add_profile_training_cli(sub)
 
-    from .explore import add_cli as add_explore_cli
+    from .study.explore import add_cli as add_explore_cli
     add_explore_cli(sub)
 
     sc = sub.add_parser("scaling", help="predicted step time, exposed communication, throughput and scaling "

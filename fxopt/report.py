@@ -129,7 +129,7 @@ class GraphReport:
                                          # for a report re-evaluated with .at() (shapes are formulas)
         self._times = [row_time(c, hardware, precision) for c in calls]
         self._host_idle = self._critical_path()
-        self.distributed = None          # a DistributedCost (fxopt/distributed.py) when analyzed with distributed=
+        self.distributed = None          # a DistributedCost (fxopt/study/distributed.py) when analyzed with distributed=
 
     @property
     def call_times(self) -> list:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from fxopt import zoo
-from fxopt.ablate import K_STD, REL_TOL, AblationError, ablate, add_cli
-from fxopt.data import auto_data, default_loss, teacher_images, teacher_outputs
+from fxopt.measure.ablate import K_STD, REL_TOL, AblationError, ablate, add_cli
+from fxopt.workloads.data import auto_data, default_loss, teacher_images, teacher_outputs
 from fxopt.passes import Pass, PassResult, register, unregister
 
 STEPS, SEEDS, BATCH = 40, 2, 8

@@ -8,16 +8,16 @@ from torch import nn
 
 import importlib
 
-bench_mod = importlib.import_module("fxopt.bench")  # the package attribute is the bench() function
+bench_mod = importlib.import_module("fxopt.measure.bench")  # the package attribute is the bench() function
 from fxopt import zoo
 from fxopt.analyze import analyze
-from fxopt.bench import VARIANTS, Variant, bench
-from fxopt.calibrate import calibrate
+from fxopt.measure.bench import VARIANTS, Variant, bench
+from fxopt.measure.calibrate import calibrate
 from fxopt.cost_models import load_hardware
 from fxopt.cost_models.hardware import Hardware
 from fxopt.cost_models.roofline import call_time
 from fxopt.errors import FxoptError, ModelSpecError
-from fxopt.profile import profile, spearman
+from fxopt.measure.profile import profile, spearman
 
 
 class MLP(nn.Module):

@@ -1,4 +1,4 @@
-"""Distributed training costs (fxopt/distributed.py): DDP buckets against a real
+"""Distributed training costs (fxopt/study/distributed.py): DDP buckets against a real
 DistributedDataParallel's, the overlap against hand-built timelines, FSDP volumes against the
 module's own parameter bytes, and the analyze/report/lint/CLI wiring."""
 import tempfile

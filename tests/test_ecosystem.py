@@ -133,7 +133,7 @@ def test_eval_under_no_grad_and_a_new_shape():
 
 
 def test_hf_bert_outputs_and_gradients_match_eager():
-    from fxopt.models import resolve
+    from fxopt.workloads.models import resolve
     torch.manual_seed(0)
     spec = resolve("hf:BertForSequenceClassification-tiny")
     model = spec.model
@@ -197,7 +197,7 @@ def test_optimized_forward_keeps_the_model_signature():
 
 def test_trainer_style_loop_filters_columns_by_signature():
     """What HF Trainer's _remove_unused_columns does: keep the dataset columns forward names."""
-    from fxopt.models import resolve
+    from fxopt.workloads.models import resolve
     torch.manual_seed(0)
     spec = resolve("hf:BertForSequenceClassification-tiny")
     model = spec.model
@@ -253,7 +253,7 @@ def test_version_has_one_source():
 
 
 # ---- command line conventions ---------------------------------------------------------------------
-from fxopt.bench import SPREAD_LIMIT, BenchResult, VariantResult  # noqa: E402
+from fxopt.measure.bench import SPREAD_LIMIT, BenchResult, VariantResult  # noqa: E402
 from fxopt.cli import main  # noqa: E402
 
 
@@ -346,7 +346,7 @@ def test_input_knobs_reach_the_model(capsys):
     data = json.loads(out)
     assert code == 0 and "64, 64]" in data["inputs"]
     # ViT's position embeddings follow the image: (64/8)^2 + 1 tokens of width 32, by hand
-    from fxopt.models import resolve
+    from fxopt.workloads.models import resolve
     spec = resolve("vit_b16-tiny", image_size=64)
     assert spec.model.pos_embed.shape == (1, (64 // 8) ** 2 + 1, 32)
     code, _, err = _cli(capsys, "report", "driving-tiny", "--seq-len", "8")

@@ -13,10 +13,10 @@ from torch import nn
 
 from fxopt import zoo
 from fxopt.cli import main
-from fxopt.data import teacher_outputs
+from fxopt.workloads.data import teacher_outputs
 from fxopt.errors import FxoptError
-from fxopt.explore import ExploreError, explore, propose
-from fxopt.explore_rules import RULES, Rule, SdpaAttention, rule_names
+from fxopt.study.explore import ExploreError, explore, propose
+from fxopt.study.explore_rules import RULES, Rule, SdpaAttention, rule_names
 
 
 def lin(i, o, bias=True):
@@ -176,7 +176,7 @@ def test_rule_triggers_builds_formula_and_trains(rule):
 
 def _site(model, path, shape):
     """The Site explore would record for ``path`` (its first call's inputs, as real tensors)."""
-    from fxopt.explore import _record
+    from fxopt.study.explore import _record
     return _record(model, _inputs(shape))[path]
 
 
@@ -325,7 +325,7 @@ def test_bad_arguments_are_refused_before_work():
         explore(lambda t: t, x)
     with pytest.raises(FxoptError):
         explore(m, "not a tensor")
-    from fxopt.ablate import AblationError, ablate
+    from fxopt.measure.ablate import AblationError, ablate
     with pytest.raises(AblationError, match="transform must be callable"):  # ablate's hook explore trains through
         ablate(lambda: m, {"a": None, "b": {"optimize": False, "transform": 3}}, [], steps=1)
 

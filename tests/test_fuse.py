@@ -259,7 +259,7 @@ def test_hf_language_models_train_with_triton_backend(spec):
     """Real models from their configs: GPT-2's hand-written tanh GELU (8 ops) and the residual
     add + LayerNorm pairs become kernels; the LM head's tied weight still gets both gradients
     (the whole train step is verified against float64)."""
-    from fxopt.models import resolve
+    from fxopt.workloads.models import resolve
     built = resolve(spec, batch=2, tiny=True)
     opt = fxopt.optimize(built.model.train(), built.inputs, backend="triton")
     record = next(r for r in opt.report.records if r.name == "fuse")

@@ -227,7 +227,7 @@ def test_bench_step_replans_and_stops_when_cuda_is_lost(tmp_path, monkeypatch):
         calls.append((spec, list(variants), kw["batch"], kw["steps"]))
         return Result(variants)
 
-    monkeypatch.setattr(importlib.import_module("fxopt.bench"), "bench", fake_bench)
+    monkeypatch.setattr(importlib.import_module("fxopt.measure.bench"), "bench", fake_bench)
     ctx = gpu_check.Ctx(tmp_path, False, "cpu", 1000.0, "3-bench", tmp_path / "3-bench.log")
     result = gpu_check.step_bench(ctx)
     first_model, first_variants = gpu_check.BENCH_PLAN[0][:2]

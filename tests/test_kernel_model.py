@@ -202,7 +202,7 @@ def test_import_rejects_bad_columns(tmp_path):
 
 
 def test_import_profile_round_trips(tmp_path):
-    from fxopt.calibrate import import_table
+    from fxopt.measure.calibrate import import_table
     table = tmp_path / "t.csv"
     truth = fit.with_params(H100, "matrix", {"eff": 0.6}, "bf16")
     lines = ["op,dtype,b,m,n,k,seconds,device"]

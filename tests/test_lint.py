@@ -14,7 +14,7 @@ import fxopt
 from fxopt import zoo
 from fxopt.cost_models import load_hardware
 from fxopt.errors import InputError
-from fxopt.lint import ASSUMPTIONS, RULES, LintReport, lint
+from fxopt.study.lint import ASSUMPTIONS, RULES, LintReport, lint
 
 H100 = load_hardware("h100")
 

@@ -12,9 +12,9 @@ from torch.autograd.graph import saved_tensors_hooks
 
 import fxopt
 from fxopt.errors import AnalysisError
-from fxopt.html import html_report
-from fxopt.memory import memory_curve
-from fxopt.timeline import HOST_WAIT, Slice, chrome_trace, predicted_timeline
+from fxopt.render.html import html_report
+from fxopt.study.memory import memory_curve
+from fxopt.render.timeline import HOST_WAIT, Slice, chrome_trace, predicted_timeline
 from nets import Scaled  # noqa: E402  (tests/nets.py)
 
 
@@ -190,7 +190,7 @@ def test_html_summary_once_and_timeline_and_memory_sections(report):
 def test_roofline_labels_stay_inside_the_plot():
     """Labels are placed after constrained layout, inside the axes (they were cut off at the edges)."""
     from fxopt import zoo
-    from fxopt.plots import roofline
+    from fxopt.render.plots import roofline
     with torch.device("meta"):
         model, x = zoo.build("vit_b16", tiny=True), zoo.example_inputs("vit_b16", 2, tiny=True)
     fig = roofline(_analyze(model, x), top=12)

@@ -12,10 +12,10 @@ from torch import nn
 import fxopt
 from fxopt import zoo
 from fxopt.errors import AnalysisError, InputError
-from fxopt.html import html_report
+from fxopt.render.html import html_report
 from fxopt.passes.base import Decision
 from fxopt.passes.manager import PassRecord
-from fxopt.plots import PlotError, roofline, roofline_points, roofline_svg
+from fxopt.render.plots import PlotError, roofline, roofline_points, roofline_svg
 from nets import Scaled  # noqa: E402  (tests/nets.py)
 
 
@@ -95,7 +95,7 @@ def _data(doc: str) -> dict:
 
 
 def test_html_sections_and_numbers(report, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "fxopt.lint", None)  # no lint module: no lint section
+    monkeypatch.setitem(sys.modules, "fxopt.study.lint", None)  # no lint module: no lint section
     path = tmp_path / "report.html"
     doc = html_report(report, path, optimized=types.SimpleNamespace(records=_records()), depth=1, top=8)
     assert path.read_text(encoding="utf-8") == doc
@@ -133,7 +133,7 @@ def test_html_pass_table_of_a_real_optimize(report):
 
 
 def test_html_lint_section_shows_fxopt_lint_findings(monkeypatch):
-    from fxopt.lint import lint
+    from fxopt.study.lint import lint
     torch.manual_seed(0)
     model, x = zoo.build("driving", tiny=True), zoo.example_inputs("driving", 2, tiny=True)
     report = fxopt.analyze(model, x)
@@ -156,15 +156,15 @@ class OtherLint:
 def test_html_lint_section_generic_and_failing(report, monkeypatch):
     lints = html_report(report, lint=OtherLint())
     assert "Lints (2)" in lints and "depthwise conv &lt;7x7&gt;" in lints and "<th>message</th>" in lints
-    fake = types.ModuleType("fxopt.lint")
+    fake = types.ModuleType("fxopt.study.lint")
     fake.lint = lambda *a, **k: 1 / 0
-    monkeypatch.setitem(sys.modules, "fxopt.lint", fake)
+    monkeypatch.setitem(sys.modules, "fxopt.study.lint", fake)
     assert "lint failed: ZeroDivisionError" in html_report(report)
 
 
 def test_html_with_scaling_and_sweep(report):
-    from fxopt.scaling import scaling
-    from fxopt.sweep import sweep
+    from fxopt.study.scaling import scaling
+    from fxopt.study.sweep import sweep
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     sc = scaling(model, torch.randn(2, 6), dims=("batch",))
     sw = sweep(lambda hidden: nn.Sequential(nn.Linear(6, hidden), nn.ReLU(), nn.Linear(hidden, 3)),

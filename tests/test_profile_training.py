@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import fxopt
-from fxopt.profile_training import (ProfileTrainingError, _intersect, _length, _minus, _union, analyze_trace,
+from fxopt.measure.profile_training import (ProfileTrainingError, _intersect, _length, _minus, _union, analyze_trace,
                                     trace_training)
 
 

@@ -16,8 +16,8 @@ from torch import nn
 import fxopt
 from fxopt import zoo
 from fxopt.errors import AnalysisError, FxoptError, InputError
-from fxopt.scaling import scaling
-from fxopt.sweep import MeasureError, SweepResult, _mark_fronts, parse_grid, sweep
+from fxopt.study.scaling import scaling
+from fxopt.study.sweep import MeasureError, SweepResult, _mark_fronts, parse_grid, sweep
 
 
 def total_flops(report) -> int:

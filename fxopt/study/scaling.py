@@ -38,12 +38,12 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .analyze import UnknownOpWarning, analyze
-from .capture import Captured, normalize_inputs
-from .cost_models.ops import MATRIX_CLASSES
-from .cost_models.roofline import peak_for
-from .errors import AnalysisError, FxoptError, InputError
-from .report import GraphReport, row_time, time_factor
+from ..analyze import UnknownOpWarning, analyze
+from ..capture import Captured, normalize_inputs
+from ..cost_models.ops import MATRIX_CLASSES
+from ..cost_models.roofline import peak_for
+from ..errors import AnalysisError, FxoptError, InputError
+from ..report import GraphReport, row_time, time_factor
 
 __all__ = ["scaling", "ScalingReport", "BlockScaling", "DIMS"]
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cost_models import fit
-from .cost_models.hardware import Hardware, load_hardware
-from .cost_models.layout import NHWC_SPEEDUP
-from .errors import FxoptError
-from .progress import progress
+from ..cost_models import fit
+from ..cost_models.hardware import Hardware, load_hardware
+from ..cost_models.layout import NHWC_SPEEDUP
+from ..errors import FxoptError
+from ..progress import progress
 
 SCHEMA = "fxopt.hardware_profile/2"
 
@@ -139,7 +139,7 @@ def _driver_version() -> str | None:
 def _preset_for(device) -> str | None:
     if device.type != "cuda":
         return None
-    from .optimize import GPU_PRESETS
+    from ..optimize import GPU_PRESETS
     name = torch.cuda.get_device_name(device)
     return next((preset for key, preset in GPU_PRESETS if key in name), None)
 

@@ -26,7 +26,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .errors import FxoptError, InputError
+from ..errors import FxoptError, InputError
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _wrap(model: nn.Module, variant: Variant, inputs) -> nn.Module:
     if variant.wrap == "compile":
         return torch.compile(model)
     if variant.wrap.startswith("fxopt"):
-        from .optimize import optimize
+        from ..optimize import optimize
         return optimize(model, inputs, backend=variant.wrap.partition("-")[2] or "eager")
     return model
 
@@ -157,7 +157,7 @@ class BenchResult:
 # ---- models ------------------------------------------------------------------------------------
 def resolve_bench_model(spec: str, batch: int, tiny: bool = False, image_size: int | None = None):
     """``(name, module, inputs)`` for any MODEL spec (zoo, hf:, timm:, torchvision:, file.py:factory)."""
-    from .models import resolve
+    from ..workloads.models import resolve
     ms = resolve(spec, batch=batch, tiny=tiny, image_size=image_size)
     return ms.name, ms.model, ms.inputs
 
@@ -290,7 +290,7 @@ def _matrix_flops(model: nn.Module, example) -> int | None:
     """Matrix FLOPs (forward + backward) of one training step, from the cost model."""
     import warnings
 
-    from .analyze import UnknownOpWarning, analyze
+    from ..analyze import UnknownOpWarning, analyze
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnknownOpWarning)
         t = analyze(copy.deepcopy(model).cpu(), tree_map(lambda x: x.cpu() if isinstance(x, torch.Tensor) else x,
@@ -331,8 +331,8 @@ def bench(model_spec_or_module: "str | nn.Module", inputs=None, variants=DEFAULT
         matrix_flops = None
     hw_name, peak = None, None
     if hardware is not None or device.type == "cuda":
-        from .cost_models.hardware import load_hardware
-        from .optimize import GPU_PRESETS
+        from ..cost_models.hardware import load_hardware
+        from ..optimize import GPU_PRESETS
         if hardware is None:
             gpu = torch.cuda.get_device_name(device)
             hardware = next((p for k, p in GPU_PRESETS if k in gpu), None)
@@ -340,7 +340,7 @@ def bench(model_spec_or_module: "str | nn.Module", inputs=None, variants=DEFAULT
             hw = load_hardware(hardware)
             hw_name, peak = hw.name, hw.bf16_peak
     results = []
-    from .progress import progress
+    from ..progress import progress
     for v in progress(list(variants), desc=f"bench {name}", unit="variant"):
         if log:
             log(f"{name}: {v} ...")

@@ -36,9 +36,9 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .analyze import UnknownOpWarning, analyze
-from .capture import normalize_inputs
-from .errors import FxoptError
+from ..analyze import UnknownOpWarning, analyze
+from ..capture import normalize_inputs
+from ..errors import FxoptError
 from .explore_rules import RULES, UNCOVERED, Rule, Site, attention_spec
 
 __all__ = ["explore", "propose", "ExploreResult", "Candidate", "ExploreError", "ABLATE_DEFAULTS", "source_line"]
@@ -507,7 +507,7 @@ def _spliced(c: Candidate, recorded: dict[str, Site], cache: dict, base_report, 
     (kernel times, host dispatch, critical path)."""
     from dataclasses import replace
 
-    from .report import GraphReport
+    from ..report import GraphReport
     units = [u for p in c.sites for u in _cost_units(p, recorded, c.meta_model)]
     new_calls: dict[tuple, list] = {}
     nodes, saved = dict(base_report.nodes), {}
@@ -595,7 +595,7 @@ def _probe(x):
 
 def _verify(rule: Rule, recorded: dict[str, Site], paths: list[str]) -> tuple[bool, str]:
     """fxopt.verify on each distinct (type, input shapes) touched module, rebuilt by the rule from random weights."""
-    from .verify import verify
+    from ..verify import verify
     seen, notes = set(), []
     for path in paths:
         rec = recorded[path]
@@ -635,8 +635,8 @@ def _verify(rule: Rule, recorded: dict[str, Site], paths: list[str]) -> tuple[bo
 
 
 def _ablate(model, inputs, picked: list[Candidate], settings: dict):
-    from .ablate import ablate as run_ablation
-    from .data import auto_data
+    from ..measure.ablate import ablate as run_ablation
+    from ..workloads.data import auto_data
     model_fn = settings["model_fn"]
     if model_fn is None:
         if _on_meta(model):
@@ -853,7 +853,7 @@ def _ranked(cands: list[Candidate]) -> list[Candidate]:
 
 def add_cli(sub) -> None:
     """Register the ``explore`` subcommand on an argparse subparsers object."""
-    from .cost_models.hardware import presets
+    from ..cost_models.hardware import presets
     e = sub.add_parser("explore", help="propose architecture changes, build and cost them, optionally ablate them")
     e.add_argument("model", help="zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory")
     e.add_argument("--rules", default="all", help="comma-separated rule names or families (default all): "
@@ -873,8 +873,8 @@ def add_cli(sub) -> None:
 
 
 def cmd_explore(args) -> int:
-    from .cli import _build
-    from .models import resolve
+    from ..cli import _build
+    from ..workloads.models import resolve
     spec = _build(args.model, args.batch, args.tiny)
     ablate = None
     if args.ablate_steps:

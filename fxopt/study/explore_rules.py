@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .zoo import LayerNorm2d
+from ..workloads.zoo import LayerNorm2d
 
 __all__ = ["Rule", "Site", "RULES", "rule_names", "attention_spec", "AttentionSpec", "SdpaAttention",
            "RMSNorm2d", "FoldedConvBN", "Conv1x1AsLinear", "Downscale", "UNCOVERED"]

@@ -54,8 +54,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import accuracy, default_loss
-from .errors import FxoptError
+from ..workloads.data import accuracy, default_loss
+from ..errors import FxoptError
 
 __all__ = ["ablate", "AblationResult", "VariantResult", "RunResult", "AblationError", "PRESETS",
            "K_STD", "REL_TOL", "TAIL_FRACTION", "MIN_TAIL", "SMOOTH", "TARGET_FRACTION"]
@@ -303,7 +303,7 @@ def _jsonable(obj):
 # ---------------------------------------------------------------------------------------------
 
 def _optimize_keys() -> set[str]:
-    from .optimize import optimize
+    from ..optimize import optimize
     return set(inspect.signature(optimize).parameters) - {"model", "example_inputs"}
 
 
@@ -469,7 +469,7 @@ def _reason(exc: BaseException) -> str:
 
 def _run(base: nn.Module, cfg: dict, seed: int, data, eval_data, steps: int, device: torch.device,
          optimizer_fn, loss_fn, progress: _Progress) -> RunResult:
-    from .optimize import optimize
+    from ..optimize import optimize
 
     run = RunResult(seed)
     cuda = device.type == "cuda"
@@ -815,8 +815,8 @@ def add_cli(sub) -> None:
 
 def cmd_ablate(args) -> int:
     """``fxopt ablate``: exit status 0 when every variant is at parity, 1 otherwise."""
-    from .data import auto_data
-    from .models import resolve
+    from ..workloads.data import auto_data
+    from ..workloads.models import resolve
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in PRESETS]
     if unknown:

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import torch
 from tabulate import tabulate
 
-from .errors import FxoptError, InputError
+from ..errors import FxoptError, InputError
 
 DDP_VARIANTS = ("eager-fp32", "autocast", "fxopt")   # variants of fxopt.bench that run under DDP
 
@@ -57,7 +57,7 @@ def _worker(args) -> None:
             torch.manual_seed(0)
             model = copy.deepcopy(base)
             if variant.wrap == "fxopt":
-                from .optimize import optimize
+                from ..optimize import optimize
                 model = optimize(model, example, verify=False)
             model = DDP(model.to(device), device_ids=[local] if cuda else None)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -95,7 +95,7 @@ LAUNCH_TIMEOUT_S = int(os.environ.get("FXOPT_TORCHRUN_TIMEOUT_S", "900"))
 
 def _launch(n: int, args, out: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "fxopt.bench_distributed", "--worker", args.model, "--batch", str(args.batch),
+           "-m", "fxopt.measure.bench_distributed", "--worker", args.model, "--batch", str(args.batch),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", out,
            "--variants", *args.variants] + (["--tiny"] if args.tiny else []) + \
           (["--device", args.device] if args.device else [])
@@ -142,9 +142,9 @@ def _predicted(args) -> dict:
     """fxopt's predicted DDP step per variant (autocast: costed in bf16), on the GPU's preset."""
     import warnings
 
-    from .analyze import analyze
+    from ..analyze import analyze
     from .bench import resolve_bench_model
-    from .optimize import GPU_PRESETS
+    from ..optimize import GPU_PRESETS
     gpu = torch.cuda.get_device_name()
     hw = args.hw or next((p for k, p in GPU_PRESETS if k in gpu), "h100")
     _, model, example = resolve_bench_model(args.model, args.batch, args.tiny)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["TeacherImages", "TeacherOutputs", "teacher_images", "teacher_outputs", "auto_data",
            "default_loss", "accuracy", "output_tensor"]

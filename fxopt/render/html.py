@@ -15,8 +15,8 @@ import re
 import time
 from pathlib import Path
 
-from .errors import AnalysisError
-from .report import GraphReport, _jsonable
+from ..errors import AnalysisError
+from ..report import GraphReport, _jsonable
 
 __all__ = ["html_report"]
 
@@ -229,7 +229,7 @@ def timeline_svg(tl) -> str:
 
 def memory_svg(curve) -> str:
     """Inline SVG of a MemoryCurve: stacked components over the step, the peak, the device's memory."""
-    from .memory import COMPONENTS, GB
+    from ..study.memory import COMPONENTS, GB
     pts = curve.points
     end = pts[-1].t_s if pts else 1.0
     peak = curve.peak
@@ -295,7 +295,7 @@ def _timeline_section(report: GraphReport) -> str:
 
 
 def _memory_section(report: GraphReport) -> str:
-    from .memory import COMPONENTS, memory_curve
+    from ..study.memory import COMPONENTS, memory_curve
     try:
         curve = memory_curve(report)
     except AnalysisError as exc:
@@ -325,7 +325,7 @@ def _find_lint(lint, model, inputs, report):
     if lint != "auto":
         return lint
     try:
-        fn = importlib.import_module("fxopt.lint").lint
+        fn = importlib.import_module("fxopt.study.lint").lint
     except (ImportError, AttributeError):
         return None
     try:
@@ -361,7 +361,7 @@ def _lint_section(found, step_time_s: float, top: int) -> str:
 
 
 def _findings(findings: list[dict], data: dict, step_time_s: float, top: int) -> str:
-    """fxopt.lint's findings: what to change, where, why, and the estimated saving."""
+    """fxopt.study.lint's findings: what to change, where, why, and the estimated saving."""
     rows = []
     for i, f in enumerate(findings[:top], 1):
         nodes = list(f.get("nodes") or [])
@@ -436,7 +436,7 @@ def _passes(optimized) -> str:
 
 
 def _scaling(sc) -> str:
-    from .scaling import _short
+    from ..study.scaling import _short
     totals = [["FLOPs", sc.flops], ["matrix FLOPs", sc.matrix_flops], ["bytes", sc.bytes],
               ["activations saved (bytes)", sc.activation_bytes], ["step time (s), at the example's bounds",
                                                                     _short(sc.time_s_regime)]]

@@ -7,7 +7,7 @@ backward as autograd runs it, then the optimizer), each with its predicted time
 stream they are the step as the device runs it: one slice per run of consecutive calls of one fx
 node and phase, on one track per phase, the waits on a track of their own. A report analyzed with
 ``distributed=`` adds its DDP buckets' all-reduces on a communication track (placed from the
-backward's start, as fxopt/distributed.py overlaps them) and, before the optimizer, the bucket
+backward's start, as fxopt/study/distributed.py overlaps them) and, before the optimizer, the bucket
 copies and the exposed wait for the collectives, so the timeline still ends at the step time.
 
 Chrome trace format: "X" (complete) events in microseconds, one process per timeline and one
@@ -20,8 +20,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import AnalysisError
-from .report import GraphReport
+from ..errors import AnalysisError
+from ..report import GraphReport
 
 __all__ = ["Slice", "Timeline", "predicted_timeline", "chrome_trace"]
 
@@ -128,7 +128,7 @@ def predicted_timeline(report: GraphReport, comm: list[Slice] | None = None) -> 
 
 def _comm_tail(slices: list, dist, t: float) -> float:
     """After the backward: DDP's bucket copies on the compute stream, then the wait for the
-    collectives the backward did not hide (``report.distributed``, fxopt/distributed.py)."""
+    collectives the backward did not hide (``report.distributed``, fxopt/study/distributed.py)."""
     for name, track, dur in (("DDP bucket copies", "backward", getattr(dist, "bucket_copy_s", 0.0)),
                              ("waiting for collectives", EXPOSED, getattr(dist, "exposed_comm_s", 0.0))):
         if dur and float(dur) > 0:

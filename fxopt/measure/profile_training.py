@@ -43,7 +43,7 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile as torch_profile
 
-from .errors import FxoptError
+from ..errors import FxoptError
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ def _export(prof) -> dict:
 # ---- analysis -------------------------------------------------------------------------------------
 
 def _matrix_ops() -> set[str]:
-    from .cost_models.ops import MATRIX_FORMULAS  # torch's FLOP registry: mm, addmm, conv, SDPA, ...
+    from ..cost_models.ops import MATRIX_FORMULAS  # torch's FLOP registry: mm, addmm, conv, SDPA, ...
     names = {k.replace(".", "::", 1) for k in MATRIX_FORMULAS}
     return names | {"aten::linear", "aten::matmul", "aten::conv1d", "aten::conv2d", "aten::conv3d",
                     "aten::scaled_dot_product_attention", "aten::mkldnn_convolution"}
@@ -454,7 +454,7 @@ def _verdicts(res: TrainingProfile, loader: str | None) -> tuple[Verdict, list[V
 
 def load_loop(spec: str):
     """``path/to/file.py:train_fn`` -> the generator function ``train_fn`` of that file."""
-    from .models import _load_file
+    from ..workloads.models import _load_file
     path, sep, name = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not name.isidentifier():
         raise ProfileTrainingError(f"profile-training needs LOOP as path/to/file.py:train_fn, got {spec!r}")

@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 from torch.utils._pytree import tree_flatten
 
-from .errors import FxoptError
+from ..errors import FxoptError
 
 FWD, BWD, OPT = "fxopt.fwd::", "fxopt.bwd::", "fxopt.opt::"
 OPTIMIZER_NODE = "optimizer.step"
@@ -184,19 +184,19 @@ def profile(model: nn.Module, inputs, steps: int = 3, hardware=None, *, warmup: 
     ``hardware``: preset or profile path for the prediction (default: the GPU's preset, on the CPU
     a quick ``fxopt.calibrate`` of this CPU).
     """
-    from .analyze import UnknownOpWarning, analyze
-    from .capture import capture, normalize_inputs
+    from ..analyze import UnknownOpWarning, analyze
+    from ..capture import capture, normalize_inputs
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     notes = []
     if hardware is None:
         if device.type == "cuda":
-            from .optimize import GPU_PRESETS
+            from ..optimize import GPU_PRESETS
             gpu = torch.cuda.get_device_name(device)
             hardware = next((p for k, p in GPU_PRESETS if k in gpu), "h100")
         else:
             from .calibrate import calibrate
-            from .cost_models.hardware import Hardware
+            from ..cost_models.hardware import Hardware
             prof = calibrate("cpu", quick=True)
             hardware = Hardware(**{k: v for k, v in prof.items() if k in Hardware.__dataclass_fields__})
             notes.append("predicted with a quick calibration of this CPU")

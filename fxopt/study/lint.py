@@ -22,14 +22,14 @@ from tabulate import tabulate
 from torch import fx, nn
 from torch.utils import flop_counter
 
-from .analyze import _cast, analyze, parse_dtype
-from .capture import Captured, capture
-from .cost_models.hardware import DTYPE_KEYS, load_hardware
-from .cost_models.ops import MATRIX_CLASSES
-from .cost_models.kernels import gemm_choice, memory_time
-from .cost_models.roofline import call_time, peak_for, regime
-from .errors import InputError
-from .report import GraphReport
+from ..analyze import _cast, analyze, parse_dtype
+from ..capture import Captured, capture
+from ..cost_models.hardware import DTYPE_KEYS, load_hardware
+from ..cost_models.ops import MATRIX_CLASSES
+from ..cost_models.kernels import gemm_choice, memory_time
+from ..cost_models.roofline import call_time, peak_for, regime
+from ..errors import InputError
+from ..report import GraphReport
 
 __all__ = ["lint", "LintReport", "Finding", "LintRule", "RULES", "ASSUMPTIONS", "lint_rule"]
 

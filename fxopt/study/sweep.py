@@ -26,10 +26,10 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .analyze import UnknownOpWarning, analyze, parse_dtype
-from .capture import normalize_inputs
-from .errors import FxoptError, InputError, ModelSpecError
-from .report import GraphReport
+from ..analyze import UnknownOpWarning, analyze, parse_dtype
+from ..capture import normalize_inputs
+from ..errors import FxoptError, InputError, ModelSpecError
+from ..report import GraphReport
 from .scaling import _with_context
 
 __all__ = ["sweep", "SweepResult", "MeasureError", "parse_grid", "load_factory"]
@@ -187,7 +187,7 @@ def _measure(factory, inputs_fn, params: dict, training: bool, dtype, optimizer,
              iters: int = 10, repeats: int = 3) -> float:
     """Median seconds of one step (forward, backward with ones as output gradients, optimizer
     step; the step fxopt.analyze costs) over ``repeats`` timings of ``iters`` steps, CUDA events."""
-    from .cost_models.trace import OPTIMIZERS
+    from ..cost_models.trace import OPTIMIZERS
     torch.manual_seed(0)
     with torch.device("cuda"):
         model, inputs = _make(factory, inputs_fn, params)
@@ -380,7 +380,7 @@ def load_factory(spec: str):
     """``path/to/file.py:factory`` -> (factory, the file's ``example_inputs`` or None, display name)."""
     from pathlib import Path
 
-    from .models import _load_file
+    from ..workloads.models import _load_file
     path, sep, name = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not name.isidentifier():
         raise ModelSpecError(f"sweep needs MODEL as path/to/file.py:factory, got {spec!r}")

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cost_models.trace import OPTIMIZER_NODE
-from .errors import AnalysisError
-from .report import GraphReport
-from .timeline import predicted_timeline
+from ..cost_models.trace import OPTIMIZER_NODE
+from ..errors import AnalysisError
+from ..report import GraphReport
+from ..render.timeline import predicted_timeline
 
 __all__ = ["MemoryPoint", "MemoryCurve", "FitOption", "memory_curve", "COMPONENTS"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from .errors import AnalysisError, FxoptError, InputError
-from .report import GraphReport
+from ..errors import AnalysisError, FxoptError, InputError
+from ..report import GraphReport
 
 __all__ = ["roofline", "roofline_points", "roofline_svg", "roofline_png", "PlotError"]
 
@@ -234,6 +234,6 @@ def _short(name: str, n: int = 30) -> str:
 
 
 def _dtype_key(dtype: str | None) -> str:
-    from .cost_models.hardware import DTYPE_KEYS
+    from ..cost_models.hardware import DTYPE_KEYS
     return DTYPE_KEYS.get(dtype or "float32", "fp32")
 

@@ -28,9 +28,9 @@ import torch
 from tabulate import tabulate
 from torch import fx
 
-from .cost_models.comm import Cluster, CommTime, cluster_presets, collective_time, inter_node_time, load_cluster
-from .cost_models.trace import OPTIMIZER_NODE
-from .errors import AnalysisError, HardwareError, InputError
+from ..cost_models.comm import Cluster, CommTime, cluster_presets, collective_time, inter_node_time, load_cluster
+from ..cost_models.trace import OPTIMIZER_NODE
+from ..errors import AnalysisError, HardwareError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def _bucket_copies(report, params: list[Param], buckets: list, spec: Distributed
     bucket; with ``zero_grad(set_to_none=True)`` this copy stays even with
     ``gradient_as_bucket_view`` (torch's docs). Back to ``.grad`` after the all-reduce: one copy per
     gradient, unless the gradients are bucket views."""
-    from .cost_models.roofline import call_time
+    from ..cost_models.roofline import call_time
     hw, prec = report.hardware, report.precision
     kernel = lambda cls, dtype, numel, nbytes: float(call_time(cls, dtype, numel, 2 * nbytes, 1, hw, prec).total_s)
     by_name = {p.name: p for p in params}
@@ -602,15 +602,15 @@ def gpu_scaling(model_or_report, example_inputs=None, gpus=(1, 8, 64, 512, 4096)
                 dtype=None, **spec) -> GPUScaling:
     """Predicted step time, exposed communication, throughput and scaling efficiency per world
     size. ``spec``: the other :class:`Distributed` fields (strategy, cluster, bucket_mb, ...)."""
-    from .analyze import analyze
-    from .report import GraphReport
+    from ..analyze import analyze
+    from ..report import GraphReport
     if not gpus or any(not isinstance(n, int) or n < 1 for n in gpus):
         raise InputError(f"gpus must be world sizes >= 1, got {gpus!r}")
     specs = [Distributed(world_size=n, **spec) for n in gpus]   # checked before the analysis
     if isinstance(model_or_report, GraphReport):
         report = model_or_report
     else:
-        from .cost_models.hardware import load_hardware
+        from ..cost_models.hardware import load_hardware
         for s in specs:
             s.check(load_hardware(hardware).name)
         report = analyze(model_or_report, example_inputs, hardware=hardware, dtype=dtype)
@@ -734,7 +734,7 @@ def calibrate_comm(out: str | None = None, cluster: str = "h100-ib", quick: bool
 
     import torch.multiprocessing as mp
 
-    from .cost_models.comm import CLUSTER_DIR, fit_alpha_beta
+    from ..cost_models.comm import CLUSTER_DIR, fit_alpha_beta
     world = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if world < 2:
         raise HardwareError(f"calibrate --comm measures NCCL collectives between GPUs and needs 2+ CUDA GPUs; "

@@ -1,0 +1,1 @@
+"""Measurement on a real device: bench, per-node profile, whole-step profile, calibration, ablation."""

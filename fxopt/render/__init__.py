@@ -1,0 +1,1 @@
+"""Rendering a costed step: the HTML report, roofline plots, Chrome-trace timelines."""
