@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 ON_ERROR = ("rollback", "raise")
 
 #: ``GraphModule.meta`` key of the precision a pass lowered the graph to (same as fxopt.verify's).
-PRECISION_KEY = "fxopt.precision"
+from fxopt.cost_models.names import PRECISION_KEY, dtype_name  # noqa: E402  (one definition)
 
 
 def graph_precision(gm) -> torch.dtype | None:
@@ -76,7 +76,7 @@ def graph_precision(gm) -> torch.dtype | None:
     value = getattr(gm, "meta", {}).get(PRECISION_KEY)
     if value is None or isinstance(value, torch.dtype):
         return value
-    return getattr(torch, str(value).replace("torch.", ""), None)
+    return getattr(torch, dtype_name(value), None)
 
 
 @dataclass

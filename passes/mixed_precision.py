@@ -67,7 +67,7 @@ __all__ = ["CastMixedPrecision", "MixedPrecisionError", "POLICY", "FP32_ARGS", "
            "LOW", "NORM", "FOLLOW", "FP32", "KEEP", "PRECISION_KEY"]
 
 aten = torch.ops.aten
-PRECISION_KEY = "fxopt.precision"  # GraphModule.meta key read by fxopt.verify and the pass manager
+from fxopt.cost_models.names import PRECISION_KEY, dtype_name  # noqa: E402  (meta key read by fxopt.verify and the manager)
 
 LOW, NORM, FOLLOW, FP32, KEEP = "low", "norm", "follow", "fp32", "keep"
 CAST, ASSERT, INPLACE = "cast", "assert", "inplace"  # structural classes, not policies a user sees
@@ -311,7 +311,7 @@ class _Estimates:
         if numel is None:
             return None
         nbytes = numel * (src.itemsize + dst.itemsize)
-        t = call_time("memory", str(dst).replace("torch.", ""), 0, nbytes, 1, self.hw).total_s
+        t = call_time("memory", dtype_name(dst), 0, nbytes, 1, self.hw).total_s
         return float(t) * (2 if backward and self.training else 1)
 
 
@@ -326,7 +326,7 @@ def _estimate(gm: fx.GraphModule, ctx: PassContext, low: torch.dtype) -> _Estima
         trace = trace_step(gm, training=ctx.training, optimizer=None)
     except Exception:  # a graph the cost model cannot trace still gets rewritten, without estimates
         return empty
-    low_name = str(low).replace("torch.", "")
+    low_name = dtype_name(low)
     t32: Counter = Counter()
     t16: Counter = Counter()
     for r in trace.records:
@@ -742,7 +742,7 @@ class CastMixedPrecision(Pass):
             ctx.decide("graph", "note", "fp16 keeps 5 exponent bits: small gradients underflow to zero and "
                        "values above 65504 overflow; train with loss scaling (torch.amp.GradScaler), or use "
                        "dtype=bf16 (fp32's exponent range, no scaler needed)")
-        gm.meta[PRECISION_KEY] = str(low).replace("torch.", "")
+        gm.meta[PRECISION_KEY] = dtype_name(low)
         return PassResult(gm, True, stats), total
 
     @staticmethod
@@ -810,5 +810,5 @@ class CastMixedPrecision(Pass):
             stats["removed_dead_casts"] = removed
         saved_int = _concrete(saved)
         stats["activation_bytes_saved"] = saved_int if saved_int is not None else str(saved.node.expr)
-        stats["precision"] = str(low).replace("torch.", "")
+        stats["precision"] = dtype_name(low)
         return dict(stats)
