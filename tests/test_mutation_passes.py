@@ -1,0 +1,267 @@
+"""Tests written to kill surviving mutants of the passes (issue 20; ``tools/mutation.py passes/...``).
+
+Each test states its expected value by hand (a pipeline string, a reason text, a dtype, a
+count read off a graph built node by node), so a mutated pass fails it. Graphs are built with
+``fx.Graph`` directly where the pass only reads targets and edges: no capture, milliseconds each,
+which keeps a mutant's test run short. Sections are named after the module they cover
+(``-k default``, ``-k dce``, ...), the selections the mutation shards use.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+from fxopt.passes import PipelineError, get
+from fxopt.passes import default as default_mod
+from fxopt.passes.base import Option, PassContext, Decision, format_pipeline, parse_pipeline
+from fxopt.passes.dce import DeadCodeElimination, keep_reason
+
+aten = torch.ops.aten
+
+
+def _chain(*targets, module: nn.Module | None = None) -> fx.GraphModule:
+    """x -> targets[0] -> targets[1] -> ... -> output, as a GraphModule (no shapes, no capture)."""
+    g = fx.Graph()
+    out = g.placeholder("x")
+    for t in targets:
+        out = g.call_function(t, (out,))
+    g.output(out)
+    return fx.GraphModule(module or nn.Module(), g)
+
+
+# ---------------------------------------------------------------------------------------------
+# default: choose_pipeline, read off DEFAULT_RULES by hand
+
+_MP = "mixed-precision{only_if_faster=true}"
+
+
+@pytest.mark.parametrize("targets, want", [
+    ((), "dce,normalize,dce"),
+    ((aten.relu.default,), "dce,normalize,dce"),
+    ((aten.conv2d.default,), f"dce,normalize,{_MP},channels-last,dce"),
+    ((aten.conv1d.default,), f"dce,normalize,{_MP},channels-last,dce"),
+    ((aten.conv3d.default,), f"dce,normalize,{_MP},channels-last,dce"),
+    ((aten.convolution.default,), f"dce,normalize,{_MP},channels-last,dce"),
+    ((aten.softmax.int,), "dce,normalize,sdpa,dce"),
+    ((aten._softmax.default,), "dce,normalize,sdpa,dce"),
+    ((aten._safe_softmax.default,), "dce,normalize,sdpa,dce"),
+    ((aten.batch_norm.default,), "dce,normalize,fold-bn,dce"),
+    ((aten._native_batch_norm_legit_no_training.default,), "dce,normalize,fold-bn,dce"),
+    ((aten.mm.default,), f"dce,normalize,epilogue,{_MP},dce"),
+    ((aten.matmul.default,), f"dce,normalize,epilogue,{_MP},dce"),
+    ((aten.bmm.default,), f"dce,normalize,epilogue,{_MP},dce"),
+    ((aten.linear.default,), f"dce,normalize,epilogue,{_MP},dce"),
+    ((aten.addmm.default,), f"dce,normalize,{_MP},dce"),
+    ((aten.scaled_dot_product_attention.default,), f"dce,normalize,{_MP},dce"),
+    ((aten.softmax.int, aten.batch_norm.default, aten.conv2d.default, aten.mm.default),
+     f"dce,normalize,sdpa,fold-bn,epilogue,{_MP},channels-last,dce"),
+])
+def test_default_pipeline_rules_by_hand(targets, want):
+    for training in (True, False):
+        chosen, reasons = default_mod.choose_pipeline(_chain(*targets), training)
+        assert chosen == want
+        assert len(reasons) == 8  # one line per rule, chosen or skipped
+
+
+def test_default_reasons_say_chosen_or_skipped():
+    _, reasons = default_mod.choose_pipeline(_chain(aten.softmax.int), True)
+    assert reasons[0] == "dce: drop dead code before costing"
+    assert reasons[2] == "sdpa: softmax present: hand-written attention becomes fused SDPA"
+    assert reasons[3] == "fold-bn: skipped, nothing for it in this graph"
+    assert reasons[-1] == "dce: remove what the rewrites left dead"
+
+
+def test_default_triton_backend_adds_fuse_before_the_last_dce():
+    chosen, reasons = default_mod.choose_pipeline(_chain(aten.relu.default), False, backend="triton")
+    assert chosen == "dce,normalize,fuse,dce"
+    assert reasons[-2].startswith("fuse: backend triton") and len(reasons) == 9
+    assert default_mod.choose_pipeline(_chain(), False, backend="inductor")[0] == "dce,normalize,dce"
+
+
+def test_default_pass_missing_from_the_build_is_skipped_with_a_reason(monkeypatch):
+    monkeypatch.setattr(default_mod, "available", lambda: ["dce", "normalize", "mixed-precision"])
+    chosen, reasons = default_mod.choose_pipeline(_chain(aten.conv2d.default), True)
+    assert chosen == f"dce,normalize,{_MP},dce"  # channels-last is not registered in this "build"
+    assert "channels-last: skipped, not available in this build" in reasons
+
+
+def test_default_only_call_function_nodes_count():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_method("softmax", (x, -1)))  # a method call named softmax is not aten.softmax
+    chosen, _ = default_mod.choose_pipeline(fx.GraphModule(nn.Module(), g), True)
+    assert chosen == "dce,normalize,dce"
+
+
+# ---------------------------------------------------------------------------------------------
+# dce: which dead nodes go, which stay and why, on graphs built node by node
+
+
+def _dce(gm: fx.GraphModule, node_times=None, **options):
+    ctx = PassContext(training=True)
+    ctx.begin("dce", {"log_kept": True, **options}, node_times)
+    result = DeadCodeElimination().run(gm, ctx)
+    return result, ctx.decisions
+
+
+def test_dce_removes_a_dead_chain_in_one_sweep_and_logs_in_graph_order():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    a = g.create_node("call_function", aten.relu.default, (x,), name="relu")
+    g.create_node("call_function", aten.neg.default, (a,), name="neg")  # dead, relu's only user
+    g.output(g.call_function(aten.sin.default, (x,)))
+    gm = fx.GraphModule(nn.Module(), g)
+    r, decisions = _dce(gm, node_times={"relu": 2e-6, "neg": 3e-6})
+    assert r.modified is True and r.stats == {"removed": 2}
+    assert [str(n.target) for n in gm.graph.nodes if n.op == "call_function"] == ["aten.sin.default"]
+    assert decisions == [Decision("relu", "remove", "result of aten.relu.default is never used", 2e-6),
+                         Decision("neg", "remove", "result of aten.neg.default is never used", 3e-6)]
+
+
+def test_dce_unused_get_attr_goes_and_the_parameter_stays():
+    m = nn.Module()
+    m.w = nn.Parameter(torch.ones(2))
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.get_attr("w")
+    g.output(x)
+    gm = fx.GraphModule(m, g)
+    r, decisions = _dce(gm)
+    assert r.stats == {"removed": 1} and [n.op for n in gm.graph.nodes] == ["placeholder", "output"]
+    assert decisions == [Decision("w", "remove", "unused get_attr (the tensor stays on the module)", None)]
+    assert "w" in dict(gm.named_parameters())
+
+
+def test_dce_nothing_dead_is_no_change_and_an_unused_input_is_not_logged():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    g.placeholder("unused")
+    g.output(g.call_function(aten.relu.default, (x,)))
+    r, decisions = _dce(fx.GraphModule(nn.Module(), g))
+    assert r.modified is False and r.stats == {} and decisions == []
+
+
+def _dead(target, *args, module: nn.Module | None = None, op="call_function"):
+    """A graph whose only dead node is ``target(x, *args)``; returns (gm, that node)."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    node = g.create_node(op, target, (x, *args))
+    g.output(x)
+    return fx.GraphModule(module or nn.Module(), g), node
+
+
+@pytest.mark.parametrize("target, args, rule, reason", [
+    (aten.add_.Tensor, (1.0,), "writes-argument", "writes into x in place"),
+    (aten.copy_.default, (1.0,), "writes-argument", "writes into x in place"),
+    (aten.bernoulli.p, (0.5,), "random", "draws random numbers; removing it would change the random stream"),
+    (aten.native_dropout.default, (0.5, True), "random", "draws random numbers"),
+    (aten._assert_async.msg, ("boom",), "side-effect", "torch marks it side-effecting"),
+])
+def test_dce_keeps_with_the_first_rule_that_holds(target, args, rule, reason):
+    gm, node = _dead(target, *args)
+    name, why = keep_reason(node)
+    assert name == rule and why.startswith(reason)
+    r, decisions = _dce(gm)
+    assert r.modified is False and r.stats == {f"kept_{rule}": 1}
+    assert [(d.node, d.action) for d in decisions] == [(node.name, "keep")] and decisions[0].reason == why
+
+
+def test_dce_batch_norm_in_training_updates_statistics_in_eval_it_is_dead():
+    g = fx.Graph()
+    x, w, b, mean, var = (g.placeholder(n) for n in ("x", "w", "b", "mean", "var"))
+    g.create_node("call_function", aten.batch_norm.default, (x, w, b, mean, var, True, 0.1, 1e-5, False),
+                  name="train_bn")
+    g.create_node("call_function", aten.batch_norm.default, (x, w, b, mean, var, False, 0.1, 1e-5, False),
+                  name="eval_bn")
+    g.output(x)
+    gm = fx.GraphModule(nn.Module(), g)
+    r, decisions = _dce(gm)
+    assert decisions[0] == Decision("train_bn", "keep", "updates running statistics mean, var in place")
+    assert decisions[1] == Decision("eval_bn", "remove", "result of aten.batch_norm.default is never used")
+    assert r.stats == {"kept_writes-argument": 1, "removed": 1}
+
+
+def test_dce_opaque_module_call_is_kept_and_log_kept_false_silences_it():
+    m = nn.Module()
+    m.lin = nn.Linear(2, 2)
+    gm, node = _dead("lin", module=m, op="call_module")
+    assert keep_reason(node) == ("opaque-call", "call_module 'lin': fxopt cannot prove it has no side effect")
+    r, decisions = _dce(gm, log_kept=False)
+    assert r.stats == {"kept_opaque-call": 1} and decisions == []
+    _, method = _dead("relu", op="call_method")
+    assert keep_reason(method)[0] == "opaque-call"
+
+
+def test_dce_boundary_nodes_have_a_reason():
+    gm = _chain()
+    placeholder, output = list(gm.graph.nodes)
+    assert keep_reason(placeholder) == ("graph-boundary", "placeholder is part of the graph's signature")
+    assert keep_reason(output) == ("graph-boundary", "output is part of the graph's signature")
+    assert keep_reason(gm.graph.call_function(aten.relu.default, (placeholder,))) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# base: the option schema and the pipeline grammar, values written by hand
+
+
+@pytest.mark.parametrize("text, value", [
+    ("TRUE", True), ("False", False), ("-7", -7), ("+3", 3), ("0.5", 0.5), (".5", 0.5), ("1e-3", 1e-3),
+    ("2.", 2.0), ("-1.5E+2", -150.0), ("bf16", "bf16"), ("1e", "1e"), ("a;", ["a"]), ("1; 2.5 ;x", [1, 2.5, "x"]),
+])
+def test_base_values_parse_by_hand(text, value):
+    ((_, opts),) = parse_pipeline(f"p{{k={text}}}", check=False)
+    assert opts == {"k": value} and type(opts["k"]) is type(value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a{b{c=1}}", "nested '{' at position 3"),
+    ("a}", "'}' at position 1 closes nothing"),
+    ("a{k=1", "'{' is never closed"),
+    ("a{k=1=2}", "has a stray '='"),
+    ("a{1k=2}", "'1k' is not an option name"),
+    ("a{k=;}", "empty item"),
+    (" ", "the pipeline is empty"),
+])
+def test_base_malformed_pipelines_say_where(text, message):
+    with pytest.raises(PipelineError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        parse_pipeline(text, check=False)
+
+
+def test_base_a_pipeline_must_be_a_string():
+    with pytest.raises(PipelineError, match="got list"):
+        parse_pipeline(["dce"])
+
+
+def test_base_whitespace_and_braces_without_options():
+    assert parse_pipeline(" a {} ,\n b { k = v } ", check=False) == [("a", {}), ("b", {"k": "v"})]
+
+
+def test_base_format_pipeline_by_hand():
+    assert format_pipeline([("a", {}), ("b", {"on": False, "xs": ["p"], "ys": ["p", "q"], "n": 3})]) == \
+        "a,b{on=false,xs=p;,ys=p;q,n=3}"
+
+
+def test_base_option_minimum_is_inclusive_and_allowed_says_it():
+    opt = Option(int, 1, "n", minimum=1)
+    assert opt.check(1, "n") == 1
+    with pytest.raises(PipelineError, match="n is 0; it must be an integer, at least 1 \\(n\\)"):
+        opt.check(0, "n")
+    assert Option((int, str), 1).allowed() == "an integer or a word"
+    assert Option(list, "a", choices=("a", "b")).allowed() == "one of a, b (or a ';'-list of them)"
+    assert Option(str, "a", choices=("a", "b")).allowed() == "one of a, b"
+    assert Option(float, 0.0).check(2, "x") == 2.0 and Option((int, float), 0).check(2, "x") == 2
+    with pytest.raises(PipelineError, match="a number"):
+        Option(float, 0.0).check(float("inf"), "x")
+    with pytest.raises(PipelineError, match="a word"):
+        Option(str, "a").check("", "x")
+
+
+def test_base_node_time_reads_the_costed_times():
+    ctx = PassContext()
+    assert ctx.node_time("relu") is None  # not costed
+    ctx.begin("p", {}, {"relu": 2e-6})
+    assert ctx.node_time("relu") == 2e-6 and ctx.node_time("view") == 0.0
+    assert str(Decision("relu", "remove", "why", 1.5e-6)) == "relu: remove: why (est. +1.5 us)"
+    assert str(Decision("relu", "keep", "why")) == "relu: keep: why"
+    assert get("dce").name == "dce"
