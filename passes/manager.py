@@ -37,8 +37,6 @@ known presets; an unknown name never silently turns costing off).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 import os
 import time
@@ -50,7 +48,6 @@ from typing import Any, Iterable
 import torch
 from tabulate import tabulate
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves
 
 from fxopt.capture import Captured
 from fxopt.graphtext import canonical_text, unified_diff
@@ -58,6 +55,8 @@ from fxopt.progress import progress
 
 from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineError, check_options, defaults,
                    format_pipeline, get, parse_pipeline)
+from .graph_utils import no_new_guards, propagate_meta, quiet_deepcopy, run_graph  # noqa: F401
+from .verification import Divergence, failure_text, find_divergence, verify_graphs  # noqa: F401
 
 __all__ = ["PassManager", "PassRecord", "check_config", "ON_ERROR", "timing_table", "propagate_meta", "find_divergence", "Divergence",
            "run_graph", "no_new_guards", "verify_graphs", "graph_precision", "PRECISION_KEY"]
@@ -91,7 +90,7 @@ class PassRecord:
     time_s: float
     step_time_before_s: Any  # float, a sympy expression (symbolic batch), or None (cost=False)
     step_time_after_s: Any
-    verification: Any = None      # a VerificationResult (or fallback OutputCheck), None if not verified
+    verification: Any = None      # a VerificationResult, None if not verified
     rolled_back: bool = False
     diverging_node: str | None = None
     options: dict = field(default_factory=dict)
@@ -101,300 +100,6 @@ class PassRecord:
     @property
     def kept(self) -> bool:
         return self.modified and not self.rolled_back
-
-
-# ---------------------------------------------------------------------------------------------
-# graph utilities the manager needs
-
-
-def _quiet_deepcopy(obj):
-    with warnings.catch_warnings():  # torch's pytree spec copy warns about LeafSpec deprecation
-        warnings.simplefilter("ignore", FutureWarning)
-        return copy.deepcopy(obj)
-
-
-def _flat_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
-    """The placeholder values for ``gm(*args, **kwargs)`` (export graphs flatten by their in_spec)."""
-    spec = getattr(gm, "_in_spec", None)
-    if spec is not None:
-        from torch.fx._pytree import tree_flatten_spec
-        return list(tree_flatten_spec((tuple(args), dict(kwargs)), spec))
-    return list(args) + list(kwargs.values())
-
-
-class _FakeProp(torch.fx.Interpreter):
-    """Interpret a graph on fake tensors: placeholders give their ``val``, attributes are
-    converted to fakes of the same mode, every node's ``val`` is replaced by a fresh snapshot."""
-
-    def __init__(self, gm, mode):
-        super().__init__(gm, garbage_collect_values=False)
-        self.mode = mode
-
-    def placeholder(self, target, args, kwargs):
-        node = self.current_node
-        return node.meta["val"]
-
-    def get_attr(self, target, args, kwargs):
-        attr = super().get_attr(target, args, kwargs)
-        if isinstance(attr, torch.Tensor) and not isinstance(attr, torch._subclasses.FakeTensor):
-            return self.mode.from_tensor(attr, static_shapes=True)
-        return attr
-
-    def run_node(self, n):
-        from torch._subclasses.fake_tensor import FakeTensor
-        from torch.fx.experimental.proxy_tensor import snapshot_fake
-        self.current_node = n
-        result = super().run_node(n)
-        if n.op == "output":
-            return result
-
-        def extract(obj):
-            if isinstance(obj, FakeTensor):
-                return snapshot_fake(obj)
-            if isinstance(obj, torch.Tensor):
-                return snapshot_fake(self.mode.from_tensor(obj, static_shapes=True))
-            if isinstance(obj, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
-                return obj
-            return None
-
-        meta = torch.fx.node.map_aggregate(result, extract)
-        if meta is not None:
-            n.meta["val"] = meta
-            if isinstance(meta, torch.Tensor):
-                from torch.fx.passes.shape_prop import _extract_tensor_metadata
-                try:
-                    n.meta["tensor_meta"] = _extract_tensor_metadata(meta)
-                except Exception:
-                    n.meta.pop("tensor_meta", None)
-            else:
-                n.meta.pop("tensor_meta", None)
-        return result
-
-
-def no_new_guards(gm: fx.GraphModule):
-    """A context in which fake-tensor work on ``gm`` adds no guards to its shape env.
-
-    The shape env is shared by every graph copied from one capture: a guard some op's meta
-    function adds (upsample specializes the batch symbol of the driving model to its example
-    value) would otherwise turn ``[s34, ...]`` into ``[2, ...]`` in the captured graph too.
-    """
-    from torch._guards import detect_fake_mode
-    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if mode is None or mode.shape_env is None:
-        return contextlib.nullcontext()
-    return mode.shape_env.suppress_guards()
-
-
-def propagate_meta(gm: fx.GraphModule, example_args: tuple = (), example_kwargs: dict | None = None) -> None:
-    """Recompute ``meta["val"]`` (and ``tensor_meta``) of every node on fake tensors.
-
-    Placeholders keep their ``val`` (export's fake tensors, symbolic sizes included); those
-    without one get a fake of the matching example input, in a fresh fake mode.
-    """
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    vals = [n.meta.get("val") for n in placeholders]
-    mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if any(v is None for v in vals):
-        mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
-        flat = _flat_inputs(gm, example_args, example_kwargs or {})
-        if len(flat) != len(placeholders):
-            raise PassError(f"cannot propagate metadata: {len(placeholders)} placeholders but {len(flat)} "
-                            f"example inputs; capture the model with fxopt.capture")
-        for n, x in zip(placeholders, flat):
-            if n.meta.get("val") is None:
-                n.meta["val"] = mode.from_tensor(x) if isinstance(x, torch.Tensor) else x
-    if mode is None:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-    prop = _FakeProp(gm, mode)
-    with mode, no_new_guards(gm), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        prop.run(*[n.meta["val"] for n in placeholders])
-
-
-class _AsModule(nn.Module):
-    """A graph module seen as a plain nn.Module with the same parameter names.
-
-    Exported graph modules refuse ``.train()``/``.eval()``; this wrapper shares the graph
-    module's submodules, parameters and buffers, so names and tensors are the same, while its
-    own ``train()`` only touches the (plain) submodules.
-    """
-
-    def __init__(self, gm: fx.GraphModule):
-        super().__init__()
-        self._modules, self._parameters, self._buffers = gm._modules, gm._parameters, gm._buffers
-        object.__setattr__(self, "_gm", gm)
-
-    def forward(self, *args, **kwargs):
-        return self._gm(*args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        return _AsModule(copy.deepcopy(self._gm, memo))
-
-
-def _without_dtype_asserts(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` without export's ``_assert_tensor_metadata`` checks, so that it runs when
-    verify casts it to float64 (its float64 reference copy)."""
-    work = _quiet_deepcopy(gm)
-    for node in list(work.graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default \
-                and not node.users:
-            work.graph.erase_node(node)
-    work.recompile()
-    return work
-
-
-class OutputCheck:
-    """Fallback verification (used only when :mod:`fxopt.verify` is not importable): forward
-    outputs compared with ``torch.testing.assert_close``, same seed for both runs."""
-
-    def __init__(self, failures: list[str]):
-        self._failures = failures
-
-    def __bool__(self) -> bool:
-        return not self._failures
-
-    def failures(self) -> list[str]:
-        return list(self._failures)
-
-    def table(self) -> str:
-        return "outputs: ok" if not self._failures else "\n".join(self._failures)
-
-
-def run_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, seed: int = 0, record: bool = False):
-    """Run a deep copy of ``gm`` on real inputs with a fixed seed (BN statistics of ``gm`` stay
-    untouched). Returns the flat outputs, and with ``record`` also {node name: value snapshot}."""
-    work = _quiet_deepcopy(gm)
-    values: dict[str, Any] = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if record and n.op != "output":
-                values[n.name] = torch.utils._pytree.tree_map(
-                    lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, out)
-            return out
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            out = Recorder(work, garbage_collect_values=not record).run(*_flat_inputs(work, args, kwargs))
-    return (out, values) if record else out
-
-
-def _fallback_verify(reference: fx.GraphModule, candidate: fx.GraphModule, args, kwargs) -> OutputCheck:
-    ref = tree_leaves(run_graph(reference, args, kwargs))
-    new = tree_leaves(run_graph(candidate, args, kwargs))
-    failures = []
-    if len(ref) != len(new):
-        return OutputCheck([f"outputs: {len(new)} values, expected {len(ref)}"])
-    for i, (a, b) in enumerate(zip(ref, new)):
-        try:
-            torch.testing.assert_close(b, a, check_stride=False)
-        except AssertionError as exc:
-            failures.append(f"output {i}: {str(exc).splitlines()[0]}")
-    return OutputCheck(failures)
-
-
-def verify_graphs(reference: fx.GraphModule | nn.Module, candidate: fx.GraphModule, args: tuple, kwargs: dict,
-                  training: bool, reference_precision: torch.dtype | None = None):
-    """Check ``candidate`` against ``reference`` on the example inputs with :func:`fxopt.verify.verify`
-    (nothing passed in is modified). A graph-module reference is run without its dtype
-    assertions, so that verify's float64 copy of it (and its autocast run) runs.
-    ``reference_precision``: see :func:`fxopt.verify.verify` (the fallback ignores it)."""
-    try:
-        from fxopt.verify import verify
-    except ImportError:
-        if not isinstance(reference, fx.GraphModule):
-            raise
-        return _fallback_verify(reference, candidate, args, kwargs)
-    if isinstance(reference, fx.GraphModule):
-        reference = _AsModule(_without_dtype_asserts(reference))
-    cand = _AsModule(_quiet_deepcopy(candidate))
-    ref = reference
-    inputs = dict(kwargs) if kwargs and not args else tuple(args)
-    if kwargs and args:
-        raise PassError("verification needs either positional or keyword example inputs, not both")
-    with warnings.catch_warnings():  # verify deep-copies graph modules: torch's pytree FutureWarning
-        warnings.simplefilter("ignore", FutureWarning)
-        return verify(ref, cand, inputs, training=training, reference_precision=reference_precision)
-
-
-@dataclass(frozen=True)
-class Divergence:
-    """The first node whose value differs between the graph before and after a pass."""
-
-    node: str
-    max_abs_diff: float | None
-    new_inputs: tuple[str, ...] = ()  # inputs of ``node`` that the pass created
-
-    def __str__(self) -> str:
-        diff = "different shape/dtype" if self.max_abs_diff is None else f"max abs diff {self.max_abs_diff:.3g}"
-        fed = f"; fed by new node(s) {', '.join(self.new_inputs)}" if self.new_inputs else ""
-        return f"{self.node} ({diff}{fed})"
-
-
-def _differs(a, b, rtol: float, any_dtype: bool = False) -> tuple[bool, float | None]:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return True, None
-        worst = 0.0
-        for x, y in zip(a, b):
-            bad, d = _differs(x, y, rtol, any_dtype)
-            if bad:
-                return True, d
-            worst = max(worst, d or 0.0)
-        return False, worst
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        if a.shape != b.shape or (a.dtype != b.dtype and not (
-                any_dtype and a.is_floating_point() and b.is_floating_point())):
-            return True, None
-        if not a.is_floating_point() and not a.is_complex():
-            d = float((a != b).sum())
-            return d > 0, d
-        a64, b64 = a.double(), b.double()
-        d = float((a64 - b64).abs().max()) if a.numel() else 0.0
-        scale = float(a64.abs().max()) if a.numel() else 0.0
-        return not (d <= rtol * max(scale, 1e-6)) , d
-    return False, None
-
-
-def find_divergence(before: fx.GraphModule, after: fx.GraphModule, args: tuple, kwargs: dict,
-                    rtol: float = 1e-4, precision: torch.dtype | None = None) -> Divergence | None:
-    """Locate where ``after`` starts computing something else than ``before``.
-
-    Both graphs run on the real example inputs with the same seed, recording every node's
-    value. Walking ``after`` in graph order, the first node that also exists in ``before`` (same
-    name: passes keep the names of nodes they do not touch) and whose value differs by more than
-    ``rtol`` relative to the value's magnitude is returned, with the inputs the pass created
-    (usually the culprit). Nodes the pass created have nothing to compare with and are skipped;
-    the graph outputs are compared last. None when every compared value agrees, e.g. when only
-    gradients or the optimizer step differ. ``precision``: ``after`` computes in that 16-bit dtype
-    (its declared precision), so floating values may differ in dtype, and ``rtol`` is raised to 8
-    units of that dtype's rounding (bfloat16: 0.0625, float16: 0.0078).
-    """
-    any_dtype = precision is not None
-    if precision is not None:
-        rtol = max(rtol, 8 * torch.finfo(precision).eps)
-    old_out, old = run_graph(before, args, kwargs, record=True)
-    new_out, new = run_graph(after, args, kwargs, record=True)
-    old_names = {n.name for n in before.graph.nodes}
-    for node in after.graph.nodes:
-        if node.op == "output":
-            bad, d = _differs(list(tree_leaves(old_out)), list(tree_leaves(new_out)), rtol, any_dtype)
-            if bad:
-                return Divergence("output", d)
-            continue
-        if node.name not in old or node.name not in new:
-            continue
-        bad, d = _differs(old[node.name], new[node.name], rtol, any_dtype)
-        if bad:
-            created = tuple(a.name for a in node.all_input_nodes if a.name not in old_names)
-            return Divergence(node.name, d, created)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -523,7 +228,7 @@ class PassManager:
             raise PipelineError(f"PassManager.run takes a Captured (fxopt.capture(model, inputs)), "
                                 f"got {type(captured).__name__}")
         args, kwargs = captured.example_args, captured.example_kwargs
-        current = _quiet_deepcopy(captured.graph_module)
+        current = quiet_deepcopy(captured.graph_module)
         propagate_meta(current, args, kwargs)  # the baseline text uses the same propagation as each pass
         text = canonical_text(current)
         self._dump("00_capture.txt", text)
@@ -534,7 +239,7 @@ class PassManager:
         for i, (p, options) in enumerate(progress(self.passes, desc="optimize", unit="pass"), 1):
             label = f"{i:02d}_{p.name}"
             previous = [r.name for r in records]
-            candidate = _quiet_deepcopy(current)
+            candidate = quiet_deepcopy(current)
             ctx.begin(p.name, options, node_times)
             try:
                 gm, result, dt, new_text = self._run_one(p, candidate, ctx, previous, args, kwargs, text)
@@ -649,23 +354,12 @@ class PassManager:
         record.rolled_back = True
         div = find_divergence(before, after, args, kwargs, precision=precision)
         record.diverging_node = div.node if div else None
-        failures = "; ".join(_failure_text(f) for f in result.failures()[:3])
+        failures = "; ".join(failure_text(f) for f in result.failures()[:3])
         if len(result.failures()) > 3:
             failures += f"; ... {len(result.failures()) - 3} more"
         where = f"first diverging node {div}" if div else \
             "no forward value differs: the difference is in gradients or the optimizer step"
         record.note = f"verification failed ({failures}); {where}"
-
-
-def _failure_text(check) -> str:
-    """One failed check of a VerificationResult (TensorCheck) or of the fallback (a string)."""
-    if isinstance(check, str):
-        return check
-    name, note = getattr(check, "name", "?"), getattr(check, "note", "")
-    if note:
-        return f"{name}: {note}"
-    return f"{name}: error {getattr(check, 'cand_error', float('nan')):.3g} > allowed " \
-           f"{getattr(check, 'allowed', float('nan')):.3g}"
 
 
 def format_ms(t) -> str:

@@ -698,7 +698,7 @@ class CastMixedPrecision(Pass):
         raise MixedPrecisionError(f"mixed-precision{{dtype={d}}}: use dtype=bf16 (the default) or dtype=fp16")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        from .manager import _quiet_deepcopy, propagate_meta
+        from .graph_utils import propagate_meta, quiet_deepcopy as _quiet_deepcopy
         low = self._low(ctx.options)
         if any("val" not in n.meta for n in gm.graph.nodes if n.op in ("placeholder", "get_attr", "call_function")):
             propagate_meta(gm, ctx.example_args, ctx.example_kwargs)
@@ -723,7 +723,7 @@ class CastMixedPrecision(Pass):
 
     def _rewrite(self, gm: fx.GraphModule, ctx: PassContext, low: torch.dtype) -> tuple[PassResult, float | None]:
         """Apply the policy table to ``gm`` in place; the result and the estimated net gain (s)."""
-        from .manager import no_new_guards
+        from .graph_utils import no_new_guards
         est = _estimate(gm, ctx, low) if ctx.options.get("estimate", True) else _Estimates({}, {}, None)
         structure = _structure(gm)
         rw = _Rewriter(gm, ctx, low, est)

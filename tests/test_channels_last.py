@@ -30,7 +30,7 @@ from fxopt import zoo
 from fxopt.cost_models import load_hardware
 from fxopt.graphtext import canonical_text, unified_diff
 from fxopt.passes import PassContext, PassManager, PipelineError
-from fxopt.passes.manager import _AsModule
+from fxopt.passes.graph_utils import AsModule as _AsModule
 from fxopt.passes.rewrite import val
 
 import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)

@@ -19,7 +19,7 @@ import fxopt
 import fxopt.passes.epilogue as epilogue
 from fxopt import zoo
 from fxopt.passes import PassContext
-from fxopt.passes.manager import _AsModule
+from fxopt.passes.graph_utils import AsModule as _AsModule
 from fxopt.verify import verify
 
 import goldens  # noqa: E402  (tests/goldens.py: shared golden-file check)

@@ -250,7 +250,7 @@ def test_cost_model_folds_large_layers_full_resnet50_on_meta():
 
 def _runner(gm, model):
     """The graph module as a plain module with the model's parameter names (verify matches by name)."""
-    from fxopt.passes.manager import _AsModule
+    from fxopt.passes.graph_utils import AsModule as _AsModule
     runner = _AsModule(gm)
     assert [n for n, _ in runner.named_parameters()] == [n for n, _ in model.named_parameters()]
     return runner

@@ -29,7 +29,7 @@ from torch import nn
 import fxopt
 from fxopt.graphtext import canonical_text
 from fxopt.passes import PassManager, available
-from fxopt.passes.manager import _AsModule
+from fxopt.passes.graph_utils import AsModule as _AsModule
 from fxopt.verify import declared_precision, verify
 
 EXAMPLES = int(os.environ.get("FXOPT_FUZZ_EXAMPLES", "25"))

@@ -23,7 +23,8 @@ import fxopt.passes.mixed_precision as mp  # registers the pass
 from fxopt import models, zoo
 from fxopt.graphtext import canonical_text, unified_diff
 from fxopt.passes import Pass, PassManager, PassResult, PipelineError, register, unregister
-from fxopt.passes.manager import _AsModule, graph_precision
+from fxopt.passes.graph_utils import AsModule as _AsModule
+from fxopt.passes.manager import graph_precision
 
 # verify() deep-copies exported graph modules: torch's own TreeSpec deepcopy FutureWarning
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
