@@ -172,3 +172,555 @@ def test_ops_1d_conv_forward_and_backward_gemms():
     b = _call(torch.ops.aten.convolution_backward.default, (2, 6, 8), (2, 4, 10), (6, 4, 3), None, [1], [0], [1],
               False, [0], 1, [True, True, False])
     assert b.gemms == ((1, 20, 4, 18), (1, 6, 12, 16)) and b.kernels == 2
+
+
+# ---- layout.py ---------------------------------------------------------------------------------
+
+BF, F4 = torch.bfloat16, torch.float32
+
+
+@pytest.mark.parametrize("x,w,groups,dtype,cls", [
+    ((1, 16, 4, 4), (16, 1, 3, 3), 16, F4, "depthwise"),      # groups = C_in
+    ((1, 16, 4, 4), (32, 4, 3, 3), 4, F4, "grouped"),
+    ((1, 4, 4, 4), (16, 4, 3, 3), 1, F4, "tiny"),             # C_in 4 < 8
+    ((1, 16, 4, 4), (4, 16, 3, 3), 1, F4, "tiny"),            # C_out 4 < 8
+    ((1, 8, 4, 4), (8, 8, 3, 3), 1, F4, "dense"),             # 8 is not tiny
+    ((1, 12, 4, 4), (16, 12, 3, 3), 1, BF, "unaligned"),      # 16-bit, C_in 12
+    ((1, 16, 4, 4), (12, 16, 3, 3), 1, BF, "unaligned"),      # 16-bit, C_out 12
+    ((1, 12, 4, 4), (16, 12, 3, 3), 1, F4, "dense"),          # fp32 does not care
+    ((1, 16, 4, 4), (32, 16, 1, 1), 1, BF, "1x1"),
+    ((1, 16, 4, 4), (32, 16, 1, 3), 1, BF, "dense"),          # 1x3 is not 1x1
+])
+def test_layout_conv_class_by_hand(x, w, groups, dtype, cls):
+    from fxopt.cost_models.layout import conv_class_of
+    got, why = conv_class_of(torch.empty(x, dtype=dtype), torch.empty(w, dtype=dtype), groups)
+    assert got == cls and why
+
+
+def test_layout_precision_columns_follow_cudnn_tf32():
+    from fxopt.cost_models.layout import precision_key
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert [precision_key(d) for d in (BF, torch.float16, F4, torch.float64)] == ["16bit", "16bit", "tf32", "fp32"]
+        torch.backends.cudnn.allow_tf32 = False
+        assert precision_key(F4) == "fp32"
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+def test_layout_factor_is_the_slower_layouts_ratio():
+    from fxopt.cost_models.layout import conv_factor, layout_factor, nhwc_speedup
+    assert (layout_factor(1.8, False), layout_factor(1.8, True)) == (1.8, 1.0)
+    assert (layout_factor(0.8, False), layout_factor(0.8, True)) == (1.0, 1.25)
+    table = {"dense": {"16bit": 2.0}}
+    assert conv_factor(("dense", "16bit", False), table) == 2.0
+    assert conv_factor(("dense", "16bit", True), table) == 1.0
+    assert conv_factor(None, table) == 1.0
+    # the priors: a dense bf16 conv is 1.8x faster in NHWC, a depthwise one 0.8x
+    x = torch.empty(1, 16, 4, 4, dtype=BF)
+    assert nhwc_speedup(x, torch.empty(32, 16, 3, 3, dtype=BF)) == 1.8
+    assert nhwc_speedup(x, torch.empty(16, 1, 3, 3, dtype=BF), 16) == 0.8
+
+
+def test_layout_is_nhwc_and_conv_layout():
+    from fxopt.cost_models.layout import conv_layout, is_nhwc
+    cl = torch.empty(2, 16, 4, 4).to(memory_format=torch.channels_last)
+    assert is_nhwc(cl) and not is_nhwc(torch.empty(2, 16, 4, 4))
+    assert not is_nhwc(torch.empty(2, 16, 1, 1).to(memory_format=torch.channels_last))   # also contiguous
+    assert not is_nhwc(torch.empty(2, 16, 4))
+    w = torch.empty(32, 16, 3, 3)
+    assert conv_layout(torch.empty(2, 16, 4), torch.empty(32, 16, 3), 1) is None        # 1-D conv
+    assert conv_layout(torch.empty(2, 16, 4, 4, dtype=torch.int32), w, 1) is None        # not floating
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True
+        assert conv_layout(cl, w, 1) == ("dense", "tf32", True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
+# ---- roofline.py -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op_class,dtype,prec,expected", [
+    ("matmul", "float32", (False, True), ("fp32", "fp32")),   # torch's default: FFMA matmuls
+    ("conv", "float32", (False, True), ("tf32", "tf32")),     # ... and TF32 convs
+    ("conv", "float32", (True, False), ("fp32", "fp32")),
+    ("matmul", "float32", (True, False), ("tf32", "tf32")),
+    ("matmul", None, (False, True), ("fp32", "fp32")),
+    ("matmul", "bfloat16", (True, True), ("bf16", "bf16")),
+    ("attention", "float16", (False, False), ("fp16", "bf16")),
+    ("matmul", "float64", (True, True), ("fp64", "fp32")),     # no TF32 for doubles
+    ("matmul", "float8_e4m3fn", (False, False), ("fp8", "bf16")),
+    ("matmul", "int8", (False, False), ("fp32", "fp32")),
+])
+def test_roofline_regime_table(op_class, dtype, prec, expected):
+    from fxopt.cost_models.roofline import Precision, regime
+    assert regime(op_class, dtype, Precision(*prec)) == expected
+
+
+def test_roofline_precision_from_torch():
+    from fxopt.cost_models.roofline import Precision
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = False
+        assert Precision.from_torch() == Precision(True, False)
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = True
+        assert Precision.from_torch() == Precision(False, True)
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_roofline_peak_for_is_the_regime_peak_times_a_large_gemms_efficiency():
+    from fxopt.cost_models.roofline import Precision, peak_for
+    hw = _hw(matrix={"bf16": {**PLAIN, "k_half": 4096.0}}, kind_eff={"conv": 0.5})   # K 4096: half the rate
+    assert peak_for("matmul", "bfloat16", hw, Precision()) == pytest.approx(P * 0.5)
+    assert peak_for("conv", "bfloat16", hw, Precision()) == pytest.approx(P * 0.25)
+    assert peak_for("pointwise", "bfloat16", hw, Precision()) == 2e13            # the vector peak
+    assert peak_for("pointwise", None, hw, Precision()) == 1e13
+    assert peak_for("pointwise", "float8_e5m2", hw, Precision()) == 1e13         # no fp8 vector peak: fp32's
+
+
+def test_roofline_call_time_routes_by_class_kind_and_precision():
+    from fxopt.cost_models.roofline import Precision, call_time
+    hw = _hw(matrix={"tf32": PLAIN, "fp32": PLAIN, "bf16": PLAIN}, kind_eff={"conv": 0.5}, memory=MEM)
+    g = ((1, 128, 256, 128),)
+    tile_s = TILE * 128 / 1e13     # one tile at the bf16 peak's share of one SM
+    conv = call_time("conv", "float32", TILE * 128, 0, 1, hw, gemms=g)          # TF32 (P/2), conv kind 0.5
+    assert conv.compute_s == pytest.approx(tile_s * 2 / 0.5) and conv.latency_s == pytest.approx(3e-6)
+    ffma = call_time("conv", "float32", TILE * 128, 0, 1, hw, Precision(tf32_conv=False), gemms=g)
+    assert ffma.compute_s == pytest.approx(TILE * 128 / (1e13 / SMS) / 0.5)    # the fp32 vector peak
+    gemm = call_time("conv", "bfloat16", TILE * 128, 0, 1, hw, gemms=g, kind="gemm", factor=2.0)
+    assert gemm.compute_s == pytest.approx(2 * tile_s)
+    dw = call_time("conv", "bfloat16", 1e9, 1e6, 1, hw, kind="depthwise")       # memory-bound
+    assert dw.memory_s == pytest.approx(1e6 / (1e12 * 0.45 * 0.5)) and dw.latency_s == pytest.approx(2e-6)
+    assert dw.compute_s == pytest.approx(1e9 / 2e13)                             # at the bf16 vector peak
+    pw = call_time("pointwise", "float32", 0, 1e6, 1, hw, l2_resident=True)
+    assert pw.memory_s == pytest.approx(2e-6)
+
+
+def test_roofline_bound_names_the_largest_term():
+    from fxopt.cost_models.roofline import bound
+    assert bound(3.0, 2.0, 1.0) == "compute"
+    assert bound(1.0, 2.0, 0.0) == "memory"
+    assert bound(0.0, 1.0, 2.0) == "launch"
+    assert bound(0.0, 0.0, 0.0) == "none"
+
+
+# ---- hardware.py -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source,kind", [
+    ("fxopt calibrate on gpu0", "measured (fxopt calibrate on gpu0)"),
+    ("fitted to t.csv", "imported (fitted to t.csv)"),
+    ("datasheet", "preset t, fitted to published measurements (see cost_models/hardware/t.json)"),
+    ("", "preset t, priors only (cost_models/kernels.py)"),
+])
+def test_hardware_profile_kind(source, kind):
+    assert _hw(source=source).profile_kind() == kind
+
+
+def test_hardware_kernel_params_are_the_profiles_over_the_priors():
+    hw = _hw(matrix={"bf16": {"eff": 0.5}}, memory={"latency_s": 1e-6, "efficiency": {"norm": 0.3}},
+             kind_eff={"conv": 0.7}, host={"bwd": 1e-6})
+    assert hw.kernel_param("matrix")["bf16"]["eff"] == 0.5 and hw.kernel_param("matrix")["bf16"]["k_half"] == 128.0
+    assert hw.kernel_param("matrix")["fp32"]["eff"] == 0.80
+    mem = hw.kernel_param("memory")
+    assert (mem["latency_s"], mem["ramp_bytes"]) == (1e-6, 1e6)
+    assert (mem["efficiency"]["norm"], mem["efficiency"]["pointwise"]) == (0.3, 0.88)
+    assert hw.kernel_param("kind_eff")["conv"] == 0.7 and hw.kernel_param("kind_eff")["conv_1x1"] == 0.95
+    assert hw.kernel_param("host") == {"fwd": 6e-6, "bwd": 1e-6, "opt": 2e-6}
+
+
+def test_hardware_peaks_and_layout_table():
+    from fxopt.errors import HardwareError
+    hw = Hardware(name="t", description="", memory_bandwidth=1e12, tensor_flops={"bf16": P}, vector_flops={"fp32": 1e13},
+                  nhwc_speedup={"dense": {"16bit": 1.0}})
+    assert hw.matrix_peak("fp32") == 1e13 and hw.matrix_peak("bf16") == P and hw.bf16_peak == P
+    with pytest.raises(HardwareError, match="no tensor-core peak for fp8"):
+        hw.matrix_peak("fp8")
+    assert hw.vector_peak("fp8") == 1e13
+    table = hw.layout_table()
+    assert table["dense"] == {"16bit": 1.0, "tf32": 1.2, "fp32": 1.0} and table["1x1"]["16bit"] == 1.5
+    assert hw.to_dict()["nhwc_speedup"] == {"dense": {"16bit": 1.0}} and hw.to_dict()["name"] == "t"
+
+
+def test_hardware_load_paths_names_and_cache(tmp_path):
+    import json
+
+    from fxopt.cost_models.hardware import load_hardware, preset_path
+    from fxopt.errors import HardwareError
+    assert load_hardware(None).name == load_hardware("H100").name == "h100"
+    hw = _hw()
+    assert load_hardware(hw) is hw
+    assert preset_path(tmp_path / "x.json", tmp_path, "w", "k") == tmp_path / "x.json"   # a path: as given
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps({"name": "mine", "memory_bandwidth": 1e12, "tensor_flops": {"bf16": 1e15},
+                             "vector_flops": {"fp32": 1e13}, "not_a_field": 1}))
+    a = load_hardware(f)
+    assert a is load_hardware(str(f)) and a.description == "" and a.sm_count == 0
+    f.write_text(json.dumps({"name": "mine2", "memory_bandwidth": 2e12, "tensor_flops": {}, "vector_flops": {}}))
+    assert load_hardware(f).memory_bandwidth == 2e12                               # a new version is re-read
+    f.write_text("{not json")
+    with pytest.raises(HardwareError, match="cannot read"):
+        load_hardware(f)
+    with pytest.raises(HardwareError, match="cannot read"):
+        load_hardware(tmp_path / "absent.json")
+
+
+# ---- comm.py -----------------------------------------------------------------------------------
+
+def _cluster_json(tmp_path, **over):
+    import json
+    d = {"name": "c", "hardware": "h100", "gpus_per_node": 8,
+         "intra": {"name": "nvl", "latency_s": 2e-6, "nominal_bandwidth": 400e9, "efficiency": 0.5},
+         "inter": {"name": "ib", "latency_s": 8e-6, "nic_bandwidth": 50e9, "nics_per_node": 4, "efficiency": 0.5}}
+    d.update(over)
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(d))
+    return f
+
+
+def test_comm_cluster_json_derives_per_gpu_bandwidths(tmp_path):
+    """4 NICs of 50 GB/s shared by 8 GPUs: 25 GB/s nominal per GPU, 12.5 GB/s at efficiency 0.5;
+    NVLink 400 GB/s nominal at 0.5: 200 GB/s."""
+    from fxopt.cost_models.comm import load_cluster
+    c = load_cluster(_cluster_json(tmp_path))
+    assert (c.inter.nominal_bandwidth, c.inter.bandwidth) == (25e9, 12.5e9)
+    assert c.intra.bandwidth == 200e9 and c.gpus_per_node == 8 and c.description == ""
+    assert load_cluster(c) is c
+    one_nic_per_gpu = load_cluster(_cluster_json(tmp_path, inter={"name": "ib", "latency_s": 8e-6,
+                                                                  "nic_bandwidth": 50e9}))
+    assert (one_nic_per_gpu.inter.nominal_bandwidth, one_nic_per_gpu.inter.bandwidth) == (50e9, 50e9)
+    given = load_cluster(_cluster_json(tmp_path, intra={"name": "nvl", "latency_s": 2e-6, "bandwidth": 300e9,
+                                                        "nominal_bandwidth": 400e9, "efficiency": 0.5}))
+    assert given.intra.bandwidth == 300e9                     # an achieved bandwidth given is kept
+
+
+def test_comm_cluster_json_errors(tmp_path):
+    from fxopt.cost_models.comm import load_cluster
+    from fxopt.errors import HardwareError
+    f = _cluster_json(tmp_path)
+    f.write_text("{")
+    with pytest.raises(HardwareError, match="cannot read"):
+        load_cluster(f)
+    import json
+    f.write_text(json.dumps({"name": "c", "hardware": "h100", "gpus_per_node": 8, "intra": {}}))
+    with pytest.raises(HardwareError, match=r"lacks \['inter'\]"):
+        load_cluster(f)
+    with pytest.raises(HardwareError, match="intra lacks"):
+        load_cluster(_cluster_json(tmp_path, intra={"name": "nvl", "bandwidth": 1e9}))
+
+
+def test_comm_calibrated_line_is_used_as_fitted_for_its_group_size_only():
+    from fxopt.cost_models.comm import Cluster, Link, collective_time
+    link = Link("l", 5e-6, 100e9, by_collective={"all_reduce": {"4": {"latency_s": 1e-6, "bandwidth": 50e9}}})
+    c = Cluster("c", "", "h100", 8, link, Link("n", 1e-5, 25e9))
+    assert link.params("all_reduce", 4) == (1e-6, 50e9) and link.params("all_reduce", 8) == (5e-6, 100e9)
+    assert link.params("all_gather", 4) == (5e-6, 100e9)
+    assert link.calibrated("all_reduce", 4) and not link.calibrated("all_reduce", 8)
+    # 1 kB over 4 GPUs: tree would win (4 steps vs 6), but the calibrated line is a ring fit
+    t = collective_time("all_reduce", 1e3, 4, c)
+    assert t.algorithm == "ring" and t.time_s == pytest.approx(6 * 1e-6 + 1.5 * 1e3 / 50e9)
+    t8 = collective_time("all_reduce", 1e3, 8, c)              # not calibrated at 8: the faster, tree
+    assert t8.algorithm == "tree" and t8.time_s == pytest.approx(6 * 5e-6 + 2 * 1e3 / 100e9)
+
+
+def test_comm_one_node_is_flat_and_phases_of_hierarchical_collectives():
+    from fxopt.cost_models.comm import Cluster, Link, collective_time
+    c = Cluster("c", "", "h100", 8, Link("l", 5e-6, 100e9), Link("n", 1e-5, 25e9))
+    flat = collective_time("all_gather", 8e6, 8, c)           # exactly one node
+    assert flat.algorithm == "ring" and flat.phases == (("intra", "all_gather", "ring", 8, 8e6, flat.time_s),)
+    assert flat.time_s == pytest.approx(7 * 5e-6 + 7 / 8 * 8e6 / 100e9)
+    ag = collective_time("all_gather", 8e6, 16, c)
+    assert [(p[0], p[1], p[3], p[4]) for p in ag.phases] == [("inter", "all_gather", 2, 1e6),
+                                                             ("intra", "all_gather", 8, 8e6)]
+    rs = collective_time("reduce_scatter", 8e6, 16, c)
+    assert [(p[0], p[1], p[3], p[4]) for p in rs.phases] == [("intra", "reduce_scatter", 8, 8e6),
+                                                             ("inter", "reduce_scatter", 2, 1e6)]
+    # a small all-reduce across 4 nodes: the inter-node step picks tree (4 steps vs 6), intra stays ring
+    ar = collective_time("all_reduce", 8e3, 32, c)
+    assert ar.algorithm == "hier(tree)" and [p[2] for p in ar.phases] == ["ring", "tree", "ring"]
+    assert ar.phases[1][5] == pytest.approx(4 * 1e-5 + 2 * 1e3 / 25e9)
+    assert ar.time_s == pytest.approx(sum(p[5] for p in ar.phases))
+    assert collective_time("all_reduce", 8e3, 0, c).time_s == 0.0
+
+
+def test_comm_inter_node_time_one_gpu_per_node():
+    from fxopt.cost_models.comm import Cluster, Link, inter_node_time
+    c = Cluster("c", "", "h100", 8, Link("l", 5e-6, 100e9), Link("n", 1e-5, 25e9))
+    assert inter_node_time("all_reduce", 1e9, 1, c).time_s == 0.0
+    t = inter_node_time("all_reduce", 1e9, 4, c, algorithm="ring")
+    assert t.time_s == pytest.approx(6 * 1e-5 + 1.5 * 1e9 / 25e9) and t.phases[0][0] == "inter"
+    assert inter_node_time("all_reduce", 1e3, 2, c).time_s == pytest.approx(2 * 1e-5 + 1e3 / 25e9)  # ring = tree at 2
+
+
+def test_comm_fit_alpha_beta_clamps_alpha_and_rejects_a_negative_bandwidth():
+    from fxopt.cost_models.comm import fit_alpha_beta
+    from fxopt.errors import HardwareError
+    # time = volume x n / 1e11 - 2e-6 per step: a negative alpha fits; it is reported as 0
+    s = [("all_gather", p, n, (p - 1) / p * n / 1e11 - (p - 1) * 2e-6) for p in (2, 8) for n in (1e6, 1e8)]
+    alpha, bw = fit_alpha_beta(s)
+    assert alpha == 0.0 and bw == pytest.approx(1e11, rel=1e-6)
+    shrinking = [("all_reduce", 8, 1e6, 1e-3), ("all_reduce", 8, 1e8, 1e-4)]   # more bytes, less time
+    with pytest.raises(HardwareError, match="not positive"):
+        fit_alpha_beta(shrinking)
+
+
+# ---- fit.py ------------------------------------------------------------------------------------
+
+def test_fit_reads_neusight_tables_in_milliseconds_by_device(tmp_path):
+    from fxopt.cost_models import fit
+    f = tmp_path / "ns.csv"
+    f.write_text("OPName,Latency,Device,B,M,N,K,H\n"
+                 "bmm,0.5,A,2,64,32,16,\n"
+                 "ln,0.25,A,8,,,,1024\n"
+                 "add,1.0,B,4,,,,256\n")
+    rows = fit.read_table(f, device="A")
+    assert rows == [fit.Measurement("bmm", "float32", (2, 64, 32, 16), 5e-4, "A", "ns.csv"),
+                    fit.Measurement("layer_norm", "float32", (8, 1024), 2.5e-4, "A", "ns.csv")]
+    assert len(fit.read_table(f)) == 3
+    with pytest.raises(fit.ProfileImportError, match=r"no rows for device 'C'; it has \['A', 'B'\]"):
+        fit.read_table(f, device="C")
+
+
+def test_fit_reads_the_import_format_seconds_or_milliseconds(tmp_path):
+    from fxopt.cost_models import fit
+    f = tmp_path / "t.csv"
+    f.write_text("op,dtype,b,m,n,k,rows,cols,seconds,latency_ms,device\n"
+                 "mm,tf32,1,8,16,32,,,0.002,,g\n"
+                 "relu,bfloat16,,,,,4,64,,0.5,g\n")
+    a, b = fit.read_table(f)
+    assert a == fit.Measurement("mm", "tf32", (1, 8, 16, 32), 0.002, "g", "t.csv")
+    assert b == fit.Measurement("relu", "bfloat16", (4, 64), 5e-4, "g", "t.csv")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "has no rows"),
+    ("op,dtype,rows,cols\nadd,float32,1,2\n", "seconds"),
+    ("op,dtype,rows,cols,seconds\nadd,float64,1,2,0.1\n", "'dtype' has 'float64'"),
+    ("op,dtype,rows,cols,seconds\nadd,float32,0,2,0.1\n", "positive"),
+    ("op,dtype,rows,cols,seconds\nadd,float32,1,2,0\n", "positive"),
+    ("OPName,Device,B,H\nadd,A,1,2\n", "Latency"),
+])
+def test_fit_table_errors(tmp_path, text, match):
+    from fxopt.cost_models import fit
+    f = tmp_path / "bad.csv"
+    f.write_text(text)
+    with pytest.raises(fit.ProfileImportError, match=match):
+        fit.read_table(f)
+    with pytest.raises(fit.ProfileImportError, match="cannot read"):
+        fit.read_table(tmp_path / "absent.csv")
+
+
+def test_fit_measurement_class_and_regime():
+    from fxopt.cost_models.fit import Measurement
+    m = lambda op, dt="float32": Measurement(op, dt, (1, 1, 1, 1), 1.0)
+    assert [m(o).op_class for o in ("linear", "mm", "bmm", "layer_norm", "softmax", "add", "relu")] == \
+        ["linear", "bmm", "bmm", "layer_norm", "softmax", "elementwise", "elementwise"]
+    assert [m("mm", d).regime for d in ("float32", "tf32", "bfloat16", "float16")] == ["fp32", "tf32", "bf16", "bf16"]
+    assert m("add").regime is None and m("linear", "tf32").regime == "tf32"
+
+
+def test_fit_reads_xla_gemm_tables(tmp_path):
+    from fxopt.cost_models import fit
+    f = tmp_path / "x.csv"
+    f.write_text("b,m,n,k,dtype,flops_per_s,source\n1,64,32,16,f32,1e12,s1\n3,8,8,8,bf16,2e12,s2\n")
+    a, b = fit.read_xla_matmul(f)
+    assert (a.op, a.dtype, a.dims, a.source) == ("mm", "tf32", (1, 64, 32, 16), "s1")
+    assert a.seconds == pytest.approx(2 * 64 * 32 * 16 / 1e12)
+    assert (b.op, b.dtype) == ("bmm", "bfloat16") and b.seconds == pytest.approx(2 * 3 * 8 * 8 * 8 / 2e12)
+
+
+@pytest.mark.parametrize("op,dims,flops,read,written", [
+    ("linear", (2, 8, 16, 32), 2 * 16 * 16 * 32, (16 + 16 * 32 + 32 * 16) * 4, 16 * 16 * 4),   # bias, x, w
+    ("bmm", (3, 8, 16, 32), 2 * 3 * 8 * 16 * 32, (3 * 8 * 32 + 3 * 32 * 16) * 4, 3 * 8 * 16 * 4),
+    ("add", (4, 64), 256, 2 * 256 * 4, 256 * 4),
+    ("mulu", (4, 64), 256, 256 * 4, 256 * 4),                  # tensor x scalar: one operand read
+    ("powu", (4, 64), 256, 256 * 4, 256 * 4),
+    ("pow", (4, 64), 256, 2 * 256 * 4, 256 * 4),
+    ("gelu", (4, 64), 256, 256 * 4, 256 * 4),
+    ("softmax", (4, 64), 5 * 256, 256 * 4, 256 * 4),
+])
+def test_fit_measured_rows_become_the_aten_call_they_ran(op, dims, flops, read, written):
+    from fxopt.cost_models import fit
+    c = fit.call_cost(op, "float32", dims)
+    assert (c.flops, c.bytes_read, c.bytes_written, c.kernels) == (flops, read, written, 1)
+
+
+def test_fit_layer_norm_row_and_linear_gemm():
+    from fxopt.cost_models import fit
+    ln = fit.call_cost("layer_norm", "bfloat16", (4, 64))
+    # reads x (bf16) + weight and bias; writes y and a mean and rstd per row (bf16 on the CPU fake kernel)
+    assert (ln.op, ln.flops, ln.bytes_read) == ("native_layer_norm", 8 * 256, 256 * 2 + 2 * 64 * 2)
+    assert ln.bytes_written == 256 * 2 + 2 * 4 * 2
+    assert fit.call_cost("linear", "float32", (2, 8, 16, 32)).gemms == ((1, 16, 16, 32),)
+
+
+def test_fit_predict_uses_tf32_only_for_tf32_rows():
+    """mm 128x128 @ 128x256: FFMA at 1e13/132 per SM takes TILE*128*132/1e13; TF32 (P/2) would be
+    memory-bound: 327,680 bytes at 0.25 x 1 TB/s, ramp 327680 / 1327680."""
+    from fxopt.cost_models import fit
+    hw = _hw(matrix={"fp32": PLAIN, "tf32": PLAIN}, memory=MEM)
+    fp32 = fit.predict(fit.Measurement("mm", "float32", (1, 128, 256, 128), 1.0), hw)
+    assert fp32 == pytest.approx(TILE * 128 * SMS / 1e13 + 3e-6)
+    tf32 = fit.predict(fit.Measurement("mm", "tf32", (1, 128, 256, 128), 1.0), hw)
+    assert tf32 == pytest.approx(1327680 / 2.5e11 + 3e-6)
+    rows = [fit.Measurement("mm", "float32", (1, 128, 256, 128), fp32 * 2),
+            fit.Measurement("mm", "float32", (1, 128, 256, 128), fp32 / 2)]
+    assert fit.mape(rows, hw) == pytest.approx((0.5 + 1.0) / 2)
+    assert fit._loss(rows, hw) == pytest.approx(math.log(2))
+    assert fit.mape([], hw) == 0.0
+
+
+def test_fit_split_shares():
+    from fxopt.cost_models import fit
+    rows = [fit.Measurement("add", "float32", (r, 8), 1.0) for r in range(1, 60)]
+    assert fit.split(rows, test_share=0.0) == (rows, [])
+    assert fit.split(rows, test_share=1.0) == ([], rows)
+    a, b = fit.split(rows)
+    assert 0.1 < len(b) / len(rows) < 0.5 and len(a) + len(b) == len(rows)
+
+
+def test_fit_with_params_merges_sections():
+    from fxopt.cost_models import fit
+    hw = _hw(matrix={"fp32": {"eff": 0.5}}, memory={"latency_s": 1e-6, "efficiency": {"norm": 0.3}}, host={"fwd": 1e-6})
+    m = fit.with_params(hw, "matrix", {"k_half": 7.0}, "bf16")
+    assert m.kernel_model["matrix"] == {"fp32": {"eff": 0.5}, "bf16": {"k_half": 7.0}}
+    m2 = fit.with_params(m, "matrix", {"eff": 0.9}, "bf16")
+    assert m2.kernel_model["matrix"]["bf16"] == {"k_half": 7.0, "eff": 0.9} and m.kernel_model["matrix"]["bf16"] == {"k_half": 7.0}
+    mem = fit.with_params(hw, "memory", {"ramp_bytes": 5.0, "efficiency": {"softmax": 0.4}})
+    assert mem.kernel_model["memory"] == {"latency_s": 1e-6, "ramp_bytes": 5.0,
+                                          "efficiency": {"norm": 0.3, "softmax": 0.4}}
+    assert mem.kernel_model["host"] == {"fwd": 1e-6} and hw.kernel_model["memory"]["efficiency"] == {"norm": 0.3}
+
+
+def test_fit_nelder_mead_finds_a_quadratics_minimum_and_values_round_to_4_digits():
+    from fxopt.cost_models import fit
+    x = fit._nelder_mead(lambda p: (p[0] - 3) ** 2 + 2 * (p[1] + 1) ** 2 + 5, [0.0, 0.0], [1.0, 1.0], 200)
+    assert x == pytest.approx([3.0, -1.0], abs=1e-4)
+    assert fit._round(0.123456) == 0.1235 and fit._round(123456.0) == 123500.0
+
+
+def test_fit_sections_without_rows_and_bounds():
+    from fxopt.cost_models import fit
+    hw = _hw(matrix={"fp32": PLAIN}, memory=MEM)
+    mm = [fit.Measurement("mm", "float32", (1, 128, 256, 128), 1.0)]
+    assert fit.fit_matrix(mm, hw, "bf16") == {} and fit.fit_memory(mm, hw) == {}
+    # one row 10x slower than any eff in bounds explains: eff is clamped to its lower bound 0.05
+    slow = [fit.Measurement("mm", "float32", (1, 128, 256, 128), 10 * TILE * 128 * SMS / 1e13 / 0.05)]
+    assert fit.fit_matrix(slow, hw, "fp32", iters=40, names=["eff"]) == {"eff": 0.05}
+
+
+def test_fit_memory_skips_latency_and_ramp_without_small_kernels():
+    """Only 8 MB kernels (>= 4 MiB): the efficiency of their class is fitted, latency and ramp kept."""
+    from fxopt.cost_models import fit
+    hw = _hw(memory=MEM)
+    big = fit.Measurement("relu", "float32", (1024, 1024), 1.0)   # 4 MiB in + 4 MiB out
+    truth = fit.with_params(hw, "memory", {"efficiency": {"pointwise": 0.4}})
+    rows = [fit.Measurement("relu", "float32", (1024, 1024), fit.predict(big, truth))]
+    got = fit.fit_memory(rows, hw, iters=60)
+    assert set(got) == {"efficiency"} and got["efficiency"]["pointwise"] == pytest.approx(0.4, rel=1e-3)
+
+
+def test_fit_profile_sets_the_source_and_device_files(tmp_path):
+    import json
+
+    from fxopt.cost_models import fit
+    hw = _hw(memory=MEM)
+    out = fit.fit_profile([], hw, "fitted to nothing")
+    assert out.kernel_model == {"memory": MEM, "source": "fitted to nothing"}
+    f = tmp_path / "dev.json"
+    f.write_text(json.dumps({"Device": "X", "SingleFLOPs": 1000, "Mem_Bw": 2000, "Num_Sm": 10, "L2Cache": 40,
+                             "Dev_Mem": 80}))
+    d = fit.device_hardware(f)
+    assert (d.name, d.memory_bandwidth, d.vector_flops, d.sm_count) == ("X", 2e12, {"fp32": 1e12}, 10)
+    assert d.tensor_flops == {"tf32": 1e12, "bf16": 1e12, "fp16": 1e12}
+    assert (d.l2_bytes, d.memory_bytes) == (40 * 2 ** 20, 80 * 2 ** 30) and "dev.json" in d.source
+
+
+def test_kernels_priors_are_physically_plausible():
+    """What a profile lacks falls back to these: efficiencies are shares of a peak (0, 1], latencies
+    a few microseconds, tiles multiples of 64 that fit the 128x256 CTA budget, alignment a power of 2."""
+    for p in kernels.DEFAULT_MATRIX.values():
+        assert 0 < p["eff"] <= 1 and 0 < p["misaligned"] <= 1 and 0 < p["k_half"] <= 512 and 0 <= p["reuse"] <= 16
+        assert 1e-6 <= p["latency_s"] <= 1e-5 and 1e12 <= p["reduce_bw"] <= 1e14
+        assert p["align"] in (1, 2, 4, 8, 16)
+        assert all(tm % 64 == 0 and tn % 64 == 0 and tm * tn <= 128 * 256 for tm, tn in p["tiles"])
+    assert all(0 < e <= 1 for e in kernels.DEFAULT_KIND_EFF.values()) and kernels.DEFAULT_KIND_EFF["gemm"] == 1.0
+    mem = kernels.DEFAULT_MEMORY
+    assert 1e-6 <= mem["latency_s"] <= 1e-5 and 1e4 <= mem["ramp_bytes"] <= 1e8 and 1 < mem["l2_speedup"] <= 3
+    assert set(mem["efficiency"]) == set(kernels.MEMORY_CLASSES)
+    assert all(0 < e <= 1 for e in mem["efficiency"].values())
+    assert all(1e-7 <= s <= 1e-4 for s in kernels.DEFAULT_HOST.values())
+    assert kernels.SYMBOL_HINT >= 1
+
+
+# ---- trace.py ----------------------------------------------------------------------------------
+
+def _captured(model, *inputs):
+    from fxopt.capture import capture
+    return capture(model, inputs).graph_module
+
+
+def test_trace_errors_name_what_to_do():
+    from fxopt.cost_models.trace import trace_step
+    from fxopt.errors import AnalysisError
+    gm = _captured(torch.nn.Linear(4, 3), torch.randn(2, 4))
+    with pytest.raises(AnalysisError, match=r"unknown optimizer 'lion'; known: \['adamw', 'sgd'\]"):
+        trace_step(gm, optimizer="lion")
+    with pytest.raises(AnalysisError, match="training=False"):   # no parameters: nothing needs a gradient
+        trace_step(_captured(torch.nn.ReLU(), torch.randn(2, 4)))
+
+
+def test_trace_phases_params_and_saved_activations():
+    """Linear(4, 3) then ReLU on a [2, 4] input: 15 parameters; the backward saves the input x
+    (addmm's mat1, 2 x 4 fp32 = 32 bytes) and ReLU's output (2 x 3 = 24 bytes); weights are not
+    activations."""
+    from fxopt.cost_models.trace import OPTIMIZER_NODE, trace_step
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    gm = _captured(model, torch.randn(2, 4))
+    t = trace_step(gm)
+    assert t.params == 15
+    assert sorted(t.saved_bytes.values()) == [24, 32] and sum(t.saved_bytes.values()) == 56
+    phases = {r.phase for r in t.records}
+    assert phases == {"fwd", "bwd", "opt"}
+    assert {r.node for r in t.records if r.phase == "opt"} == {OPTIMIZER_NODE}
+    assert all(r.node != OPTIMIZER_NODE for r in t.records if r.phase != "opt")
+    assert any(r.cost.op == "addmm" for r in t.records if r.phase == "fwd")
+    assert any(r.cost.op == "mm" for r in t.records if r.phase == "bwd")
+    no_opt = trace_step(gm, optimizer=None)
+    assert {r.phase for r in no_opt.records} == {"fwd", "bwd"}
+    ev = trace_step(gm, training=False)
+    assert {r.phase for r in ev.records} == {"fwd"} and ev.params == 0 and ev.saved_bytes == {}
+
+
+def test_trace_dtype_casts_parameters_and_inputs_but_not_buffers():
+    """bf16 costing: the conv's input and weight are bf16; batch norm's running stats stay fp32."""
+    from fxopt.cost_models.trace import trace_step
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+    t = trace_step(_captured(model, torch.randn(2, 3, 6, 6)), dtype=torch.bfloat16, optimizer=None)
+    conv = next(r.cost for r in t.records if r.cost.op == "convolution")
+    assert conv.dtype == "bfloat16"
+    assert conv.bytes_read == (2 * 3 * 6 * 6 + 8 * 3 * 3 * 3 + 8) * 2
+    bn = next(r.cost for r in t.records if r.cost.op_class == "norm" and r.phase == "fwd")
+    # x (bf16, 2x8x4x4) read twice (training statistics pass), weight/bias bf16, running mean/var fp32
+    assert bn.bytes_read == 2 * (2 * 8 * 4 * 4 * 2) + 2 * 8 * 2 + 2 * 8 * 4
+
+
+def test_trace_tied_weights_are_one_parameter():
+    from fxopt.cost_models.trace import trace_step
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    t = trace_step(_captured(Tied(), torch.randn(2, 4)))
+    assert t.params == 16
