@@ -16,7 +16,8 @@ from fxopt.cli import main
 from fxopt.workloads.data import teacher_outputs
 from fxopt.errors import FxoptError
 from fxopt.study.explore import ExploreError, explore, propose
-from fxopt.study.explore_rules import RULES, Rule, SdpaAttention, rule_names
+from fxopt.render.html import html_report
+from fxopt.study.explore_rules import RULES, Rule, SdpaAttention, TopKMoE, rule_names
 
 
 def lin(i, o, bias=True):
@@ -62,6 +63,48 @@ def resnet_stem_host():
     """A ResNet stem (7x7/2 conv, BN, ReLU, 3x3/2 max-pool) and a 1x1 head."""
     return seq(seq(nn.Conv2d(3, 8, 7, 2, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
                nn.Conv2d(8, 4, 1))
+
+
+class CatFuse(nn.Module):
+    """A feature-fusion block in the usual style: concat the branches along channels, conv, BN, ReLU."""
+
+    def __init__(self, widths=(8, 8), out=4, k=1):
+        super().__init__()
+        self.proj = nn.Conv2d(sum(widths), out, k, padding=k // 2)
+        self.bn = nn.BatchNorm2d(out)
+        self.act = nn.ReLU()
+
+    def forward(self, feats):
+        return self.act(self.bn(self.proj(torch.cat(feats, 1))))
+
+
+class CatResidual(CatFuse):
+    """A look-alike: concat + 1x1 conv, plus a residual of the first branch (not tail(conv(cat)))."""
+
+    def forward(self, feats):
+        return self.act(self.bn(self.proj(torch.cat(feats, 1)))) + feats[0][:, :4]
+
+
+class TwoBranch(nn.Module):
+    """Two conv branches of an image fused by ``fuse``."""
+
+    def __init__(self, fuse=None, wb=8):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, wb, 1)
+        self.fuse = fuse or CatFuse((8, wb))
+
+    def forward(self, x):
+        return self.fuse([self.a(x), self.b(x)])
+
+
+def moe_host(experts=4, top_k=2, cf=1.25, hidden=64):
+    return Tokens(TopKMoE(32, hidden, experts, top_k, cf))
+
+
+def moe_params(experts, hidden, d=32):
+    """Router (no bias) + experts Linear(d, h) -> Linear(h, d), by hand."""
+    return d * experts + experts * (lin(d, hidden) + lin(hidden, d))
 
 
 def depth_width_expected(n=4, d=32, mlp=64):
@@ -112,6 +155,12 @@ CASES = {
                        lin(8, 4)),
     "upsample-nearest": (lambda: up_host("bilinear"), IMG, lambda: up_host("nearest"), 0),
     "upsample-convT": (lambda: up_host("bilinear"), IMG, lambda: up_host("nearest"), 8 * 2 * 2),
+    "concat-to-add": (TwoBranch, IMG, lambda: TwoBranch(CatFuse(k=3)), lin(16, 4) + 2 * 4),
+    "concat-to-sum": (TwoBranch, IMG, lambda: TwoBranch(CatFuse((8, 4)), wb=4), lin(8, 4) + 2 * 4),
+    "moe-top1": (moe_host, T, lambda: moe_host(top_k=1), moe_params(4, 64)),
+    "moe-capacity": (moe_host, T, lambda: moe_host(cf=1.0), moe_params(4, 64)),
+    "moe-fewer-experts": (moe_host, T, lambda: moe_host(experts=2), moe_params(2, 128)),
+    "moe-more-experts": (moe_host, T, lambda: moe_host(hidden=40), moe_params(8, 32)),
     "round-width": (lambda: Tokens(zoo.Mlp(32, 100)), T, lambda: Tokens(zoo.Mlp(32, 128)), lin(32, 128) + lin(128, 32)),
     "depth-width": (lambda: Tokens(seq(*(zoo.EncoderBlock(32, 2, 64) for _ in range(4)))), T,
                     lambda: Tokens(seq(*(zoo.EncoderBlock(32, 2, 64) for _ in range(3)))), depth_width_expected()),
@@ -353,3 +402,103 @@ def test_cli_explore_json(capsys):
     assert main(["explore", "vit_b16", "--tiny", "--rules", "gelu-relu,mqa", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {c["rule"] for c in data["candidates"]} == {"gelu-relu", "mqa"}
+
+
+# ---------------------------------------------------------------------------------------------
+# mixture of experts and concat + 1x1 fusion
+
+
+def moe_reference(moe: TopKMoE, x: torch.Tensor) -> torch.Tensor:
+    """TopKMoE by brute force, token by token: choices in rank order (all first choices, then all
+    second ones), each taking its expert's next free place while fewer than C are taken."""
+    x = x.reshape(-1, x.shape[-1])
+    n, e, k = x.shape[0], len(moe.experts), moe.top_k
+    cap = math.ceil(moe.capacity_factor * n * k / e)
+    probs = torch.softmax(x @ moe.router.weight.t(), -1)
+    ranked = [sorted(range(e), key=lambda j: -probs[t, j].item())[:k] for t in range(n)]
+    taken, out = [0] * e, torch.zeros(n, moe.experts[0].fc2.out_features, dtype=x.dtype)
+    for r in range(k):
+        for t in range(n):
+            j = ranked[t][r]
+            if taken[j] < cap:
+                taken[j] += 1
+                out[t] += probs[t, j] * moe.experts[j](x[t:t + 1])[0]
+    return out
+
+
+@pytest.mark.parametrize("top_k,cf", [(2, 1.25), (1, 1.0), (2, 0.5)])
+def test_moe_layer_matches_a_token_by_token_reference(top_k, cf):
+    torch.manual_seed(0)
+    moe = TopKMoE(8, 16, experts=4, top_k=top_k, capacity_factor=cf).double()
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    torch.testing.assert_close(moe(x).reshape(30, -1), moe_reference(moe, x))
+    assert moe.capacity(30) == math.ceil(cf * 30 * top_k / 4)
+    with pytest.raises(FxoptError, match="top_k"):
+        TopKMoE(8, 16, experts=2, top_k=3)
+
+
+def test_moe_regrouped_experts_start_as_averages():
+    """fewer experts: new expert j = the mean of old experts 2j, 2j+1; more experts: a pair of halves
+    averages to the old expert. Router rows: pair means / duplicates."""
+    torch.manual_seed(0)
+    host = moe_host()
+    x = torch.randn(5, 32)
+    old = host.body
+    fewer = propose(host, _inputs(T), rules="moe-fewer-experts")[0].transform(copy.deepcopy(host)).body
+    more = propose(host, _inputs(T), rules="moe-more-experts")[0].transform(copy.deepcopy(host)).body
+    with torch.no_grad():
+        torch.testing.assert_close(fewer.experts[1](x), (old.experts[2](x) + old.experts[3](x)) / 2)
+        torch.testing.assert_close((more.experts[6](x) + more.experts[7](x)) / 2, old.experts[3](x))
+    torch.testing.assert_close(fewer.router.weight[1], old.router.weight[2:4].mean(0))
+    assert torch.equal(more.router.weight[6], old.router.weight[3]) and more.experts[0].fc1.out_features == 32
+
+
+def test_moe_costs_come_from_the_cost_model():
+    """top-1 halves the expert buffers (32 tokens: C = ceil(1.25 * 32 * k / 4) = 20 -> 10 rows per
+    expert): the candidate's FLOPs drop by the experts' GEMMs on 4 x 10 rows, by hand: fc1 (32 -> 64)
+    forward and weight grad (the tokens are model inputs: no input grad), fc2 (64 -> 32) forward,
+    input and weight grads; 2 FLOPs per multiply-add. The rest (bias, GELU) is within 5 %."""
+    torch.manual_seed(0)
+    res = explore(moe_host(), _inputs(T), rules="moe-top1,moe-capacity")
+    top1, cap = res["moe-top1@body"], res["moe-capacity@body"]
+    gemm_per_row = 2 * 2 * 32 * 64 + 3 * 2 * 64 * 32
+    assert res.baseline["flops"] - top1.flops == pytest.approx(4 * 10 * gemm_per_row, rel=0.05)
+    # capacity 1.25 -> 1.0: C = 20 -> 16 rows per expert
+    assert res.baseline["flops"] - cap.flops == pytest.approx(4 * 4 * gemm_per_row, rel=0.05)
+    assert top1.step_time_s < res.baseline["step_time_s"] and top1.params == res.baseline["params"]
+
+
+def test_concat_fusion_matches_only_the_cat_conv_structure():
+    torch.manual_seed(0)
+    x = _inputs(IMG)
+    # unequal branch widths: the exact split still applies, the sum does not
+    assert [c.rule for c in propose(TwoBranch(CatFuse((8, 4)), wb=4), x, rules="fusion")] == ["concat-to-add"]
+    assert propose(TwoBranch(CatResidual()), x, rules="fusion") == []  # not tail(conv(cat)): checked numerically
+    res = explore(TwoBranch(), x, rules="concat-to-add")
+    c = res.candidates[0]
+    assert c.exact and c.verified and c.status == "ok", c.reason
+    host = TwoBranch().eval()
+    real = c.transform(copy.deepcopy(host))
+    assert real.state_dict().keys() == host.state_dict().keys()
+    torch.testing.assert_close(real(x[0]), host(x[0]))
+
+
+def test_html_report_carries_the_explore_section(tmp_path):
+    torch.manual_seed(0)
+    res = explore(moe_host(), _inputs(T), rules="moe-top1,moe-capacity")
+    doc = res.html(tmp_path / "explore.html")
+    assert (tmp_path / "explore.html").read_text() == doc
+    section = doc[doc.index("<section id='explore'>"):]
+    assert '<section id="summary">' in doc  # the model's own report around it
+    for c in res.candidates:
+        row = section[section.index(c.name):].split("</tr>")[0]
+        assert f"{c.step_time_s * 1e3:.4g}" in row and f"{c.speedup:.3f}x" in row
+    assert f"{res.baseline['step_time_s'] * 1e3:.4g}" in section
+    assert "<section id='explore'>" not in html_report(res.report, lint=None)
+
+
+def test_cli_explore_html(tmp_path, capsys):
+    path = tmp_path / "r.html"
+    assert main(["explore", "vit_b16", "--tiny", "--rules", "gelu-relu", "--html", str(path)]) == 0
+    assert "gelu-relu@blocks.0.mlp.act" in capsys.readouterr().out
+    assert "gelu-relu@blocks.0.mlp.act" in path.read_text()

@@ -470,14 +470,15 @@ def _sweep(sw) -> str:
 
 
 def html_report(report: GraphReport, path: str | Path | None = None, *, optimized=None, lint="auto", model=None,
-                inputs=None, scaling=None, sweep=None, title: str | None = None, top: int = 15, depth: int = 1,
-                plot_by: str = "node") -> str:
+                inputs=None, scaling=None, sweep=None, explore=None, title: str | None = None, top: int = 15,
+                depth: int = 1, plot_by: str = "node") -> str:
     """Render ``report`` (a concrete GraphReport) as one self-contained HTML page; write it to ``path``.
 
     ``optimized``: an OptimizedModule (or its ``.report``) for pass-by-pass deltas. ``lint``: a
     LintReport, None (no lint section), or "auto": when ``fxopt.lint`` exists, lint ``model`` on
     ``inputs`` if given (all rules), else the report (rules that need no graph). ``scaling`` /
-    ``sweep``: a ScalingReport / SweepResult to include.
+    ``sweep``: a ScalingReport / SweepResult to include. ``explore``: an ExploreResult (its ranked
+    architecture candidates).
     """
     if not isinstance(report, GraphReport):
         raise AnalysisError(f"html_report() renders a GraphReport (from fxopt.analyze), got {type(report).__name__}")
@@ -497,6 +498,8 @@ def html_report(report: GraphReport, path: str | Path | None = None, *, optimize
         sections.append(_scaling(scaling))
     if sweep is not None:
         sections.append(_sweep(sweep))
+    if explore is not None:
+        sections.append(explore.html_section(top))
     mode = "training step" if report.training else "forward"
     blob = json.dumps(data).replace("</", "<\\/")  # raw text inside <script>: only "</" must not appear
     doc = f"""<!DOCTYPE html>

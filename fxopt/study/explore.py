@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..analyze import UnknownOpWarning, analyze
 from ..capture import normalize_inputs
@@ -131,6 +132,7 @@ class ExploreResult:
     elapsed_s: float
     ablation: object = None    # fxopt.AblationResult when ablate= was given
     ablation_settings: dict | None = None
+    report: object = field(default=None, repr=False)  # the original's GraphReport (for html())
 
     def __getitem__(self, name: str) -> Candidate:
         for c in self.candidates:
@@ -193,6 +195,13 @@ class ExploreResult:
         table, notes = self.table(top, tablefmt="html").split("\n\n", 1)
         return (f"<section id='explore'><h2>Architecture candidates of {html.escape(self.model)} (predicted)</h2>\n"
                 f"{table}\n<pre>{html.escape(notes)}</pre></section>")
+
+    def html(self, path=None, top: int | None = 10) -> str:
+        """fxopt's HTML report of the original (summary, hottest blocks, roofline, ...) with this
+        section in it; written to ``path`` when given."""
+        from ..render.html import html_report
+        return html_report(self.report, path, lint=None, explore=self, top=top or 15,
+                           title=f"fxopt explore: {self.model}")
 
     def __repr__(self) -> str:
         return f"<ExploreResult {self.model}: {len(self.candidates)} candidates>\n{self.table()}"
@@ -448,8 +457,8 @@ class _Probe(nn.Module):
     def __init__(self, block: nn.Module, args: tuple, kwargs: dict):
         super().__init__()
         self.block = block
-        self.names = [None] * len(args) + list(kwargs)
-        flat = list(args) + list(kwargs.values())
+        flat, spec = tree_flatten((tuple(args), dict(kwargs)))  # tensors inside lists count too
+        self.unflatten = lambda vals: tree_unflatten(vals, spec)  # a function: deep copies share it
         self.tensor = [isinstance(t, torch.Tensor) for t in flat]
         self.consts = [None if is_t else t for t, is_t in zip(flat, self.tensor)]
         self.grad = [is_t and t.requires_grad for t, is_t in zip(flat, self.tensor)]
@@ -457,14 +466,13 @@ class _Probe(nn.Module):
         self.scale = nn.Parameter(torch.ones((), device=dev))
 
     def inputs(self, args: tuple, kwargs: dict) -> tuple:
-        return tuple(t.detach() for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor))
+        return tuple(t.detach() for t in tree_flatten((tuple(args), dict(kwargs)))[0] if isinstance(t, torch.Tensor))
 
     def forward(self, *tensors):
         it = iter(tensors)
         vals = [(next(it) * self.scale if g else next(it)) if is_t else c
                 for is_t, g, c in zip(self.tensor, self.grad, self.consts)]
-        args = [v for v, n in zip(vals, self.names) if n is None]
-        kwargs = {n: v for v, n in zip(vals, self.names) if n is not None}
+        args, kwargs = self.unflatten(vals)
         return self.block(*args, **kwargs)
 
 
@@ -610,8 +618,7 @@ def _verify(rule: Rule, recorded: dict[str, Site], paths: list[str]) -> tuple[bo
         except Exception as exc:
             return False, f"{path}: building on the CPU failed: {type(exc).__name__}: {exc}"
         cand = copy.deepcopy(cand)  # the rule may share submodules with the original
-        args = tuple(_probe(a) for a in rec.args)
-        kwargs = {k: _probe(v) for k, v in (rec.kwargs or {}).items()}
+        args, kwargs = tree_map(_probe, (tuple(rec.args), dict(rec.kwargs or {})))
         if args and kwargs:
             return False, f"{path}: called with positional and keyword inputs, which fxopt.verify cannot replay"
         # fxopt.verify puts every module in one mode: a site with a frozen (eval) submodule inside a
@@ -731,7 +738,7 @@ def explore(model: nn.Module, inputs, hardware="h100", rules="all", ablate: dict
     candidates = [c for c, _ in candidates]
 
     result = ExploreResult(label, str(getattr(base_report.hardware, "name", hardware)), base, [], not_applicable,
-                           dict(UNCOVERED), 0.0)
+                           dict(UNCOVERED), 0.0, report=base_report)
     if settings is not None:
         picked = _pick(candidates, settings)
         if settings["combine"]:
@@ -869,6 +876,7 @@ def add_cli(sub) -> None:
     e.add_argument("--ablate-batch", type=int, default=8)
     e.add_argument("--top", type=int, default=10, help="rows of the table")
     e.add_argument("--format", choices=["table", "md", "json"], default="table")
+    e.add_argument("--html", metavar="PATH", help="also write fxopt's HTML report of the model with the candidates")
     e.set_defaults(func=cmd_explore)
 
 
@@ -887,4 +895,7 @@ def cmd_explore(args) -> int:
         print(res.to_json())
     else:
         print(res.table(args.top, tablefmt="github" if args.format == "md" else "simple"))
+    if args.html:
+        res.html(args.html, top=args.top)
+        print(f"wrote {args.html}", file=sys.stderr)
     return 0

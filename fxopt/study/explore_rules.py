@@ -21,10 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..workloads.zoo import LayerNorm2d
+from ..errors import ModelSpecError
+from ..workloads.zoo import LayerNorm2d, Mlp
 
 __all__ = ["Rule", "Site", "RULES", "rule_names", "attention_spec", "AttentionSpec", "SdpaAttention",
-           "RMSNorm2d", "FoldedConvBN", "Conv1x1AsLinear", "Downscale", "UNCOVERED"]
+           "RMSNorm2d", "FoldedConvBN", "Conv1x1AsLinear", "Downscale", "UNCOVERED", "TopKMoE", "MoESpec",
+           "moe_spec", "BranchFusion", "FusionSpec", "fusion_spec"]
 
 
 @dataclass
@@ -685,6 +687,293 @@ def _params_depth_width(m: nn.Module, site: Site) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# mixture-of-experts routing
+
+
+class TopKMoE(nn.Module):
+    """Token-choice top-k mixture of experts with a capacity (GShard/Switch style), written in fixed
+    shapes so that torch.export captures it and the cost model costs what a padded-capacity
+    implementation runs: the router GEMM and softmax, top-k, each token copy scattered into its
+    expert's buffer of ``C = ceil(capacity_factor * tokens * top_k / experts)`` rows (copies past C
+    are dropped: they add nothing), every expert MLP on all its C rows (padding included), a gather
+    back, weighted by the router probability (not renormalized, so the router also learns at top-1)
+    and summed over the k choices. All tokens' first choices take buffer places before second
+    choices. No auxiliary load-balancing loss: add one to your loss if you train with it."""
+
+    def __init__(self, dim: int, hidden: int, experts: int = 8, top_k: int = 2, capacity_factor: float = 1.25,
+                 out: int | None = None, router_bias: bool = False):
+        super().__init__()
+        if not 1 <= top_k <= experts or capacity_factor <= 0:
+            raise ModelSpecError(f"TopKMoE needs 1 <= top_k <= experts and capacity_factor > 0, got top_k={top_k}, "
+                                 f"experts={experts}, capacity_factor={capacity_factor}")
+        self.top_k, self.capacity_factor = top_k, capacity_factor
+        self.router = nn.Linear(dim, experts, bias=router_bias)
+        self.experts = nn.ModuleList(Mlp(dim, hidden, out) for _ in range(experts))
+
+    def extra_repr(self) -> str:
+        return f"experts={len(self.experts)}, top_k={self.top_k}, capacity_factor={self.capacity_factor:g}"
+
+    def capacity(self, tokens: int) -> int:
+        return max(1, math.ceil(self.capacity_factor * tokens * self.top_k / len(self.experts)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, d = x.shape[:-1], x.shape[-1]
+        x = x.reshape(-1, d)
+        n, e, k = x.shape[0], len(self.experts), self.top_k
+        cap = self.capacity(n)
+        weight, idx = self.router(x).softmax(-1).topk(k, dim=-1)            # (n, k)
+        choice = idx.t().reshape(-1)                                         # (k n,): first choices first
+        onehot = (choice[:, None] == torch.arange(e, device=x.device)).long()
+        pos = (onehot.cumsum(0) * onehot).sum(-1) - 1                        # place in the expert's buffer
+        slot = torch.where(pos < cap, choice * cap + pos, e * cap)           # e * cap: the dropped copies' row
+        buf = x.new_zeros(e * cap + 1, d).index_add(0, slot, x.repeat(k, 1))
+        outs = [expert(buf[i * cap:(i + 1) * cap]) for i, expert in enumerate(self.experts)]
+        y = torch.cat(outs + [outs[0].new_zeros(1, outs[0].shape[-1])])[slot] * weight.t().reshape(-1, 1)
+        return y.view(k, n, -1).sum(0).reshape(*lead, -1)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """What the MoE rules need to know about a mixture-of-experts module."""
+
+    router: str       # the router Linear's attribute name
+    dim: int
+    hidden: int
+    out: int
+    experts: int
+    top_k: int
+    capacity_factor: float | None
+    router_bias: bool
+    bias1: bool
+    bias2: bool
+
+
+def moe_spec(m: nn.Module) -> MoESpec | None:
+    """A mixture-of-experts module the MoE rules can change: a Linear ``router`` (or ``gate``) with
+    one output per expert, a ModuleList ``experts`` of identical MLPs (fc1/fc2 children), an int
+    ``top_k`` that its forward reads, optionally a number ``capacity_factor``. The rules set these
+    attributes on a copy or regroup its experts, so a forward that reads them (like TopKMoE's) keeps
+    working; explore runs every rebuilt module on the recorded inputs before costing it."""
+    name = next((n for n in ("router", "gate") if isinstance(getattr(m, n, None), nn.Linear)), None)
+    experts, k = getattr(m, "experts", None), getattr(m, "top_k", None)
+    if name is None or not isinstance(experts, nn.ModuleList) or len(experts) < 2 or type(k) is not int:
+        return None
+    mlps = [_mlp(e) for e in experts]
+    router = getattr(m, name)
+    if any(p is None for p in mlps) or router.out_features != len(experts) or "top_k" not in _forward_source(m):
+        return None
+    dims = {(a.in_features, a.out_features, b.out_features, a.bias is not None, b.bias is not None) for a, b in mlps}
+    if len(dims) != 1:
+        return None
+    d, h, o, b1, b2 = dims.pop()
+    cf = getattr(m, "capacity_factor", None)
+    cf = float(cf) if isinstance(cf, (int, float)) and not isinstance(cf, bool) else None
+    return MoESpec(name, d, h, o, len(experts), k, cf, router.bias is not None, b1, b2)
+
+
+MOE_CAPACITY = 1.0  # capacity factor of the moe-capacity rule
+
+
+def _moe(site: Site) -> MoESpec | None:
+    return moe_spec(site.module)
+
+
+def _with(m: nn.Module, **attrs) -> nn.Module:
+    import copy
+    new = copy.deepcopy(m)
+    for k, v in attrs.items():
+        setattr(new, k, v)
+    return new
+
+
+def _linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
+    with torch.device(w.device):
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, dtype=w.dtype)
+    _copy_(lin.weight, w)
+    if b is not None:
+        _copy_(lin.bias, b)
+    return lin
+
+
+def _regroup(m: nn.Module, merge: bool) -> nn.Module:
+    """A copy of MoE ``m`` with its experts merged in pairs (E/2 experts of hidden 2h; expert j is the
+    average of old experts 2j and 2j+1 at init: fc1 rows stacked, fc2 columns stacked and halved, fc2
+    bias averaged; router row j = the mean of rows 2j and 2j+1) or each split in two (2E experts of
+    hidden h/2: units [:h/2] and [h/2:], fc2 columns doubled so that a pair averages to the old
+    expert; router rows duplicated). The same expert parameters either way (fc2 biases aside)."""
+    import copy
+    s = moe_spec(m)
+    router = getattr(m, s.router)
+    n = s.experts // 2 if merge else 2 * s.experts
+    new = copy.deepcopy(m)
+    experts = []
+    with torch.no_grad():
+        for j in range(n):
+            if merge:
+                (a1, a2), (b1, b2) = _mlp(m.experts[2 * j]), _mlp(m.experts[2 * j + 1])
+                cat = lambda x, y, dim=0: None if x is None else torch.cat([x, y], dim)  # noqa: E731
+                fc1 = _linear(cat(a1.weight, b1.weight), cat(a1.bias, b1.bias))
+                fc2 = _linear(cat(a2.weight, b2.weight, 1) / 2, None if a2.bias is None else (a2.bias + b2.bias) / 2)
+            else:
+                f1, f2 = _mlp(m.experts[j // 2])
+                half = slice(0, s.hidden // 2) if j % 2 == 0 else slice(s.hidden // 2, s.hidden)
+                fc1 = _linear(f1.weight[half], None if f1.bias is None else f1.bias[half])
+                fc2 = _linear(f2.weight[:, half] * 2, f2.bias)
+            expert = copy.deepcopy(m.experts[2 * j if merge else j // 2])
+            expert.fc1, expert.fc2 = fc1, fc2
+            experts.append(expert)
+        w, b = router.weight, router.bias
+        if merge:
+            w, b = w.view(n, 2, -1).mean(1), None if b is None else b.view(n, 2).mean(1)
+        else:
+            w, b = w.repeat_interleave(2, 0), None if b is None else b.repeat_interleave(2, 0)
+    new.experts = nn.ModuleList(experts)
+    setattr(new, s.router, _linear(w, b))
+    if type(getattr(new, "num_experts", None)) is int:
+        new.num_experts = n
+    return new
+
+
+def _p_moe(factor: float):
+    """Router (dim -> E') + E' experts of hidden h' (E' = factor E, h' = h / factor)."""
+    def params(m: nn.Module, site: Site) -> int:
+        s = moe_spec(m)
+        e, h = int(s.experts * factor), int(s.hidden / factor)
+        return _nlin(s.dim, e, s.router_bias) + e * (_nlin(s.dim, h, s.bias1) + _nlin(h, s.out, s.bias2))
+    return params
+
+
+def _match_fewer(site: Site) -> bool:
+    s = _moe(site)
+    return s is not None and s.experts % 2 == 0 and s.experts // 2 >= max(2, s.top_k)
+
+
+def _match_more(site: Site) -> bool:
+    s = _moe(site)
+    return s is not None and s.hidden % 16 == 0  # halves stay multiples of 8 (tensor-core alignment)
+
+
+# ---------------------------------------------------------------------------------------------
+# feature fusion: concat + 1x1 conv -> add
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """A concat + 1x1 fusion module: ``tail(conv(cat(branches, 1)))``."""
+
+    conv: str            # the 1x1 conv's child name (the first child)
+    widths: tuple        # channels of each branch
+    tail: tuple          # the other children's names, applied after the conv in this order
+    listed: bool         # forward takes one list/tuple of branches (else one argument per branch)
+
+
+def _branches(site: Site) -> list | None:
+    """The input branches: one list/tuple argument, or >= 2 positional tensors; 4-D, same N, H, W."""
+    args = site.args
+    xs = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+    if len(xs) < 2 or site.kwargs or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in xs):
+        return None
+    return xs if len({(t.shape[0], *t.shape[2:]) for t in xs}) == 1 else None
+
+
+def _computes_cat_conv(m: nn.Module, spec: FusionSpec, xs: list) -> bool:
+    """Whether ``m`` computes ``tail(conv(cat(branches, 1)))``: checked on a CPU copy with random
+    weights, in eval mode, on batch-1 inputs of at most 2x2 pixels (concat, the 1x1 conv and a
+    norm/activation tail act per pixel; a module that needs its recorded size does not match)."""
+    import copy
+    c = copy.deepcopy(m)
+    c = (c.to_empty(device="cpu") if any(t.is_meta for t in [*c.parameters(), *c.buffers()]) else c.cpu()).float()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        for b in c.buffers():
+            b.copy_(torch.rand(b.shape, generator=g) + 0.5) if b.is_floating_point() else b.zero_()
+    c.eval()
+    h, w = (min(2, s) for s in xs[0].shape[-2:])
+    probe = [torch.randn(1, t.shape[1], h, w, generator=g) for t in xs]
+    try:
+        with torch.no_grad():
+            got = c(probe) if spec.listed else c(*probe)
+            ref = getattr(c, spec.conv)(torch.cat(probe, 1))
+            for name in spec.tail:
+                ref = getattr(c, name)(ref)
+        return isinstance(got, torch.Tensor) and got.shape == ref.shape and torch.allclose(got, ref, 1e-4, 1e-5)
+    except Exception:
+        return False
+
+
+def fusion_spec(site: Site) -> FusionSpec | None:
+    """A module whose forward concatenates its input branches along channels and applies its first
+    child, a 1x1 conv over all of them, then its other children in registration order (a norm, an
+    activation): the usual multi-scale / multi-camera fusion block. Checked numerically."""
+    m, xs = site.module, _branches(site)
+    kids = list(m.named_children())
+    if xs is None or not kids or "cat" not in _forward_source(m):
+        return None
+    name, conv = kids[0]
+    widths = tuple(int(t.shape[1]) for t in xs)
+    if not _match_1x1(Site(name, conv)) or conv.in_channels != sum(widths):
+        return None
+    spec = FusionSpec(name, widths, tuple(n for n, _ in kids[1:]), len(site.args) == 1)
+    return spec if _computes_cat_conv(m, spec, xs) else None
+
+
+class BranchFusion(nn.Module):
+    """The fusion without the concatenated tensor. ``summed=False``: each branch through its slice of
+    the 1x1 conv's weight, the results added (the same function: the concat's write and read are
+    gone, the GEMMs accumulate). ``summed=True``: branches of equal width added first, then one
+    c -> out 1x1 conv (1/k of the GEMM FLOPs; a different function). Then the original tail. Keeps the
+    original's child names (the same ``state_dict`` when not summed)."""
+
+    def __init__(self, m: nn.Module, spec: FusionSpec, summed: bool = False):
+        super().__init__()
+        self.spec, self.summed = spec, summed
+        for name, child in m.named_children():
+            setattr(self, name, child)
+        if summed:  # weight: the mean of the branches' slices (the same output when the branches are equal)
+            conv, c, k = getattr(m, spec.conv), spec.widths[0], len(spec.widths)
+            w = conv.weight.reshape(conv.out_channels, k, c, 1, 1).mean(1)
+            with torch.device(w.device):
+                new = nn.Conv2d(c, conv.out_channels, 1, bias=conv.bias is not None, dtype=w.dtype)
+            _copy_(new.weight, w)
+            if conv.bias is not None:
+                _copy_(new.bias, conv.bias)
+            setattr(self, spec.conv, new)
+
+    def extra_repr(self) -> str:
+        return f"branches={list(self.spec.widths)}, {'summed then projected' if self.summed else 'projected then added'}"
+
+    def forward(self, *args):
+        xs = args[0] if self.spec.listed else args
+        conv = getattr(self, self.spec.conv)
+        if self.summed:
+            y = xs[0]
+            for x in xs[1:]:
+                y = y + x
+            y = conv(y)
+        else:
+            y, start = None, 0
+            for x, c in zip(xs, self.spec.widths):
+                part = F.conv2d(x, conv.weight[:, start:start + c], conv.bias if y is None else None)
+                y, start = part if y is None else y + part, start + c
+        for name in self.spec.tail:
+            y = getattr(self, name)(y)
+        return y
+
+
+def _match_fusion_sum(site: Site) -> bool:
+    s = fusion_spec(site)
+    return s is not None and len(set(s.widths)) == 1
+
+
+def _params_fusion_sum(m: nn.Module, site: Site) -> int:
+    s = fusion_spec(site)
+    conv = getattr(m, s.conv)
+    return _nparams(m) - _nparams(conv) + _nlin(s.widths[0], conv.out_channels, conv.bias is not None)
+
+
+# ---------------------------------------------------------------------------------------------
 # resolution (the whole model)
 
 RESOLUTION = 0.875  # input side scale of the resolution rule (224 -> 192 after rounding down to 16)
@@ -815,6 +1104,32 @@ RULES: tuple[Rule, ...] = (
          "nearest upsampling (weights 1)", "learnable upsampling at copy-like cost", "a learned upsampler "
          "(checkerboard risk is nil at k = stride)", False, _match_convT, _build_convT,
          lambda m, s: s.in_shape(0)[1] * _int_scale(m) ** 2),
+    Rule("concat-to-add", "fusion", "BranchFusion: each branch through its slice of the 1x1 conv, the results added "
+         "(no concat)", "the concatenated tensor is never written nor read again; the per-branch GEMMs can "
+         "accumulate in place (GEMM beta = 1)", "none: the same function", True,
+         lambda s: fusion_spec(s) is not None, lambda m, s: _mode(BranchFusion(m, fusion_spec(s)), m), _same),
+    Rule("concat-to-sum", "fusion", "BranchFusion(summed): equal-width branches added, then one c -> out 1x1 conv "
+         "(weight: the mean of the branches' slices)", "1/k of the fusion GEMM's FLOPs and weight, no concat",
+         "the branches share one projection: less expressive fusion (FPN-style add)", False,
+         _match_fusion_sum, lambda m, s: _mode(BranchFusion(m, fusion_spec(s), summed=True), m), _params_fusion_sum),
+    Rule("moe-top1", "moe", "top-1 routing (Switch): each token to its most probable expert only",
+         "half the token copies: expert buffers of capacity_factor * tokens / experts rows instead of twice that, "
+         "so half the expert GEMM FLOPs and half the dispatch/combine traffic", "one expert per token; Switch "
+         "trains on par at equal compute, usually a little worse at equal steps", False,
+         lambda s: _moe(s) is not None and _moe(s).top_k > 1, lambda m, s: _with(m, top_k=1), _same),
+    Rule("moe-capacity", "moe", f"capacity factor {MOE_CAPACITY:g}", "smaller padded expert buffers: the experts' "
+         "FLOPs and bytes scale with the capacity factor", "more token copies dropped when routing is unbalanced "
+         "(they skip the layer)", False,
+         lambda s: _moe(s) is not None and (_moe(s).capacity_factor or 0) > MOE_CAPACITY,
+         lambda m, s: _with(m, capacity_factor=MOE_CAPACITY), _same),
+    Rule("moe-fewer-experts", "moe", "half the experts, each with twice the hidden width (equal expert parameters; "
+         "pairs merged by averaging)", "half the expert kernels and a narrower router, wider GEMMs: helps "
+         "launch-bound layers", "each token meets 2x wider experts: twice the expert FLOPs per token; fewer "
+         "specialists", False, _match_fewer, lambda m, s: _regroup(m, merge=True), _p_moe(0.5)),
+    Rule("moe-more-experts", "moe", "twice the experts, each with half the hidden width (equal expert parameters; "
+         "old experts split in halves)", "half the expert FLOPs per token (the chosen experts are half as wide)",
+         "half the active parameters per token (fine-grained MoE usually raises top_k with it); twice the expert "
+         "kernels", False, _match_more, lambda m, s: _regroup(m, merge=False), _p_moe(2)),
     Rule("round-width", "width", f"MLP hidden width rounded up to a multiple of {ALIGN} (new fc1 rows: torch "
          "init; new fc2 columns zero, so the function starts unchanged)", "misaligned GEMM widths waste "
          "tensor-core tiles", "more parameters; none at init", False, _match_round,
@@ -832,9 +1147,11 @@ RULES: tuple[Rule, ...] = (
 
 #: Families of the issue not covered by a rule here, and why (listed by ExploreResult).
 UNCOVERED = {
-    "concat+1x1 <-> add": "needs graph surgery (a concat feeding a conv is not a module); not built",
-    "mixture-of-experts routing": "no MoE module type in torch or the zoo to match; not built",
-    "F.gelu / F.interpolate calls": "functional calls are not modules; module surgery cannot replace them",
+    "add -> concat + 1x1 (the reverse of concat-to-add)": "never cheaper in the cost model: it writes and reads "
+    "the k-wide concat and adds a GEMM where the add reads k inputs once; a quality change, not a speed one",
+    "F.gelu / F.interpolate calls": "rules rebuild modules; a functional call inside a forward is no module to "
+    "replace (only nn.GELU / nn.Upsample are matched), and rewriting the user's forward or its ATen graph would "
+    "leave no trainable candidate with the user's parameter names",
 }
 
 
