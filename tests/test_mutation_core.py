@@ -397,3 +397,233 @@ def test_program_column_dims(shape, order, k, kind, want):
     from fxopt.codegen.program import Program, TensorSpec, _column_dims
     forward = Program((2, 3, 4), k, [], [], [], order=order)
     assert _column_dims(forward, TensorSpec(kind, shape, "torch.float32")) == want
+
+
+def test_verify_ignores_gradients_left_on_the_users_model():
+    """The copies start without ``.grad``: a reference holding a stale gradient (an earlier
+    backward) is judged on the step verify runs, not on the stale gradient plus that step."""
+    x = torch.tensor([[1.0, 2.0], [-0.5, 1.0]])
+    stale = Scaled()
+    stale.w.grad = torch.full_like(stale.w, 100.0)
+    res = verify(stale, Scaled(), x)
+    assert res.ok, res.table()
+    assert _by_name(res)["grad[w]"].cand_error < 1e-5
+    assert torch.equal(stale.w.grad, torch.full_like(stale.w, 100.0))   # the user's .grad untouched
+
+
+# ----------------------------------------------------------------------------------
+# codegen: lower
+# ----------------------------------------------------------------------------------
+
+aten = torch.ops.aten
+
+
+def _graph_nodes(fn, *xs, train=False):
+    """The call_function nodes of ``fn``'s captured graph."""
+    import fxopt
+    from nets import Lambda
+    gm = fxopt.capture(Lambda(fn).train(train), xs).graph_module
+    return [n for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _lowered(fn, *xs):
+    """``fn``'s whole captured graph lowered as one region, run in float64 by the reference runner."""
+    from fxopt.codegen import classify, lower
+    from fxopt.codegen.kernel import run_reference
+    nodes = _graph_nodes(fn, *xs)
+    domain = None
+    for n in nodes:
+        d = classify(n)[1]
+        domain = d if domain is None or d is None else domain.merge(d)
+    low = lower(nodes, domain)
+    phs = [n for n in nodes[0].graph.nodes if n.op == "placeholder"]
+    ins = [xs[phs.index(node)].double().reshape(view) for node, view in low.inputs]
+    outs = [torch.empty(spec.shape, dtype=torch.float64) for _, spec in low.program.outputs]
+    run_reference(low.program, ins, outs)
+    return low, outs
+
+
+def test_lower_domain_merge():
+    from fxopt.codegen.lower import Domain
+    row, pw = Domain((4, 8), 1), Domain((4, 8))
+    assert row.row_shapes == ((4, 1), (4,)) and pw.row_shapes == ()
+    assert row.merge(pw) == row and pw.merge(row) == row and pw.merge(pw) == pw
+    assert Domain((4, 8), 2).merge(row) is None                       # two reduction depths
+    assert row.merge(Domain((4, 1))) == row and Domain((4,)).merge(row) == row   # its rows
+    assert row.merge(Domain((4, 1), 1)) is None and Domain((8,)).merge(row) is None
+    assert pw.merge(Domain((8, 4))) is None
+
+
+@pytest.mark.parametrize("dims, rank, k", [(None, 3, 3), ([], 2, 2), (-1, 3, 1), ([2], 3, 1),
+                                           ([1, 2], 3, 2), ([-1, -2], 3, 2), ([0, 1, 2], 3, 3)])
+def test_lower_trailing_dims(dims, rank, k):
+    from fxopt.codegen.lower import _trailing
+    assert _trailing(dims, rank) == k
+
+
+@pytest.mark.parametrize("dims, rank", [([0], 2), ([0, 2], 3), (1, 3)])
+def test_lower_non_trailing_dims_are_unfusible(dims, rank):
+    from fxopt.codegen.lower import Unfusible, _trailing
+    with pytest.raises(Unfusible, match="only trailing dims are a row"):
+        _trailing(dims, rank)
+
+
+X48 = torch.linspace(-2, 2, 32).reshape(4, 8)
+
+CLASSIFY = [  # fn, inputs, the node's target, (class, domain shape, k) or the reason's words
+    (lambda x: x.sum(-1), (X48,), aten.sum.dim_IntList, ("reduce", (4, 8), 1)),
+    (lambda x: x.amax(dim=(0, 1)), (X48,), aten.amax.default, ("reduce", (4, 8), 2)),
+    (lambda x: torch.softmax(x, -1), (X48,), aten.softmax.int, ("reduce", (4, 8), 1)),
+    (lambda x: torch.softmax(x, 0), (X48,), aten.softmax.int, "softmax over a dim that is not the last"),
+    (lambda x: torch.relu(x), (X48,), aten.relu.default, ("pointwise", (4, 8), 0)),
+    (lambda x: x.view(32), (X48,), aten.view.default, ("view", None, None)),
+    (lambda x: x @ x.t(), (X48,), aten.matmul.default, "not in the fusible op table"),
+    (lambda x: x.argmax(-1), (X48,), aten.argmax.default, "torch.int64 result"),
+    (lambda x, i: x + i, (X48, torch.arange(8)), aten.add.Tensor, "torch.int64 operand"),
+    (lambda x: x.clone(memory_format=torch.channels_last), (X48.reshape(1, 4, 8, 1),), aten.clone.default,
+     "copy to another memory format"),
+    (lambda x: x.clone(), (X48,), aten.clone.default, ("pointwise", (4, 8), 0)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CLASSIFY)))
+def test_lower_classify(case):
+    from fxopt.codegen.lower import Domain, Unfusible, classify
+    fn, xs, target, want = CLASSIFY[case]
+    (node,) = [n for n in _graph_nodes(fn, *xs) if n.target is target]
+    if isinstance(want, str):
+        with pytest.raises(Unfusible, match=want):
+            classify(node)
+    else:
+        cls, shape, k = want
+        assert classify(node) == (cls, Domain(shape, k) if shape else None)
+
+
+def test_lower_classify_refuses_training_batch_norm_and_dropout():
+    from fxopt.codegen.lower import Unfusible, classify
+    x = torch.ones(2, 3, 4)
+    bn = nn.BatchNorm1d(3)
+    nodes = _graph_nodes(lambda x: bn(x), x, train=True)
+    (node,) = [n for n in nodes if n.target is aten.batch_norm.default]
+    with pytest.raises(Unfusible, match="batch norm in training"):
+        classify(node)
+    (drop,) = [n for n in _graph_nodes(lambda x: torch.nn.functional.dropout(x, 0.5, True), x, train=True)
+               if n.target is aten.dropout.default]
+    with pytest.raises(Unfusible, match="dropout in training"):
+        classify(drop)
+    (drop,) = [n for n in _graph_nodes(lambda x: torch.nn.functional.dropout(x, 0.5, False), x)
+               if n.target is aten.dropout.default]
+    assert classify(drop)[0] == "pointwise"
+    placeholder = next(n for n in nodes[0].graph.nodes if n.op == "placeholder")
+    with pytest.raises(Unfusible, match="not an op"):
+        classify(placeholder)
+
+
+def test_lower_rms_norm_default_eps_is_the_dtypes():
+    """rms_norm without eps uses finfo(dtype).eps (torch's default): at mean(x^2) ~ eps it matters."""
+    x = torch.tensor([[1e-4, -2e-4, 3e-4, 1e-4]])
+    low, (y,) = _lowered(lambda x: torch.rms_norm(x, (4,)), x)
+    x64 = x.double()
+    want = x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 2.0 ** -23)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+def test_lower_layer_norm_in_float64(eps):
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 3.0, -1.0]])
+    w, b = torch.tensor([1.0, 2.0, -1.0, 0.5]), torch.tensor([0.0, 1.0, 0.5, -2.0])
+    _, (y,) = _lowered(lambda x, w, b: torch.nn.functional.layer_norm(x, (4,), w, b, eps), x, w, b)
+    x64 = x.double()
+    mu = x64.mean(-1, keepdim=True)
+    var = ((x64 - mu) ** 2).mean(-1, keepdim=True)
+    torch.testing.assert_close(y, (x64 - mu) / torch.sqrt(var + eps) * w.double() + b.double(), rtol=1e-12, atol=0)
+
+
+def test_lower_mean_and_log_softmax_in_float64():
+    _, (m,) = _lowered(lambda x: x.mean(-1) * 2.0, X48)
+    torch.testing.assert_close(m, X48.double().mean(-1) * 2.0, rtol=1e-12, atol=0)
+    _, (ls,) = _lowered(lambda x: torch.log_softmax(x, -1), X48)
+    torch.testing.assert_close(ls, torch.log_softmax(X48.double(), -1), rtol=1e-12, atol=1e-15)
+
+
+def test_lower_eval_batch_norm_in_float64():
+    bn = nn.BatchNorm2d(3, eps=0.25).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 4.0, 0.75]))
+        bn.weight.copy_(torch.tensor([2.0, -1.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, 1.0, -0.5]))
+    x = torch.linspace(-3, 3, 24).reshape(2, 3, 2, 2)
+    import fxopt
+    from fxopt.codegen import classify, lower
+    from fxopt.codegen.kernel import run_reference
+    gm = fxopt.capture(bn, x).graph_module
+    (node,) = [n for n in gm.graph.nodes if n.target is aten.batch_norm.default]
+    low = lower([node], classify(node)[1])
+    ins = [(x if arg.op == "placeholder" else gm.get_parameter(arg.target) if "weight" in arg.target or
+            "bias" in arg.target else gm.get_buffer(arg.target)).double().reshape(view) for arg, view in low.inputs]
+    assert len(ins) == 5
+    (y,) = outs = [torch.empty(2, 3, 2, 2, dtype=torch.float64)]
+    run_reference(low.program, ins, outs)
+    c = (1, 3, 1, 1)
+    want = (x.double() - bn.running_mean.double().view(c)) / torch.sqrt(bn.running_var.double().view(c) + 0.25) \
+        * bn.weight.double().view(c) + bn.bias.double().view(c)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-14)
+
+
+def test_lower_label_and_refusals():
+    from fxopt.codegen import classify, lower
+    from fxopt.codegen.lower import Domain, Unfusible, _label
+    nodes = _graph_nodes(lambda x: torch.relu(x.view(32) + 1.0).view(4, 8) * 2.0 + 1.0, X48)
+    assert _label(nodes) == "relu_add_mul" or _label(nodes) == "add_relu_mul"
+    assert _label([n for n in nodes if n.target in (aten.view.default,)]) == "fused"
+    (add,) = [n for n in _graph_nodes(lambda x: x + 1.0, X48) if n.target is aten.add.Tensor]
+    add_users = dict(add.users)
+    for u in add_users:   # a region whose result nobody reads
+        u.replace_input_with(add, add.args[0])
+    with pytest.raises(Unfusible, match="results are not used"):
+        lower([add], Domain((4, 8)))
+
+
+def _node(target, kwargs, out):
+    """One hand-built node ``target(x, **kwargs)`` of a (4, 8) float32 input, its result ``out``."""
+    from torch import fx
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(4, 8)
+    n = g.call_function(target, (x,), kwargs)
+    n.meta["val"] = out
+    return n
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"dtype": torch.float16}, None),
+    ({"dtype": torch.float16, "memory_format": torch.preserve_format}, None),
+    ({"memory_format": torch.channels_last}, "copy to another memory format"),
+    ({"dtype": torch.float16, "device": torch.device("cpu")}, "copy that changes device or layout"),
+    ({"layout": torch.strided}, "copy that changes device or layout"),
+])
+def test_lower_classify_copies(kwargs, words):
+    from fxopt.codegen.lower import Domain, Unfusible, classify
+    node = _node(aten._to_copy.default, kwargs, torch.empty(4, 8, dtype=kwargs.get("dtype", torch.float32)))
+    if words is None:
+        assert classify(node) == ("pointwise", Domain((4, 8)))
+    else:
+        with pytest.raises(Unfusible, match=words):
+            classify(node)
+
+
+def test_lower_classify_needs_one_float_tensor_result():
+    from fxopt.codegen.lower import Unfusible, classify
+    with pytest.raises(Unfusible, match="does not return one tensor"):
+        classify(_node(aten.relu.default, {}, (torch.empty(4, 8), torch.empty(4, 8))))
+    with pytest.raises(Unfusible, match="dynamic shape"):
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        sym = mode.from_tensor(torch.empty(4, 8), symbolic_context=None)
+        from torch._dynamo.source import ConstantSource
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+        sym = mode.from_tensor(torch.empty(4, 8), symbolic_context=ctx, source=ConstantSource("x"))
+        classify(_node(aten.relu.default, {}, sym))
