@@ -148,6 +148,60 @@ def test_verify_verdict_names_at_most_three_failures():
     assert result(4).verdict() == "FAIL: 4 of 5 tensors of the train step out of tolerance (t0, t1, t2, ...)"
 
 
+
+def test_verify_ratio_of_a_failure_without_a_finite_error_is_inf():
+    from fxopt.verify import TensorCheck
+    assert TensorCheck("t", "output", 0.0, float("nan"), 1.0, False).ratio == float("inf")
+    assert TensorCheck("t", "output", 0.0, float("inf"), 1.0, False).ratio == float("inf")
+    assert TensorCheck("t", "output", 0.0, 0.5, 2.0, True).ratio == 0.25
+    assert TensorCheck("t", "output", 0.0, 0.5, 0.0, False).ratio == float("inf")
+
+
+def test_verify_a_multiple_below_one_still_scales_e_ref():
+    ref64 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    ref = torch.tensor([1.0, 2.0 + 2.0 ** -10])                 # e_ref = 2^-10, exactly
+    c = check_tensor("t", "output", ref64, ref, ref, multiple=0.5)
+    assert c.allowed == 0.5 * 2.0 ** -10 + 1e-5 * 2.0
+    c = check_tensor("t", "output", ref64, ref, ref, multiple=0.0)
+    assert c.allowed == 1e-5 * 2.0
+
+
+class Float64Fails(nn.Module):
+    def forward(self, x):
+        if x.dtype == torch.float64:
+            raise RuntimeError("no float64 here: " + "x" * 400)
+        return x * 2.0
+
+
+def test_verify_reference_names_the_float64_failure_in_300_characters():
+    res = verify(Float64Fails(), Float64Fails(), torch.ones(3), training=False)
+    cause = ("RuntimeError: no float64 here: " + "x" * 400)[:300]
+    assert res.ok and res.reference == f"own precision: the float64 copy failed ({cause})"
+
+
+def test_verify_declared_precision_of_a_graph_module_and_its_wrapper():
+    from torch import fx
+
+    from fxopt.verify import PRECISION_KEY, declared_precision
+    gm = fx.symbolic_trace(Identity())
+    assert declared_precision(gm) is None
+    gm.meta[PRECISION_KEY] = "bf16"
+    assert declared_precision(gm) is torch.bfloat16
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._gm = inner
+
+        def forward(self, x):
+            return self._gm(x)
+
+    assert declared_precision(Wrapper(gm)) is torch.bfloat16
+    res = verify(Identity(), Wrapper(gm), torch.ones(2, 3))
+    assert res.precision is torch.bfloat16 and "(judged at bfloat16)" in res.verdict()
+    assert verify(Identity(), Wrapper(gm), torch.ones(2, 3), reference_precision=None).precision is None
+
+
 # ----------------------------------------------------------------------------------
 # capture
 # ----------------------------------------------------------------------------------
