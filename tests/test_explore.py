@@ -98,6 +98,20 @@ class TwoBranch(nn.Module):
         return self.fuse([self.a(x), self.b(x)])
 
 
+class FunctionalHost(nn.Module):
+    """conv -> F.gelu (or an nn.GELU module) -> F.interpolate x2 (bilinear or nearest) -> 1x1 conv."""
+
+    def __init__(self, functional_gelu=True, mode="bilinear"):
+        super().__init__()
+        self.functional_gelu, self.mode = functional_gelu, mode
+        self.c, self.act, self.o = nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c(x)
+        y = F.gelu(y) if self.functional_gelu else self.act(y)
+        return self.o(F.interpolate(y, scale_factor=2, mode=self.mode))
+
+
 def moe_host(experts=4, top_k=2, cf=1.25, hidden=64):
     return Tokens(TopKMoE(32, hidden, experts, top_k, cf))
 
@@ -161,6 +175,8 @@ CASES = {
     "moe-capacity": (moe_host, T, lambda: moe_host(cf=1.0), moe_params(4, 64)),
     "moe-fewer-experts": (moe_host, T, lambda: moe_host(experts=2), moe_params(2, 128)),
     "moe-more-experts": (moe_host, T, lambda: moe_host(hidden=40), moe_params(8, 32)),
+    "gelu-tanh-calls": (FunctionalHost, IMG, lambda: FunctionalHost(functional_gelu=False), 3 * 8 * 9 + 8 + lin(8, 4)),
+    "interp-nearest-calls": (FunctionalHost, IMG, lambda: FunctionalHost(mode="nearest"), 3 * 8 * 9 + 8 + lin(8, 4)),
     "round-width": (lambda: Tokens(zoo.Mlp(32, 100)), T, lambda: Tokens(zoo.Mlp(32, 128)), lin(32, 128) + lin(128, 32)),
     "depth-width": (lambda: Tokens(seq(*(zoo.EncoderBlock(32, 2, 64) for _ in range(4)))), T,
                     lambda: Tokens(seq(*(zoo.EncoderBlock(32, 2, 64) for _ in range(3)))), depth_width_expected()),
@@ -502,3 +518,24 @@ def test_cli_explore_html(tmp_path, capsys):
     assert main(["explore", "vit_b16", "--tiny", "--rules", "gelu-relu", "--html", str(path)]) == 0
     assert "gelu-relu@blocks.0.mlp.act" in capsys.readouterr().out
     assert "gelu-relu@blocks.0.mlp.act" in path.read_text()
+
+
+def test_functional_calls_are_rewritten_and_module_calls_left_alone():
+    """F.gelu / F.interpolate written in a forward: the FunctionalSwap candidate runs tanh GELU and
+    nearest upsampling there (compared with the same weights computed by hand); calls made by
+    nn.GELU / nn.Upsample modules are not counted (the module rules own them)."""
+    torch.manual_seed(0)
+    host, x = FunctionalHost(), _inputs(IMG)[0]
+    gelu = propose(host, (x,), rules="gelu-tanh-calls")[0].transform(copy.deepcopy(host))
+    interp = propose(host, (x,), rules="interp-nearest-calls")[0].transform(copy.deepcopy(host))
+    with torch.no_grad():
+        y = host.c(x)
+        want_gelu = host.o(F.interpolate(F.gelu(y, approximate="tanh"), scale_factor=2, mode="bilinear"))
+        want_interp = host.o(F.interpolate(F.gelu(y), scale_factor=2, mode="nearest"))
+        torch.testing.assert_close(gelu(x), want_gelu)
+        torch.testing.assert_close(interp(x), want_interp)
+        assert not torch.allclose(gelu(x), host(x)) and not torch.allclose(interp(x), host(x))
+    modules = seq(nn.Conv2d(3, 8, 3, padding=1), nn.GELU(), nn.Upsample(scale_factor=2, mode="bilinear"))
+    assert propose(modules, (x,), rules="gelu-tanh-calls,interp-nearest-calls") == []
+    assert {c.rule for c in propose(modules, (x,), rules="gelu-tanh,upsample-nearest")} == {"gelu-tanh",
+                                                                                            "upsample-nearest"}

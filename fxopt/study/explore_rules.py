@@ -26,7 +26,7 @@ from ..workloads.zoo import LayerNorm2d, Mlp
 
 __all__ = ["Rule", "Site", "RULES", "rule_names", "attention_spec", "AttentionSpec", "SdpaAttention",
            "RMSNorm2d", "FoldedConvBN", "Conv1x1AsLinear", "Downscale", "UNCOVERED", "TopKMoE", "MoESpec",
-           "moe_spec", "BranchFusion", "FusionSpec", "fusion_spec"]
+           "moe_spec", "BranchFusion", "FusionSpec", "fusion_spec", "FunctionalSwap"]
 
 
 @dataclass
@@ -974,6 +974,88 @@ def _params_fusion_sum(m: nn.Module, site: Site) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# functional calls: F.gelu / F.interpolate written in forwards (no module to rebuild)
+
+
+def _gelu_call(args: tuple, kwargs: dict):
+    """(args, kwargs) of an erf ``F.gelu`` call as a tanh one, or None (already tanh)."""
+    approx = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+    return None if approx != "none" else ((args[0],), {"approximate": "tanh"})
+
+
+def _interp_call(args: tuple, kwargs: dict):
+    """(args, kwargs) of a bilinear/bicubic ``F.interpolate`` call as a nearest one, or None."""
+    import inspect
+    bound = inspect.signature(F.interpolate).bind(*args, **kwargs)
+    if bound.arguments.get("mode", "nearest") not in ("bilinear", "bicubic"):
+        return None
+    bound.arguments.update(mode="nearest", align_corners=None, antialias=False)
+    return bound.args, bound.kwargs
+
+
+#: swap name -> (functional, the module class whose own calls are left to the module rules, rewrite)
+_CALL_SWAPS = {"gelu": (F.gelu, nn.GELU, _gelu_call), "interpolate": (F.interpolate, nn.Upsample, _interp_call)}
+
+
+class _CallSwap(torch.overrides.TorchFunctionMode):
+    """Rewrites (or, with ``count``, counts) the calls of one functional made outside its module class."""
+
+    def __init__(self, swap: str, count: bool = False):
+        super().__init__()
+        self.func, module, self.rewrite = _CALL_SWAPS[swap]
+        self.skip, self.count, self.calls = module.forward.__code__, count, 0
+
+    def _in_module(self) -> bool:
+        import sys
+        f = sys._getframe(2)
+        for _ in range(4):  # the caller: the module's forward, or torch's dispatch helpers above it
+            if f is None or f.f_code is self.skip:
+                return f is not None
+            f = f.f_back
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is self.func and not self._in_module():
+            new = self.rewrite(args, kwargs)
+            if new is not None:
+                self.calls += 1
+                if not self.count:
+                    args, kwargs = new
+        return func(*args, **kwargs)
+
+
+class FunctionalSwap(nn.Module):
+    """``model`` run with its ``F.gelu`` (erf -> tanh) or ``F.interpolate`` (bilinear/bicubic ->
+    nearest) calls rewritten while its forward runs (a TorchFunctionMode: torch.export captures the
+    rewritten op). Calls made by nn.GELU / nn.Upsample modules are left to the module rules."""
+
+    def __init__(self, model: nn.Module, swap: str):
+        super().__init__()
+        self.model, self.swap = model, swap
+
+    def extra_repr(self) -> str:
+        return f"swap={self.swap}"
+
+    def forward(self, *args, **kwargs):
+        with _CallSwap(self.swap):
+            return self.model(*args, **kwargs)
+
+
+def _calls(swap: str):
+    """Matcher: the model makes rewritable ``swap`` calls outside their module class (counted on one
+    forward with the recorded inputs; the model is on the meta device there)."""
+    def match(site: Site) -> bool:
+        if not site.args and not site.kwargs:
+            return False
+        mode = _CallSwap(swap, count=True)
+        with torch.no_grad(), mode:
+            site.module(*site.args, **(site.kwargs or {}))
+        return mode.calls > 0
+    return match
+
+
+# ---------------------------------------------------------------------------------------------
 # resolution (the whole model)
 
 RESOLUTION = 0.875  # input side scale of the resolution rule (224 -> 192 after rounding down to 16)
@@ -1130,6 +1212,14 @@ RULES: tuple[Rule, ...] = (
          "old experts split in halves)", "half the expert FLOPs per token (the chosen experts are half as wide)",
          "half the active parameters per token (fine-grained MoE usually raises top_k with it); twice the expert "
          "kernels", False, _match_more, lambda m, s: _regroup(m, merge=False), _p_moe(2)),
+    Rule("gelu-tanh-calls", "activation", "F.gelu calls in forwards computed as tanh GELU (FunctionalSwap "
+         "around the model)", "tanh GELU fuses into GEMM epilogues and is cheaper than erf", "max |difference| "
+         "~1e-3: negligible", False, _calls("gelu"), lambda m, s: _mode(FunctionalSwap(m, "gelu"), m), _same,
+         model_level=True),
+    Rule("interp-nearest-calls", "fusion", "bilinear/bicubic F.interpolate calls in forwards computed as nearest "
+         "(FunctionalSwap around the model)", "a pure copy kernel, no 4-tap reads; backward a strided sum",
+         "blockier features before fusion", False, _calls("interpolate"),
+         lambda m, s: _mode(FunctionalSwap(m, "interpolate"), m), _same, model_level=True),
     Rule("round-width", "width", f"MLP hidden width rounded up to a multiple of {ALIGN} (new fc1 rows: torch "
          "init; new fc2 columns zero, so the function starts unchanged)", "misaligned GEMM widths waste "
          "tensor-core tiles", "more parameters; none at init", False, _match_round,
@@ -1149,9 +1239,8 @@ RULES: tuple[Rule, ...] = (
 UNCOVERED = {
     "add -> concat + 1x1 (the reverse of concat-to-add)": "never cheaper in the cost model: it writes and reads "
     "the k-wide concat and adds a GEMM where the add reads k inputs once; a quality change, not a speed one",
-    "F.gelu / F.interpolate calls": "rules rebuild modules; a functional call inside a forward is no module to "
-    "replace (only nn.GELU / nn.Upsample are matched), and rewriting the user's forward or its ATen graph would "
-    "leave no trainable candidate with the user's parameter names",
+    "other functional calls": "only F.gelu and F.interpolate calls are rewritten (FunctionalSwap); e.g. F.silu, "
+    "F.layer_norm or F.group_norm written in a forward are not replaced",
 }
 
 
