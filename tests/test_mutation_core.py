@@ -681,3 +681,45 @@ def test_lower_classify_needs_one_float_tensor_result():
         ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
         sym = mode.from_tensor(torch.empty(4, 8), symbolic_context=ctx, source=ConstantSource("x"))
         classify(_node(aten.relu.default, {}, sym))
+
+
+def _program(fn, *xs):
+    from fxopt.codegen import classify, lower
+    nodes = _graph_nodes(fn, *xs)
+    domain = None
+    for n in nodes:
+        d = classify(n)[1]
+        domain = d if domain is None or d is None else domain.merge(d)
+    return lower(nodes, domain).program
+
+
+def _product_plus_sum(n_product, n_inputs):
+    """x0 * ... * x(p-1) + xp + ... : the backward needs exactly the p factors (each gradient is the
+    product of the others; the added inputs' gradient is the output's, passed through)."""
+    def fn(*xs):
+        out = xs[0]
+        for x in xs[1:n_product]:
+            out = out * x
+        for x in xs[n_product:]:
+            out = out + x
+        return out
+    return _program(fn, *[torch.full((2, 3), 1.0 + i / 16) for i in range(n_inputs)])
+
+
+@pytest.mark.parametrize("n_product, n_inputs", [(3, 14), (4, 13), (2, 9)])
+def test_program_choose_saved_finds_the_factors(n_product, n_inputs):
+    """14 or 15 candidates (inputs and the output): the fewest-bytes set is the product's factors."""
+    from fxopt.codegen import choose_saved, derive_backward
+    p = _product_plus_sum(n_product, n_inputs)
+    assert len(p.inputs) == n_inputs and len(p.outputs) == 1
+    assert sorted(choose_saved(p)) == [("in", i) for i in range(n_product)]
+    derive_backward(p, (True,) * n_inputs, choose_saved(p))      # feasible
+
+
+def test_program_choose_saved_over_14_candidates_tries_up_to_three_tensors():
+    """Over 14 candidates the search stops at sets of 3 (2^15 subsets is too slow to try); a backward
+    that needs 4 then saves every input, which is always feasible."""
+    from fxopt.codegen import choose_saved, derive_backward
+    p = _product_plus_sum(4, 14)
+    assert choose_saved(p) == [("in", i) for i in range(14)]
+    derive_backward(p, (True,) * 14, choose_saved(p))
