@@ -265,3 +265,46 @@ def test_base_node_time_reads_the_costed_times():
     assert str(Decision("relu", "remove", "why", 1.5e-6)) == "relu: remove: why (est. +1.5 us)"
     assert str(Decision("relu", "keep", "why")) == "relu: keep: why"
     assert get("dce").name == "dce"
+
+
+# ---------------------------------------------------------------------------------------------
+# mixed_precision: structure of the rewritten graph read off node by node
+
+
+def _mixed(model: nn.Module, *xs, pipeline="mixed-precision{estimate=false}"):
+    import warnings
+
+    import fxopt
+    from fxopt.passes import PassManager
+    captured = fxopt.capture(model, xs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gm, (record,) = PassManager(pipeline, cost=False).run(captured)
+    assert record.modified and not record.rolled_back, record.note
+    return gm, record
+
+
+def _calls(gm, name: str) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and getattr(getattr(n.target, "overloadpacket", None), "__name__", None) == name]
+
+
+@pytest.mark.parametrize("view", ["permute", "expand"])
+def test_mixed_precision_a_view_of_a_weight_is_applied_to_the_weights_single_cast(view):
+    """``x @ w.permute(1, 0)`` (or ``expand``): the fp32 weight is cast once and the view re-applied on
+    the bf16 copy, so the cast reads the parameter itself (a get_attr), not a view of it."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            w = self.w.permute(1, 0) if view == "permute" else self.w.expand(2, 8, 8)
+            return x @ w
+
+    gm, _ = _mixed(M(), torch.randn(2, 4, 8))
+    (viewed,) = [n for n in _calls(gm, view) if n.users]  # the captured view is left dead for dce
+    cast = viewed.args[0]
+    assert cast.target is aten._to_copy.default and cast.kwargs["dtype"] is torch.bfloat16
+    assert cast.args[0].op == "get_attr" and cast.args[0].target == "w"
+    assert viewed.meta["val"].dtype is torch.bfloat16
