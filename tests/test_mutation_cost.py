@@ -42,6 +42,15 @@ def test_kernels_split_k_up_to_a_128_deep_slice_and_partials_summed_through_memo
     assert c.time_s == pytest.approx(TILE * 128 / 1e13 + 2 * 8 * 128 * 256 * 4 / 1e13)
 
 
+@pytest.mark.parametrize("split", [2, 3, 4, 6, 8, 12, 16])
+def test_kernels_every_split_of_the_list_is_tried(split):
+    """K = 128 x s: the s-way split runs 128-deep slices, the next one would be shallower; the
+    partials cost s x 2.6 ns, far less than the K loop saved, so s is the choice."""
+    c = kernels.gemm_choice(1, 128, 256, 128 * split, P, SMS, PLAIN)
+    assert c.split_k == split
+    assert c.time_s == pytest.approx(TILE * 128 / 1e13 + 2 * split * 128 * 256 * 4 / 1e13)
+
+
 def test_kernels_no_split_when_k_is_short_and_no_partials_then():
     c = kernels.gemm_choice(1, 128, 256, 128, P, SMS, PLAIN)     # a 2-way split would be 64 deep
     assert c.split_k == 1 and c.time_s == pytest.approx(TILE * 128 / 1e13)
