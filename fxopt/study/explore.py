@@ -9,9 +9,9 @@ the ``meta`` device work) and compared with the original: predicted step time, M
 FLOPs, activation memory, and the arithmetic intensity and time of the modules it touched.
 Candidates are ranked by predicted saving; slower ones stay in the table, marked slower.
 
-Exact rules (fused SDPA, BN folding, 1x1 conv as GEMM) are verified numerically with
-:func:`fxopt.verify` on each distinct touched module (random weights, CPU, batch 1 of the recorded
-shapes); a candidate that fails is marked so and never called exact. Every other candidate changes
+Exact rules (fused SDPA, BN folding, 1x1 conv as GEMM, concat + 1x1 conv as summed per-branch
+projections) are verified numerically with :func:`fxopt.verify` on each distinct touched module
+(random weights, CPU, batch 1 of the recorded shapes); a candidate that fails is marked so and never called exact. Every other candidate changes
 the function and carries no equivalence claim; with ``ablate={"steps": N, "seeds": k}`` the top
 ones (and the best compatible pair) are trained side by side with :func:`fxopt.ablate` from the
 same initial weights and data, giving a parity verdict under ablate's rule and the **predicted time
