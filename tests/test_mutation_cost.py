@@ -733,3 +733,100 @@ def test_trace_tied_weights_are_one_parameter():
 
     t = trace_step(_captured(Tied(), torch.randn(2, 4)))
     assert t.params == 16
+
+
+A = torch.ops.aten
+
+
+def _fake_call(func, *shapes_or_args):
+    with FakeTensorMode():
+        args = tuple(torch.empty(a) if isinstance(a, tuple) and a and all(isinstance(i, int) for i in a) else a
+                     for a in shapes_or_args)
+        return cost_call(func, args, {}, func(*args))
+
+
+def test_ops_one_pass_row_limits_are_inclusive():
+    """Layer norm keeps a 16 KB row on chip (4096 fp32: one pass; 4097: x read twice); softmax a
+    48 KB row (12288 fp32: one pass; 12289: x read 3x), only along the last dim."""
+    ln = lambda cols: _fake_call(A.native_layer_norm.default, (8, cols), [cols], (cols,), (cols,), 1e-5)
+    assert ln(4096).extra_bytes == 0 and ln(4097).extra_bytes == 8 * 4097 * 4
+    sm = lambda cols, dim=-1: _fake_call(A._softmax.default, (6, cols), dim, False)
+    assert sm(12288).extra_bytes == 0
+    assert sm(12289).extra_bytes == sm(12289, 1).extra_bytes == 2 * 6 * 12289 * 4
+    assert sm(12289, 0).extra_bytes == 0                          # not along the row: one pass
+    smb = lambda cols: _fake_call(A._softmax_backward_data.default, (6, cols), (6, cols), -1, torch.float32)
+    assert smb(12288).extra_bytes == 0 and smb(12289).extra_bytes == 2 * 6 * 12289 * 4
+
+
+def test_ops_eval_batch_norm_is_one_pass_and_backward_rereads():
+    ev = _fake_call(A.native_batch_norm.default, (2, 4, 3, 3), (4,), (4,), (4,), (4,), False, 0.1, 1e-5)
+    assert (ev.extra_bytes, ev.kernels, ev.traffic) == (0, 1, "")
+    bw = _fake_call(A.native_batch_norm_backward.default, (2, 4, 3, 3), (2, 4, 3, 3), (4,), (4,), (4,), (4,), (4,),
+                    True, 1e-5, [True, True, True])
+    assert bw.extra_bytes == 2 * 72 * 4 and bw.kernels == 2 and "backward" in bw.traffic
+
+
+def test_ops_strided_softmax_input_is_copied_first():
+    with FakeTensorMode():
+        x = torch.empty(8, 6).t()                                 # [6, 8], not contiguous
+        c = cost_call(A._softmax.default, (x, -1, False), {}, A._softmax.default(x, -1, False))
+    assert (c.extra_bytes, c.kernels) == (2 * 48 * 4, 2) and c.traffic == "1 strided input(s) copied to contiguous first"
+
+
+@pytest.mark.parametrize("x,w,groups,kind", [
+    ((2, 1, 8, 8), (8, 1, 3, 3), 1, "conv"),          # one input channel, one group: not depthwise
+    ((2, 16, 8, 8), (32, 16, 1, 1), 1, "conv_1x1"),
+    ((2, 16, 8, 8), (32, 16, 1, 3), 1, "conv"),
+    ((2, 16, 8, 8), (16, 1, 3, 3), 16, "depthwise"),
+    ((2, 16, 8, 8), (32, 8, 3, 3), 2, "conv"),        # grouped, not depthwise
+])
+def test_ops_conv_kinds(x, w, groups, kind):
+    pad = [w[2] // 2, w[3] // 2]
+    c = _fake_call(A.convolution.default, x, w, None, [1, 1], pad, [1, 1], False, [0, 0], groups)
+    assert c.kind == kind
+
+
+def test_ops_grouped_conv_gemms_forward_and_backward():
+    """2 groups, 4 -> 8 channels, 3x3, 4x4 pixels (padded): per group rows 2 x 16 pixels, N = 4,
+    K = 2 x 9; grad-input N = 2, K = 4 x 9; grad-weight rows 4, N = 2 x 9, K = 32 pixels."""
+    f = _fake_call(A.convolution.default, (2, 4, 4, 4), (8, 2, 3, 3), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 2)
+    assert f.gemms == ((2, 32, 4, 18),)
+    b = _fake_call(A.convolution_backward.default, (2, 8, 4, 4), (2, 4, 4, 4), (8, 2, 3, 3), None, [1, 1], [1, 1],
+                   [1, 1], False, [0, 0], 2, [True, True, False])
+    assert b.gemms == ((2, 32, 2, 36), (2, 4, 18, 32))
+    wg = _fake_call(A.convolution_backward.default, (2, 8, 4, 4), (2, 4, 4, 4), (8, 2, 3, 3), None, [1, 1], [1, 1],
+                    [1, 1], False, [0, 0], 2, [False, True, False])
+    assert wg.gemms == ((2, 4, 18, 32),) and wg.kernels == 1
+    bias = _fake_call(A.convolution_backward.default, (2, 8, 4, 4), (2, 4, 4, 4), (8, 2, 3, 3), [8], [1, 1], [1, 1],
+                      [1, 1], False, [0, 0], 2, [False, False, True])
+    assert bias.gemms == () and bias.kernels == 1
+    tr = _fake_call(A.convolution.default, (2, 8, 4, 4), (8, 2, 2, 2), None, [2, 2], [0, 0], [1, 1], True, [0, 0], 2)
+    assert tr.gemms == ((2, 2 * 8 * 8, 2, 4 * 4),)                # transposed: N = C_out/g 2, K = C_in/g 4 x 2x2
+
+
+def test_ops_fused_attention_gemms_forward_and_backward():
+    """Per (batch, head) = 6: L_q 16 rows, head dim 8, K = 2 x L_k 32 forward, 5 x 32 backward."""
+    with FakeTensorMode():
+        q, k, v = torch.empty(2, 3, 16, 8), torch.empty(2, 3, 32, 8), torch.empty(2, 3, 32, 8)
+        f = A._scaled_dot_product_flash_attention_for_cpu.default
+        out = f(q, k, v)
+        fwd = cost_call(f, (q, k, v), {}, out)
+        b = A._scaled_dot_product_flash_attention_for_cpu_backward.default
+        args = (torch.empty(2, 3, 16, 8), q, k, v, out[0], out[1], 0.0, False)
+        bwd = cost_call(b, args, {}, b(*args))
+    assert (fwd.kind, fwd.gemms, fwd.flops) == ("attention_fwd", ((6, 16, 8, 64),), 4 * 6 * 16 * 32 * 8)
+    assert (bwd.kind, bwd.gemms) == ("attention_bwd", ((6, 16, 8, 160),))
+
+
+def test_ops_gemm_dims_of_mm_addmm_bmm_baddbmm():
+    assert _fake_call(A.mm.default, (4, 6), (6, 8)).gemms == ((1, 4, 8, 6),)
+    assert _fake_call(A.addmm.default, (8,), (4, 6), (6, 8)).gemms == ((1, 4, 8, 6),)
+    assert _fake_call(A.bmm.default, (3, 4, 6), (3, 6, 8)).gemms == ((3, 4, 8, 6),)
+    bb = _fake_call(A.baddbmm.default, (3, 4, 8), (3, 4, 6), (3, 6, 8))
+    assert bb.gemms == ((3, 4, 8, 6),) and bb.flops == 2 * 3 * 4 * 8 * 6 and bb.kind == "gemm"
+
+
+def test_ops_matrix_kind_of_a_call_known_only_by_class():
+    from fxopt.cost_models.ops import matrix_kind
+    assert [matrix_kind(c, n) for c, n in (("attention", "x_backward"), ("attention", "x"), ("conv", "c"),
+                                          ("matmul", "mm"))] == ["attention_bwd", "attention_fwd", "conv", "gemm"]
