@@ -65,6 +65,17 @@ CASES = {
     "product": (lambda x, y: x * y, (rand(4, 8), rand(4, 8, seed=1)), 2 * 4 * 8 * 4),
     "scaled_exp": (lambda x, s: torch.exp(x) * s, (rand(4, 8), rand(8, seed=1)), (4 * 8 + 8) * 4),
     "tanh_residual": (lambda x: torch.tanh(x) + x, (rand(5, 7),), 5 * 7 * 4),
+    # row programs (k = 1). softmax: the derivative reads exp(x - max) and the row sum, recomputed
+    # from x; the output (same size) does not determine them
+    "softmax": (lambda x: torch.softmax(x, -1), (rand(4, 8),), 4 * 8 * 4),
+    "log_softmax": (lambda x: torch.log_softmax(x, -1), (rand(4, 8),), 4 * 8 * 4),
+    # x and the weight (statistics recomputed from x); the bias's gradient is the row sum of gy
+    "layer_norm": (lambda x, w, b: F.layer_norm(x, (8,), w, b), (rand(4, 8), rand(8, seed=1), rand(8, seed=2)),
+                   (4 * 8 + 8) * 4),
+    "rms_norm": (lambda x, w: torch.rms_norm(x, (8,), w, eps=1e-6), (rand(4, 8), rand(8, seed=1)), (4 * 8 + 8) * 4),
+    # d/dx = gy * s, d/ds = sum(gy * x): both inputs, not the (4,) output
+    "row_sum_scaled": (lambda x, s: (x * s).sum(-1), (rand(4, 8), rand(4, 1, seed=1)), (4 * 8 + 4) * 4),
+    "silu_mean": (lambda x: F.silu(x).mean(-1), (rand(4, 8),), 4 * 8 * 4),
 }
 
 
@@ -106,12 +117,17 @@ def check_backward_numerically(program, fn, xs, saved):
     inputs = [leaves[j].detach().reshape(spec.shape) for j, spec in zip(program.example_index, program.inputs)]
     ins = [inputs[i] if where == "in" else forward_outs[i] for where, i in saved]
     ins += gys
-    outputs = [torch.empty(spec.shape, dtype=torch.float64) for _, spec in plan.program.outputs]
+    # a row result is read back with its kept dims; a "col" gradient is per-program partial rows
+    ins = [t.reshape(spec.shape) for t, spec in zip(ins, plan.program.inputs)]
+    outputs = [torch.empty(((1,) if spec.kind == "col" else ()) + tuple(spec.shape), dtype=torch.float64)
+               for _, spec in plan.program.outputs]
     run_reference(plan.program, ins, outputs)
     for k, i in enumerate(plan.grads_for):
         where, m = plan.route[k]
         got = outputs[m] if where == "out" else gys[m]
         x, ref = inputs[i], want[program.example_index[i]]
+        if where == "out" and plan.program.outputs[m][1].kind == "col":
+            got = got.sum(0).reshape(x.shape)
         dims = [d for d in range(got.dim()) if x.shape[d] != got.shape[d]]  # broadcast: the caller sums
         got = (got.sum(dim=dims, keepdim=True) if dims else got).reshape(ref.shape)
         assert torch.allclose(got, ref, rtol=1e-10, atol=1e-10), f"input {i}: {got} != {ref}"
