@@ -308,3 +308,70 @@ def test_mixed_precision_a_view_of_a_weight_is_applied_to_the_weights_single_cas
     assert cast.target is aten._to_copy.default and cast.kwargs["dtype"] is torch.bfloat16
     assert cast.args[0].op == "get_attr" and cast.args[0].target == "w"
     assert viewed.meta["val"].dtype is torch.bfloat16
+
+
+def _node(target, *args, shape=(2, 4, 64, 64), **kwargs):
+    """``target(x, *args)`` in a fresh graph, ``x`` a meta tensor of ``shape`` (what policy_of reads)."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(shape, device="meta")
+    return g.call_function(target, (x, *args), kwargs) if target is not None else x
+
+
+@pytest.mark.parametrize("target, args, kwargs, policy, reason", [
+    (None, (), {}, "keep", "placeholder x: not an ATen op, runs on its captured dtypes"),
+    (__import__("operator").getitem, (0,), {}, "follow", "getitem"),
+    (len, (), {}, "keep", "len is not an ATen op: runs on its captured dtypes"),
+    (aten._assert_tensor_metadata.default, (), {}, "assert", "export's dtype check follows its subject"),
+    (aten._to_copy.default, (), {"dtype": torch.bfloat16}, "cast", "explicit cast"),
+    (aten.to.dtype, (torch.bfloat16,), {}, "cast", "explicit cast"),
+    (aten.sum.dim_IntList, ([-1],), {}, "follow", "sum over 64 elements"),
+    (aten.sum.dim_IntList, ([2, 3],), {}, "fp32", "sum over 4096 elements (>= reduce_fp32_min=4096): fp32 result"),
+    (aten.mean.dim, (-4,), {}, "follow", "mean over 2 elements"),
+    (aten.mean.dim, (3,), {}, "follow", "mean over 64 elements"),
+    (aten.sum.default, (), {}, "fp32", "sum over 32768 elements (>= reduce_fp32_min=4096): fp32 result"),
+    (aten.sum.dim_IntList, (), {"dim": [1]}, "follow", "sum over 4 elements"),
+    (aten.sum.dim_IntList, ([4],), {}, "fp32", "sum over batch-dependent elements"),  # dim 4 of a 4-D x: no size read
+    (aten.pow.Tensor_Scalar, (2,), {}, "follow", "pow by 2: a few exact-ish multiplications"),
+    (aten.pow.Tensor_Scalar, (3.0,), {}, "follow", "pow by 3.0"),
+    (aten.pow.Tensor_Scalar, (0,), {}, "follow", "pow by 0"),
+    (aten.pow.Tensor_Scalar, (4,), {}, "fp32", "pow by 4: numerically sensitive"),
+    (aten.pow.Tensor_Scalar, (-1,), {}, "fp32", "pow by -1"),
+    (aten.pow.Tensor_Scalar, (2.5,), {}, "fp32", "pow by 2.5"),
+    (aten.mm.default, (), {}, "low", "tensor-core op: 16-bit inputs, fp32 accumulation in the kernel"),
+    (aten.layer_norm.default, ((64,),), {}, "norm", "reads 16-bit input and accumulates in fp32"),
+    (aten.exp.default, (), {}, "fp32", "exp: exp/log chain"),
+    (aten.var.correction, (), {}, "fp32", "var: variance: difference of large sums"),
+    (aten.cumsum.default, (0,), {}, "fp32", "cumsum: long accumulation"),
+    (aten.mse_loss.default, (), {}, "fp32", "mse_loss: loss function"),
+    (aten.cosh.default, (), {}, "fp32", "cosh: numerically sensitive"),
+    (aten.cat.default, (), {}, "follow", "follows its inputs' dtype"),
+    (aten.add_.Tensor, (1.0,), {}, "inplace", "in-place op: writes into its argument"),
+    (aten.lerp.Scalar, (1.0, 0.5), {}, "follow", "pointwise"),
+    (aten.view.default, ([-1],), {}, "follow", "view"),
+    (aten.bernoulli.p, (0.5,), {}, "follow", "random"),
+    (aten.nonzero.default, (), {}, "keep", "no mixed-precision policy for this op: runs on its captured dtypes"),
+])
+def test_mixed_precision_policy_of_each_branch(target, args, kwargs, policy, reason):
+    from fxopt.passes.mixed_precision import policy_of
+    got, why = policy_of(_node(target, *args, **kwargs))
+    assert got == policy and why.startswith(reason), (got, why)
+
+
+def test_mixed_precision_reduce_threshold_is_inclusive_at_the_option_value():
+    from fxopt.passes.mixed_precision import policy_of
+    node = _node(aten.sum.dim_IntList, [-1])   # 64 elements per output
+    assert policy_of(node, reduce_fp32_min=64)[0] == "fp32" and policy_of(node, reduce_fp32_min=65)[0] == "follow"
+
+
+@pytest.mark.parametrize("src, mid, exact", [
+    (torch.bfloat16, torch.float32, True), (torch.float16, torch.float64, True), (torch.float32, torch.float64, True),
+    (torch.bfloat16, torch.bfloat16, True), (torch.float32, torch.bfloat16, False),
+    (torch.bfloat16, torch.float16, False), (torch.float64, torch.float32, False),
+])
+def test_mixed_precision_a_widening_cast_is_exact(src, mid, exact):
+    """Read off the formats: bf16 and fp16 values are all representable in fp32 and fp64, fp32 in fp64."""
+    from fxopt.passes.mixed_precision import _exact
+    assert _exact(src, mid) is exact
+    x = torch.tensor([1 + 2 ** -7, 3.0e4, -2 ** -14], dtype=torch.float64).to(src)
+    assert torch.equal(x.to(mid).to(src), x) or not exact
