@@ -52,7 +52,8 @@ SHARDS: dict[str, list[str]] = {
     "passes/channels_last.py": ["tests/test_references_passes.py tests/test_channels_last.py -k 'min_cut or tie_puts or "
                                 "stack_converts or depthwise or pointwise_and_tiny or forced_golden or written_in_place "
                                 "or costs_are or transposed or bad_input or training_keeps'"],
-    "passes/mixed_precision.py": ["tests/test_references_passes.py -k 'policy or threshold or reduc or follow or pow or keep_fp32 or outputs_keep'",
+    "passes/mixed_precision.py": ["tests/test_mutation_passes.py -k mixed_precision",
+                                  "tests/test_references_passes.py -k 'policy or threshold or reduc or follow or pow or keep_fp32 or outputs_keep'",
                                   "tests/test_mixed_precision.py -k 'not models_verify and not each_weight and not gpt2'"],
     "passes/sdpa.py": ["tests/test_sdpa.py", "tests/test_references_passes.py"],
     "passes/epilogue.py": ["tests/test_epilogue.py", "tests/test_references_passes.py"],
