@@ -155,120 +155,153 @@ def _label(nodes) -> str:
 
 def lower(nodes: list[fx.Node], domain: Domain) -> Lowered:
     """Compile a region's nodes (in graph order) over ``domain`` into a program."""
-    S, k = tuple(domain.shape), domain.k
-    rank, region = len(S), set(nodes)
-    keep, flat = domain.row_shapes or (None, None)
-    b = _Builder("v")
-    env: dict = {}
-    inputs: list = []
-    specs: list[TensorSpec] = []
-    loads: dict = {}
-    space = _permuted_space(nodes, region, k)   # node -> permute into the region's space
+    return _Lowering(nodes, domain).run()
 
-    def rshape(n: fx.Node) -> tuple:
+
+class _Lowering:
+    """One region being lowered: its index space, the program builder, the values computed so far
+    (``env``: fx node -> program value) and the tensors loaded from outside the region."""
+
+    def __init__(self, nodes: list[fx.Node], domain: Domain):
+        self.nodes = nodes
+        self.S, self.k = tuple(domain.shape), domain.k
+        self.rank, self.region = len(self.S), set(nodes)
+        self.keep, self.flat = domain.row_shapes or (None, None)
+        self.b = _Builder("v")
+        self.env: dict = {}
+        self.inputs: list = []
+        self.specs: list[TensorSpec] = []
+        self.loads: dict = {}
+        self.space = _permuted_space(nodes, self.region, self.k)   # node -> permute into the region's space
+
+    def run(self) -> Lowered:
+        for n in self.nodes:
+            self.env[n] = _LOWERINGS.get(n.target, _pointwise)(self, n)
+        outputs = [n for n in self.nodes if any(u not in self.region for u in n.users)]
+        if not outputs:
+            raise Unfusible("the region's results are not used")
+        out_specs = []
+        for n in outputs:
+            v = _val(n)
+            out_specs.append((self.env[n].name, TensorSpec(self.kind(self.rshape(n)), tuple(v.shape), str(v.dtype),
+                                                           perm=self.space.get(n))))
+        for value, spec in out_specs:
+            if value not in self.b.kinds:
+                raise Unfusible("a result of the region is one of its inputs, unchanged")
+        program = Program(self.S, self.k, self.specs, self.b.steps, out_specs, _label(self.nodes))
+        return Lowered(program, self.inputs, outputs, _oracle(self.nodes, self.inputs, outputs))
+
+    def rshape(self, n: fx.Node) -> tuple:
+        """``n``'s shape in the region's index space (through the permute for nodes upstream of it)."""
         own = tuple(_val(n).shape)
-        return tuple(own[p] for p in space[n]) if n in space else own
+        return tuple(own[p] for p in self.space[n]) if n in self.space else own
 
-    def kind(shape) -> str:
+    def kind(self, shape) -> str:
         shape = tuple(shape)
-        if shape == S:
+        if shape == self.S:
             return "full"
-        if k and shape in (keep, flat):
+        if self.k and shape in (self.keep, self.flat):
             return "row"
-        raise Unfusible(f"shape {list(shape)} is neither the region's {list(S)} nor its rows")
+        raise Unfusible(f"shape {list(shape)} is neither the region's {list(self.S)} nor its rows")
 
-    def load(arg: fx.Node, view: tuple, perm: tuple | None):
-        v = _val(arg)
-        if (arg, view, perm) not in loads:
-            kd = "row" if k and all(d == 1 for d in view[rank - k:]) else "full"
-            idx = len(inputs)
-            inputs.append((arg, view))
-            specs.append(TensorSpec(kd, view, str(v.dtype), perm=perm))
-            loads[(arg, view, perm)] = b.load(f"x{idx}", idx, kd)
-        return loads[(arg, view, perm)]
+    def load(self, arg: fx.Node, view: tuple, perm: tuple | None):
+        """The program value of an input tensor, loaded once per (tensor, view, permute)."""
+        key = (arg, view, perm)
+        if key not in self.loads:
+            k = self.k
+            kd = "row" if k and all(d == 1 for d in view[self.rank - k:]) else "full"
+            idx = len(self.inputs)
+            self.inputs.append((arg, view))
+            self.specs.append(TensorSpec(kd, view, str(_val(arg).dtype), perm=perm))
+            self.loads[key] = self.b.load(f"x{idx}", idx, kd)
+        return self.loads[key]
 
-    def operand(arg, shape: tuple, view: tuple | None = None, perm: tuple | None = None):
-        if isinstance(arg, fx.Node) and arg in region:
+    def operand(self, arg, shape: tuple, view: tuple | None = None, perm: tuple | None = None):
+        """``arg`` (a region node, an outside tensor read through ``view``, or a number) as a program
+        value of a node of ``shape``."""
+        S, k, rank = self.S, self.k, self.rank
+        if isinstance(arg, fx.Node) and arg in self.region:
             ashape = tuple(_val(arg).shape)
-            if ashape != shape and not (shape == S and ashape == keep):
+            if ashape != shape and not (shape == S and ashape == self.keep):
                 raise Unfusible(f"{arg.name} {list(ashape)} broadcasts against {list(shape)} "
                                 f"in a way the row layout does not express")
-            return env[arg]
+            return self.env[arg]
         if isinstance(arg, fx.Node):
             v = _val(arg)
             if not isinstance(v, torch.Tensor):
                 raise Unfusible(f"operand {arg.name} is not a tensor")
             if view is None:
-                view = _pad(v.shape, rank) if shape != flat or k == 0 else _pad(v.shape, rank - k) + (1,) * k
+                view = _pad(v.shape, rank) if shape != self.flat or k == 0 else _pad(v.shape, rank - k) + (1,) * k
             view = _static(view)
             if perm:   # the operand of a node upstream of the region's permute
                 view = tuple(view[p] for p in perm)
             if len(view) != rank or any(a not in (1, s) for a, s in zip(view, S)):
                 raise Unfusible(f"operand {arg.name} {list(v.shape)} does not broadcast to {list(S)}")
-            return load(arg, view, perm)
+            return self.load(arg, view, perm)
         if isinstance(arg, (int, float, bool)):
             return arg
         raise Unfusible(f"argument {arg!r} is neither a tensor nor a number")
 
-    for n in nodes:
-        out = _val(n)
-        shape = tuple(out.shape)
-        if n.target is aten.permute.default:   # the region's one permute: free in its index space
-            env[n] = env[n.args[0]]
-            continue
-        if n.target in VIEWS:
-            src = n.args[0]
-            sshape = tuple(_val(src).shape)
-            ok = kind(shape) == "row" and kind(sshape) == "row" or \
-                (n.target is aten.expand.default and kind(sshape) == "row" and shape == S)
-            if src not in region or not ok:
-                raise Unfusible(f"view {n.name} reshapes a value of the region")
-            env[n] = env[src]
-            continue
-        t = n.target
-        if t in REDUCTIONS:
-            x = operand(n.args[0], S)
-            s = b.reduce(x, "sum" if REDUCTIONS[t] == "mean" else REDUCTIONS[t])
-            env[n] = b.expr(s / math.prod(S[rank - k:]), "row") if REDUCTIONS[t] == "mean" else s
-        elif t in SOFTMAX:
-            x = operand(n.args[0], S)
-            m = b.reduce(x, "max", nograd=True)
-            e = b.expr(sp.exp(x - m), "full")
-            s = b.reduce(e)
-            env[n] = b.expr(x - m - sp.log(s) if SOFTMAX[t] else e / s, "full")
-        elif t in NORMS:
-            env[n] = _norm(n, b, operand, S, k)
-        elif t is aten.batch_norm.default:
-            x, w, bias, rm, rv = n.args[:5]
-            eps = n.args[7]
-            cview = (1, S[1]) + (1,) * (rank - 2)
-            y = (operand(x, S) - operand(rm, S, cview)) / sp.sqrt(operand(rv, S, cview) + sp.Float(eps))
-            if w is not None:
-                y = y * operand(w, S, cview)
-            if bias is not None:
-                y = y + operand(bias, S, cview)
-            env[n] = b.expr(y, "full")
-        else:
-            args = [operand(a, shape, perm=space.get(n)) for a in n.args]
-            kwargs = {key: v for key, v in n.kwargs.items() if key not in ("memory_format",)}
-            if t in (aten._to_copy.default, aten.to.dtype, aten.type_as.default):
-                kwargs = {"dtype": out.dtype}
-                args = args[:1]
-            expr = POINTWISE[str(t)](*args, **kwargs)
-            env[n] = b.expr(expr, kind(rshape(n)))
-    outputs = [n for n in nodes if any(u not in region for u in n.users)]
-    if not outputs:
-        raise Unfusible("the region's results are not used")
-    out_specs = []
-    for n in outputs:
-        v = _val(n)
-        out_specs.append((env[n].name, TensorSpec(kind(rshape(n)), tuple(v.shape), str(v.dtype),
-                                                  perm=space.get(n))))
-    for value, spec in out_specs:
-        if value not in b.kinds:
-            raise Unfusible("a result of the region is one of its inputs, unchanged")
-    program = Program(S, k, specs, b.steps, out_specs, _label(nodes))
-    return Lowered(program, inputs, outputs, _oracle(nodes, inputs, outputs))
+
+# ---------------------------------------------------------------------------------------------
+# one lowering per op group: (region, node) -> the node's program value
+
+
+def _permute(lw: _Lowering, n: fx.Node):
+    """The region's one permute: free in its index space."""
+    return lw.env[n.args[0]]
+
+
+def _view(lw: _Lowering, n: fx.Node):
+    """A view between the region's row shapes (or a row expanded to the full space) moves nothing."""
+    src, shape = n.args[0], tuple(_val(n).shape)
+    sshape = tuple(_val(src).shape)
+    ok = lw.kind(shape) == "row" and lw.kind(sshape) == "row" or \
+        (n.target is aten.expand.default and lw.kind(sshape) == "row" and shape == lw.S)
+    if src not in lw.region or not ok:
+        raise Unfusible(f"view {n.name} reshapes a value of the region")
+    return lw.env[src]
+
+
+def _reduction(lw: _Lowering, n: fx.Node):
+    how = REDUCTIONS[n.target]
+    x = lw.operand(n.args[0], lw.S)
+    s = lw.b.reduce(x, "sum" if how == "mean" else how)
+    return lw.b.expr(s / math.prod(lw.S[lw.rank - lw.k:]), "row") if how == "mean" else s
+
+
+def _softmax(lw: _Lowering, n: fx.Node):
+    b = lw.b
+    x = lw.operand(n.args[0], lw.S)
+    m = b.reduce(x, "max", nograd=True)
+    e = b.expr(sp.exp(x - m), "full")
+    s = b.reduce(e)
+    return b.expr(x - m - sp.log(s) if SOFTMAX[n.target] else e / s, "full")
+
+
+def _batch_norm(lw: _Lowering, n: fx.Node):
+    """Inference batch norm: per-channel affine arithmetic on the running statistics."""
+    S = lw.S
+    x, w, bias, rm, rv = n.args[:5]
+    eps = n.args[7]
+    cview = (1, S[1]) + (1,) * (lw.rank - 2)
+    y = (lw.operand(x, S) - lw.operand(rm, S, cview)) / sp.sqrt(lw.operand(rv, S, cview) + sp.Float(eps))
+    if w is not None:
+        y = y * lw.operand(w, S, cview)
+    if bias is not None:
+        y = y + lw.operand(bias, S, cview)
+    return lw.b.expr(y, "full")
+
+
+def _pointwise(lw: _Lowering, n: fx.Node):
+    """Every other op: an expression from the table in :mod:`.scalar`."""
+    t, out = n.target, _val(n)
+    args = [lw.operand(a, tuple(out.shape), perm=lw.space.get(n)) for a in n.args]
+    kwargs = {key: v for key, v in n.kwargs.items() if key not in ("memory_format",)}
+    if t in (aten._to_copy.default, aten.to.dtype, aten.type_as.default):
+        kwargs = {"dtype": out.dtype}
+        args = args[:1]
+    return lw.b.expr(POINTWISE[str(t)](*args, **kwargs), lw.kind(lw.rshape(n)))
 
 
 def _oracle(nodes: list, inputs: list, outputs: list) -> fx.GraphModule:
@@ -303,17 +336,19 @@ def _permuted_space(nodes: list, region: set, k: int) -> dict:
             upstream.add(n)
             stack.extend(n.all_input_nodes)
     for n in upstream:
-        if n.target in REDUCTIONS or n.target in SOFTMAX or n.target in NORMS or n.target is aten.batch_norm.default:
+        if _LOWERINGS.get(n.target) in (_reduction, _softmax, _norm, _batch_norm):
             raise Unfusible(f"{n.name} before the permute is not pointwise")
         if any(u in region and u not in upstream and u is not p for u in n.users):
             raise Unfusible(f"{n.name} is used on both sides of the permute")
     return {n: dims for n in upstream}
 
 
-def _norm(n: fx.Node, b: _Builder, operand, S: tuple, k: int):
+def _norm(lw: _Lowering, n: fx.Node):
+    """Layer norm and RMS norm over the region's ``k`` trailing dims."""
+    b, S = lw.b, lw.S
     x_node = n.args[0]
-    size = math.prod(S[len(S) - k:])
-    x = operand(x_node, S)
+    size = math.prod(S[len(S) - lw.k:])
+    x = lw.operand(x_node, S)
     if n.target is aten.layer_norm.default:
         weight = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
         bias = n.args[3] if len(n.args) > 3 else n.kwargs.get("bias")
@@ -331,7 +366,12 @@ def _norm(n: fx.Node, b: _Builder, operand, S: tuple, k: int):
         ms = b.expr(b.reduce(b.expr(x * x, "full")) / size, "row")
         y = x / sp.sqrt(ms + sp.Float(eps))
     if weight is not None:
-        y = y * operand(weight, S)
+        y = y * lw.operand(weight, S)
     if bias is not None:
-        y = y + operand(bias, S)
+        y = y + lw.operand(bias, S)
     return b.expr(y, "full")
+
+
+_LOWERINGS = {aten.permute.default: _permute, **dict.fromkeys(VIEWS, _view),
+              **dict.fromkeys(REDUCTIONS, _reduction), **dict.fromkeys(SOFTMAX, _softmax),
+              **dict.fromkeys(NORMS, _norm), aten.batch_norm.default: _batch_norm}
