@@ -138,3 +138,42 @@ def test_table_limit_and_verdict_name_the_precision():
     assert "judged at" not in res.verdict()
     res16 = verify(model, fxopt.capture(model, x).graph_module, x, reference_precision="bf16")
     assert "(judged at bfloat16)" in res16.verdict()
+
+
+def test_complex_tensors_use_the_complex_floor_and_modulus():
+    """complex64 has float32's floor (1e-5), complex128 float64's; the scale is max |z| (modulus)."""
+    ref64 = torch.tensor([3 + 4j, 0.5j], dtype=torch.complex128)        # max |z| = 5
+    c = check_tensor("t", "output", ref64, ref64.to(torch.complex64), ref64.to(torch.complex64))
+    assert c.ok and c.allowed == pytest.approx(1e-5 * 5.0, rel=1e-12)
+    off = ref64 + torch.tensor([0, 3e-5 + 4e-5j], dtype=torch.complex128)  # |error| = 5e-5 = allowed
+    assert check_tensor("t", "output", ref64, ref64.to(torch.complex64), off).cand_error == pytest.approx(5e-5)
+    c = check_tensor("t", "output", ref64, ref64, ref64)
+    assert c.allowed == pytest.approx(1e-12 * 5.0, rel=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(torch, "float8_e4m3fn"), reason="no float8 in this torch")
+def test_float8_floor():
+    ref64 = _t(torch.float64)
+    c = check_tensor("t", "output", ref64, _t(torch.float32), _t(torch.float32).to(torch.float8_e4m3fn))
+    assert c.ok and c.allowed == pytest.approx(1e-1 * 2.0)
+
+
+def test_integer_and_bool_tensors_stay_exact_under_a_reference_precision():
+    """reference_precision adds its floor to floating tensors only: counters stay exact."""
+    r = torch.tensor([3, 4, 5])
+    c = check_tensor("t", "buffer", r, r, r, reference_precision="bf16")   # .double() keeps int buffers int
+    assert c.allowed == 0 and c.ok
+    assert not check_tensor("t", "buffer", r, r, r + 1, reference_precision="bf16").ok
+    assert check_tensor("t", "buffer", r.double(), r.float(), r.float(), reference_precision="bf16").allowed == \
+        pytest.approx(1e-2 * 5.0)   # a floating one gets the bf16 floor
+    b = torch.tensor([True, False])
+    assert check_tensor("t", "output", b, b, b).allowed == 0
+    assert not check_tensor("t", "output", b, b, ~b).ok
+
+
+def test_floor_dict_entry_for_the_candidates_dtype():
+    ref64 = _t(torch.float64)
+    c = check_tensor("t", "output", ref64, _t(torch.float32), _t(torch.bfloat16), floor={torch.bfloat16: 0.25})
+    assert c.allowed == pytest.approx(0.25 * 2.0)
+    with pytest.raises(Exception, match="floor dict keys must be torch dtypes"):
+        check_tensor("t", "output", ref64, ref64, ref64, floor={"float32": 1e-3})
