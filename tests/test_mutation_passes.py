@@ -375,3 +375,62 @@ def test_mixed_precision_a_widening_cast_is_exact(src, mid, exact):
     assert _exact(src, mid) is exact
     x = torch.tensor([1 + 2 ** -7, 3.0e4, -2 ** -14], dtype=torch.float64).to(src)
     assert torch.equal(x.to(mid).to(src), x) or not exact
+
+
+# ---------------------------------------------------------------------------------------------
+# channels_last: the small facts the planner is built on, by hand
+
+
+@pytest.mark.parametrize("make, want", [
+    (lambda: torch.empty(2, 3, 4, 5), "nchw"),
+    (lambda: torch.empty(2, 3, 4, 5).to(memory_format=torch.channels_last), "nhwc"),
+    (lambda: torch.empty(2, 3, 1, 1), "both"),                  # strides fit either format
+    (lambda: torch.empty(2, 5, 4, 3).permute(0, 3, 2, 1), "other"),
+    (lambda: torch.empty(2, 3, 4), None),                       # not 4-D
+    (lambda: torch.empty(2, 3, 4, 5, dtype=torch.int64), None),  # not floating
+    (lambda: 3.0, None),
+])
+def test_channels_last_layout_of_by_strides(make, want):
+    from fxopt.passes.channels_last import layout_of
+    assert layout_of(make()) == want
+
+
+def test_channels_last_small_helpers_by_hand():
+    from fxopt.passes import channels_last as cl
+    assert (cl._ps(1e-12), cl._ps(2.6e-12), cl._ps(-1.0), cl._ps(0.0)) == (1, 3, 0, 0)
+    assert cl._fmt_bytes(2 ** 20) == "1.0 MiB" and cl._fmt_bytes(2 ** 20 - 512) == "1023.5 KiB"
+    assert cl._fmt_us(1.5e-6) == "+1.5 us" and cl._fmt_us(-2e-6) == "-2.0 us"
+
+
+@pytest.mark.parametrize("perm, want", [([0, 2, 3, 1], True), ([0, -2, -1, 1], True), ([0, 3, 1, 2], False),
+                                        ([0, 1, 2, 3], False)])
+def test_channels_last_only_the_nchw_to_nhwc_permute_is_free(perm, want):
+    from fxopt.passes.channels_last import _to_nhwc_permute
+    assert _to_nhwc_permute(_node(aten.permute.default, perm)) is want
+    assert _to_nhwc_permute(_node(aten.view.default, perm)) is False
+
+
+@pytest.mark.parametrize("target, args, kwargs, groups", [
+    (aten.conv2d.default, (None, None, [1, 1], [0, 0], [1, 1], 4), {}, 4),
+    (aten.conv2d.default, (None,), {"groups": 3}, 3),
+    (aten.conv2d.default, (None,), {}, 1),
+    (aten.convolution.default, (None, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 8), {}, 8),
+    (aten.convolution.default, (None, None, [1, 1], [0, 0], [1, 1], False, [0, 0]), {}, 1),
+])
+def test_channels_last_conv_groups_read_from_each_schema(target, args, kwargs, groups):
+    """conv2d(input, weight, bias, stride, padding, dilation, groups): groups is argument 6;
+    convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups): 8."""
+    from fxopt.passes.channels_last import _conv_groups
+    assert _conv_groups(_node(target, *args, **kwargs)) == groups
+
+
+@pytest.mark.parametrize("target, kwargs, any_layout", [
+    (aten._to_copy.default, {"memory_format": torch.channels_last}, True),   # says its format: any input
+    (aten._to_copy.default, {"memory_format": torch.preserve_format}, False),
+    (aten._to_copy.default, {}, False),
+    (aten.clone.default, {"memory_format": torch.contiguous_format}, True),
+    (aten.relu.default, {}, False),
+])
+def test_channels_last_copies_with_an_explicit_format_read_any_layout(target, kwargs, any_layout):
+    from fxopt.passes.channels_last import _any_layout
+    assert _any_layout(_node(target, **kwargs)) is any_layout
