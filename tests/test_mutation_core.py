@@ -299,6 +299,9 @@ def test_capture_export_failure_gets_the_matching_hint(monkeypatch, message, hin
 
 @pytest.mark.parametrize("exc, error, words", [
     (TypeError("forward() takes 2 positional arguments but 3 were given"), InputError, "do not match"),
+    (TypeError("forward() got an unexpected keyword argument 'y'"), InputError, "do not match"),
+    (TypeError("forward() takes 2 positional ones"), InputError, "do not match"),
+    (TypeError("unsupported operand type(s) for +"), "CaptureError", "could not capture"),
     (RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"), InputError, "shapes [(2, 3)]"),
     (ValueError("size mismatch for fc"), InputError, "do not fit"),
     (RuntimeError("mat1 and mat2 cannot be multiplied"), "CaptureError", "could not capture"),
