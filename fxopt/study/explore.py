@@ -11,10 +11,10 @@ Candidates are ranked by predicted saving; slower ones stay in the table, marked
 
 Exact rules (fused SDPA, BN folding, 1x1 conv as GEMM, concat + 1x1 conv as summed per-branch
 projections) are verified numerically with :func:`fxopt.verify` on each distinct touched module
-(random weights, CPU, batch 1 of the recorded shapes); a candidate that fails is marked so and never called exact. Every other candidate changes
-the function and carries no equivalence claim; with ``ablate={"steps": N, "seeds": k}`` the top
-ones (and the best compatible pair) are trained side by side with :func:`fxopt.ablate` from the
-same initial weights and data, giving a parity verdict under ablate's rule and the **predicted time
+(random weights, CPU, batch 1 of the recorded shapes); a candidate that fails is marked so and
+never called exact. Every other candidate changes the function and carries no equivalence claim;
+with ``ablate={"steps": N, "seeds": k}`` the top ones (and the best compatible pair) are trained
+side by side with :func:`fxopt.ablate` from the same initial weights and data, giving a parity verdict under ablate's rule and the **predicted time
 to the original's target loss** = steps to target x predicted step time.
 """
 from __future__ import annotations

@@ -942,7 +942,8 @@ class BranchFusion(nn.Module):
             setattr(self, spec.conv, new)
 
     def extra_repr(self) -> str:
-        return f"branches={list(self.spec.widths)}, {'summed then projected' if self.summed else 'projected then added'}"
+        how = "summed then projected" if self.summed else "projected then added"
+        return f"branches={list(self.spec.widths)}, {how}"
 
     def forward(self, *args):
         xs = args[0] if self.spec.listed else args
