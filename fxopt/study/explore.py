@@ -14,8 +14,9 @@ projections) are verified numerically with :func:`fxopt.verify` on each distinct
 (random weights, CPU, batch 1 of the recorded shapes); a candidate that fails is marked so and
 never called exact. Every other candidate changes the function and carries no equivalence claim;
 with ``ablate={"steps": N, "seeds": k}`` the top ones (and the best compatible pair) are trained
-side by side with :func:`fxopt.ablate` from the same initial weights and data, giving a parity verdict under ablate's rule and the **predicted time
-to the original's target loss** = steps to target x predicted step time.
+side by side with :func:`fxopt.ablate` from the same initial weights and data, giving a parity
+verdict under ablate's rule and the **predicted time to the original's target loss** = steps to
+target x predicted step time.
 """
 from __future__ import annotations
 
