@@ -434,3 +434,29 @@ def test_channels_last_conv_groups_read_from_each_schema(target, args, kwargs, g
 def test_channels_last_copies_with_an_explicit_format_read_any_layout(target, kwargs, any_layout):
     from fxopt.passes.channels_last import _any_layout
     assert _any_layout(_node(target, **kwargs)) is any_layout
+
+
+def test_mixed_precision_cleanup_removes_a_cast_round_trip_the_model_wrote():
+    """``conv(x).to(bf16).float().to(bf16)``: once the conv runs bf16, the first cast is a no-op and
+    bf16 -> fp32 -> bf16 is the identity (every bf16 value is an fp32 value): relu reads the conv."""
+    from nets import Fn
+    model = Fn(lambda m, x: torch.relu(m.mods[0](x).to(torch.bfloat16).float().to(torch.bfloat16)),
+               nn.Conv2d(4, 4, 1))
+    gm, r = _mixed(model, torch.randn(2, 4, 4, 4))
+    (relu,) = _calls(gm, "relu")
+    assert relu.args[0].name == "conv2d" and relu.args[0].meta["val"].dtype is torch.bfloat16
+    assert r.stats["removed_cast-noop"] == 1 and r.stats["removed_cast-roundtrip"] == 1
+    assert any(d.reason == "cast-roundtrip: conv2d is bf16; bf16 -> fp32 -> bf16 is the identity"
+               for d in r.decisions)
+
+
+def test_mixed_precision_a_conv_after_an_fp32_op_still_runs_bf16():
+    """exp keeps fp32 (numerically sensitive); the conv after it is tensor-core work: its fp32
+    input is cast down, it does not follow the fp32 activation."""
+    from nets import Fn
+    model = Fn(lambda m, x: m.mods[0](torch.exp(x)), nn.Conv2d(4, 4, 1))
+    gm, _ = _mixed(model, torch.randn(2, 4, 4, 4))
+    (exp,), (conv,) = _calls(gm, "exp"), _calls(gm, "conv2d")
+    assert exp.meta["val"].dtype is torch.float32 and conv.meta["val"].dtype is torch.bfloat16
+    cast = conv.args[0]
+    assert cast.target is aten._to_copy.default and cast.args[0] is exp and cast.kwargs["dtype"] is torch.bfloat16
