@@ -449,6 +449,145 @@ class _Planner:
 
 
 # ---------------------------------------------------------------------------------------------
+# rewriting: conversions where the labelling needs them
+
+
+def _positions(user: fx.Node):
+    """(position, argument) of every positional and keyword argument of ``user``."""
+    yield from enumerate(user.args)
+    yield from user.kwargs.items()
+
+
+# what an inserted conversion is, by (direction, is a weight): the stat it counts and its log line
+_INSERTED = {
+    (NHWC, True): ("weights_to_nhwc", "weight {weight} to NHWC in the graph (the parameter stays an NCHW master)"),
+    (NHWC, False): ("conversions_to_nhwc", "{p} NCHW->NHWC at a region input (for {before})"),
+    (NCHW, False): ("conversions_to_nchw", "{p} NHWC->NCHW at a region exit (for {before})"),
+}
+
+
+@dataclass
+class _Rewriter:
+    """Inserts the conversions the labelling ``nhwc`` needs; each tensor is converted at most once per
+    direction (``converted``), and a cast folds the layout in only if every use wants NHWC (``wants``)."""
+
+    graph: fx.Graph
+    plan: _Planner
+    nhwc: set
+    ctx: PassContext
+    stats: Counter = field(default_factory=Counter)
+    wants: dict = field(default_factory=dict)       # tensor -> the layout each of its uses wants
+    converted: dict = field(default_factory=dict)   # (tensor, layout) -> its conversion
+
+    def run(self) -> Counter:
+        for user in list(self.graph.nodes):
+            for pos, a in _positions(user):
+                for p in torch.utils._pytree.tree_leaves(a):
+                    if isinstance(p, fx.Node) and layout_of(val(p)) is not None:
+                        self.wants.setdefault(p, []).append(self.want(user, pos, p))
+        for user in list(self.graph.nodes):
+            self.rewire(user)
+        self.stats["conversion_est_us"] = round(self.stats["conversion_est_us"], 3)
+        return self.stats
+
+    def runs_nhwc(self, n: fx.Node) -> bool:
+        return n in self.nhwc or self.plan.layout0.get(n) == NHWC
+
+    def current(self, p: fx.Node) -> str | None:
+        return NHWC if p in self.nhwc else self.plan.layout0.get(p)
+
+    def want(self, user: fx.Node, pos, p: fx.Node) -> str:
+        """What layout ``user`` wants of ``p`` at argument position ``pos``: nhwc, nchw, fold or keep."""
+        plan = self.plan
+        carrying = user in plan.carry and isinstance(pos, int) and pos in plan.carry[user]
+        if carrying and user in self.nhwc:
+            return NHWC if self.current(p) not in (NHWC, BOTH) else "keep"
+        if carrying and user.target in CONV_OPS and pos == 1 and self.runs_nhwc(user) and _foldable_cast(p) \
+                and self.current(p) not in (NHWC, BOTH):
+            return FOLD  # a conv already NHWC converts its weight itself: free only inside a cast
+        if p in self.nhwc and self.current(p) != BOTH and plan.layout0[p] != BOTH:
+            if carrying and self.runs_nhwc(user):
+                return "keep"
+            if user.op != "output" and (_any_layout(user) or _to_nhwc_permute(user)):
+                return "keep"
+            return NCHW
+        return "keep"
+
+    def rewire(self, user: fx.Node) -> None:
+        """Point ``user``'s arguments at the conversions it wants."""
+        args, kwargs, hits = list(user.args), dict(user.kwargs), []
+        for pos, a in _positions(user):
+            new = fx.node.map_arg(a, functools.partial(self.swap, user, pos, hits))
+            if isinstance(pos, int):
+                args[pos] = new
+            else:
+                kwargs[pos] = new
+        if hits:
+            user.args, user.kwargs = tuple(args), kwargs
+
+    def swap(self, user: fx.Node, pos, hits: list, p):
+        """``p`` as ``user`` reads it at ``pos``: itself or its conversion (noted in ``hits``)."""
+        if not isinstance(p, fx.Node) or layout_of(val(p)) is None:
+            return p
+        to = self.want(user, pos, p)
+        if to == "keep":
+            return p
+        hits.append(p)
+        if (p, to) in self.converted:
+            return self.converted[p, to]
+        return _CONVERSIONS[to](self, p, user)
+
+    def foldable(self, p: fx.Node) -> bool:
+        """Can NHWC ride on ``p``'s own cast: every use wants NHWC and none is a graph output?"""
+        return _foldable_cast(p) and all(k in (NHWC, FOLD, "keep") for k in self.wants.get(p, [])) and \
+            all(u.op != "output" for u in p.users)
+
+    def fold(self, p: fx.Node) -> fx.Node:
+        cost = self.plan.costs.copy(p)  # priced as the cast it still is
+        p.kwargs = {**p.kwargs, "memory_format": torch.channels_last}
+        p.meta[LAYOUT_META] = NHWC
+        self.ctx.decide(p, "fold-cast", f"memory_format=channels_last folded into the existing cast "
+                                        f"{p.name}: one copy casts and converts", -cost)
+        self.stats["folded_casts"] += 1
+        self.converted[p, NHWC] = self.converted[p, FOLD] = p
+        return p
+
+    def insert(self, p: fx.Node, to: str, before: fx.Node) -> fx.Node:
+        """A ``_to_copy`` of ``p`` into layout ``to`` before ``before``, counted and logged."""
+        fmt = torch.channels_last if to == NHWC else torch.contiguous_format
+        with self.graph.inserting_before(before):
+            new = self.graph.create_node("call_function", aten._to_copy.default, (p,), {"memory_format": fmt},
+                                         name=f"{p.name}_{to}")
+        src = p if p.op == "call_function" else before
+        for k in PROVENANCE_KEYS:
+            if k in src.meta:
+                new.meta[k] = src.meta[k]
+        fake = _fake_val(aten._to_copy.default, (p,), {"memory_format": fmt})
+        if fake is not None:
+            new.meta["val"] = fake
+        is_weight = p.op == "get_attr" or (before.target in CONV_OPS and before.args[1] is p)
+        if to == NHWC:
+            new.meta[LAYOUT_META] = NHWC
+        stat, what = _INSERTED[to, to == NHWC and is_weight]  # a weight: a parameter, or computed from one
+        cost, nbytes = self.plan.costs.copy(p), self.plan.costs._bytes(val(p))
+        self.stats[stat] += 1
+        self.stats["conversion_bytes"] += 2 * nbytes
+        self.stats["conversion_est_us"] += round(cost * 1e6, 3)
+        what = what.format(weight=p.target if p.op == "get_attr" else p.name, p=p.name, before=before.name)
+        self.ctx.decide(new, "insert-conversion", f"{what}: copy of {_fmt_bytes(nbytes)}", -cost)
+        self.converted[p, to] = new
+        return new
+
+
+# conversion wanted -> how: NHWC folds into an existing cast where it can, else copies; FOLD only folds
+_CONVERSIONS = {
+    NHWC: lambda rw, p, before: rw.fold(p) if rw.foldable(p) else rw.insert(p, NHWC, before),
+    NCHW: lambda rw, p, before: rw.insert(p, NCHW, before),
+    FOLD: lambda rw, p, before: rw.fold(p) if rw.foldable(p) else p,
+}
+
+
+# ---------------------------------------------------------------------------------------------
 # the pass
 
 
@@ -478,8 +617,7 @@ class ToChannelsLast(Pass):
             plan.solve(region)
             nhwc |= region.nhwc
             self._log_region(region, plan, ctx, stats)
-        runs_nhwc = lambda n: n in nhwc or plan.layout0.get(n) == NHWC
-        stats.update(self._rewrite(gm, plan, nhwc, runs_nhwc, ctx))
+        stats.update(_Rewriter(gm.graph, plan, nhwc, ctx).run())
         for n in nhwc:
             n.meta[LAYOUT_META] = NHWC
         modified = bool(stats["conversions_to_nhwc"] or stats["conversions_to_nchw"] or stats["weights_to_nhwc"]
@@ -539,118 +677,6 @@ class ToChannelsLast(Pass):
                     note = f"; its region stays NCHW (region est. {_fmt_us(region.all_gain_s)} with conversions)"
                 ctx.decide(conv, "keep-nchw", head("stays NCHW") + note, gain)
                 stats["convs_nchw"] += 1
-
-    # -- rewriting --------------------------------------------------------------------------------
-    def _rewrite(self, gm: fx.GraphModule, plan: _Planner, nhwc: set, runs_nhwc, ctx: PassContext) -> Counter:
-        """Insert the conversions the labelling needs; each tensor is converted at most once per direction."""
-        graph = gm.graph
-        stats: Counter = Counter()
-
-        def cur(p) -> str | None:
-            return NHWC if p in nhwc else plan.layout0.get(p)
-
-        def kind(user: fx.Node, pos, p: fx.Node) -> str:
-            """What layout ``user`` wants of ``p`` at argument position ``pos``: nhwc, nchw or keep."""
-            carrying = user in plan.carry and isinstance(pos, int) and pos in plan.carry[user]
-            if carrying and user in nhwc:
-                return NHWC if cur(p) not in (NHWC, BOTH) else "keep"
-            if carrying and user.target in CONV_OPS and pos == 1 and runs_nhwc(user) and _foldable_cast(p) \
-                    and cur(p) not in (NHWC, BOTH):
-                return FOLD  # a conv already NHWC converts its weight itself: free only inside a cast
-            if p in nhwc and cur(p) != BOTH and plan.layout0[p] != BOTH:
-                if carrying and runs_nhwc(user):
-                    return "keep"
-                if user.op != "output" and (_any_layout(user) or _to_nhwc_permute(user)):
-                    return "keep"
-                return NCHW
-            return "keep"
-
-        def positions(user: fx.Node):
-            for i, a in enumerate(user.args):
-                yield i, a
-            for k, a in user.kwargs.items():
-                yield k, a
-
-        # which tensors need which conversions (casts fold only if every use wants NHWC)
-        wants: dict = {}
-        for user in list(graph.nodes):
-            for pos, a in positions(user):
-                for p in torch.utils._pytree.tree_leaves(a):
-                    if isinstance(p, fx.Node) and layout_of(val(p)) is not None:
-                        wants.setdefault(p, []).append(kind(user, pos, p))
-        converted: dict = {}
-
-        def convert(p: fx.Node, to: str, before: fx.Node) -> fx.Node:
-            key = (p, to)
-            if key in converted:
-                return converted[key]
-            cost = plan.costs.copy(p)
-            nbytes = plan.costs._bytes(val(p))
-            foldable = to in (NHWC, FOLD) and _foldable_cast(p) and all(
-                k in (NHWC, FOLD, "keep") for k in wants.get(p, [])) and all(u.op != "output" for u in p.users)
-            if to == FOLD and not foldable:
-                return p
-            fmt = torch.channels_last if to in (NHWC, FOLD) else torch.contiguous_format
-            if foldable:
-                p.kwargs = {**p.kwargs, "memory_format": fmt}
-                p.meta[LAYOUT_META] = NHWC
-                ctx.decide(p, "fold-cast", f"memory_format=channels_last folded into the existing cast "
-                                           f"{p.name}: one copy casts and converts", -cost)
-                stats["folded_casts"] += 1
-                converted[p, NHWC] = converted[p, FOLD] = p
-                return p
-            with graph.inserting_before(before):
-                new = graph.create_node("call_function", aten._to_copy.default, (p,), {"memory_format": fmt},
-                                        name=f"{p.name}_{to}")
-            src = p if p.op == "call_function" else before
-            for k in PROVENANCE_KEYS:
-                if k in src.meta:
-                    new.meta[k] = src.meta[k]
-            fake = _fake_val(aten._to_copy.default, (p,), {"memory_format": fmt})
-            if fake is not None:
-                new.meta["val"] = fake
-            is_weight = p.op == "get_attr" or (before.target in CONV_OPS and before.args[1] is p)
-            if to == NHWC:
-                new.meta[LAYOUT_META] = NHWC
-                if is_weight:  # a parameter, or a weight computed from one (fold-bn's w * s)
-                    stats["weights_to_nhwc"] += 1
-                    what = f"weight {p.target if p.op == 'get_attr' else p.name} to NHWC in the graph " \
-                           f"(the parameter stays an NCHW master)"
-                else:
-                    stats["conversions_to_nhwc"] += 1
-                    what = f"{p.name} NCHW->NHWC at a region input (for {before.name})"
-            else:
-                stats["conversions_to_nchw"] += 1
-                what = f"{p.name} NHWC->NCHW at a region exit (for {before.name})"
-            stats["conversion_bytes"] += 2 * nbytes
-            stats["conversion_est_us"] += round(cost * 1e6, 3)
-            ctx.decide(new, "insert-conversion", f"{what}: copy of {_fmt_bytes(nbytes)}", -cost)
-            converted[key] = new
-            return new
-
-        for user in list(graph.nodes):
-            new_args = list(user.args)
-            new_kwargs = dict(user.kwargs)
-            changed = False
-            for pos, a in positions(user):
-                def swap(p, pos=pos):
-                    nonlocal changed
-                    if not isinstance(p, fx.Node) or layout_of(val(p)) is None:
-                        return p
-                    k = kind(user, pos, p)
-                    if k == "keep":
-                        return p
-                    changed = True
-                    return convert(p, k, user)
-                new = fx.node.map_arg(a, swap)
-                if isinstance(pos, int):
-                    new_args[pos] = new
-                else:
-                    new_kwargs[pos] = new
-            if changed:
-                user.args, user.kwargs = tuple(new_args), new_kwargs
-        stats["conversion_est_us"] = round(stats["conversion_est_us"], 3)
-        return stats
 
     # -- guarantee --------------------------------------------------------------------------------
     def ensures(self, gm: fx.GraphModule, ctx: PassContext) -> None:
