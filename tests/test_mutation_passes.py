@@ -460,3 +460,68 @@ def test_mixed_precision_a_conv_after_an_fp32_op_still_runs_bf16():
     assert exp.meta["val"].dtype is torch.float32 and conv.meta["val"].dtype is torch.bfloat16
     cast = conv.args[0]
     assert cast.target is aten._to_copy.default and cast.args[0] is exp and cast.kwargs["dtype"] is torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse: region bookkeeping by hand
+
+
+def test_fuse_region_row_and_table_by_hand():
+    from fxopt.passes.fuse import RegionRecord, region_table
+    fused = RegionRecord("r0", ["mul", "add"], ["mul", "add"], True, "fused", 3_000_000, 1_250_000, 12.34e-6, 5e-6)
+    single = RegionRecord("r1", ["relu"], ["relu"], False, "one op: nothing to fuse", 10, 10)
+    assert fused.row() == ["r0", "mul add", "3.00", "1.25", "12.3", "5.0", "fused"]
+    assert single.row() == ["r1", "relu", "0.00", "0.00", "-", "-", "one op: nothing to fuse"]
+    assert "r0" in region_table([fused, single]) and "r1" not in region_table([fused, single])
+    assert "r1" in region_table([fused, single], singles=True)
+
+
+def _graph_with_vals():
+    """x[2, 3] fp32 -> relu -> view[6] -> neg: meta values as capture sets them."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(2, 3)
+    relu = g.call_function(aten.relu.default, (x,))
+    relu.meta["val"] = torch.empty(2, 3)
+    view = g.call_function(aten.view.default, (relu, [6]))
+    view.meta["val"] = torch.empty(6)
+    neg = g.call_function(aten.neg.default, (view,))
+    neg.meta["val"] = torch.empty(6)
+    g.output(neg)
+    return fx.GraphModule(nn.Module(), g), (x, relu, view, neg)
+
+
+def test_fuse_unfused_bytes_count_each_op_read_and_write_views_free():
+    from fxopt.passes.fuse import _unfused_bytes
+    _, (x, relu, view, neg) = _graph_with_vals()
+    # relu reads 6 floats and writes 6, the view moves nothing, neg reads 6 and writes 6: 4 * 24 bytes
+    assert _unfused_bytes([relu, view, neg], training=False) == 96
+    assert _unfused_bytes([relu, view, neg], training=True) == 3 * 96   # the backward reads/writes ~2x more
+
+
+def test_fuse_device_and_short_names():
+    from fxopt.passes.fuse import _device, _short
+    gm, (x, relu, view, neg) = _graph_with_vals()
+    assert _device(gm) == "cpu" and _short(relu) == "relu" and _short(neg) == "neg"
+    x.meta["val"] = torch.empty(2, 3, device="meta")
+    assert _device(gm) == "meta"
+    assert _device(_chain(aten.relu.default)) == "cpu"   # no values: the default
+
+
+def test_fuse_topo_sort_moves_a_producer_before_its_user_and_keeps_the_rest():
+    from fxopt.passes.fuse import _topo_sort
+    gm, (x, relu, view, neg) = _graph_with_vals()
+    sin = gm.graph.call_function(aten.sin.default, (x,))   # appended last, before the output
+    neg.prepend(sin)
+    relu.prepend(neg)                                       # neg now precedes what it reads
+    _topo_sort(gm.graph)   # order now x, neg, relu, view, sin: neg waits for view, then goes before sin
+    assert list(gm.graph.nodes)[:-1] == [x, relu, view, neg, sin]
+
+
+def test_fuse_convex_means_no_path_leaves_and_comes_back():
+    from fxopt.passes import PassContext as Ctx
+    from fxopt.passes.fuse import _Former
+    gm, (x, relu, view, neg) = _graph_with_vals()
+    former = _Former(gm, Ctx(), {"max_ops": 24, "max_inputs": 8, "max_row": 1024})
+    assert former.convex({relu, view, neg}) and former.convex({relu}) and former.convex({view, neg})
+    assert not former.convex({relu, neg})   # relu -> view (outside) -> neg
