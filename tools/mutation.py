@@ -57,8 +57,8 @@ SHARDS: dict[str, list[str]] = {
                                   "tests/test_mixed_precision.py -k 'not models_verify and not each_weight and not gpt2'"],
     "passes/sdpa.py": ["tests/test_sdpa.py", "tests/test_references_passes.py"],
     "passes/epilogue.py": ["tests/test_epilogue.py", "tests/test_references_passes.py"],
-    "passes/fuse.py": ["tests/test_fuse.py -k 'golden or strides or reused or options_bound or costed or without_triton "
-                       "or not_changed'"],
+    "passes/fuse.py": ["tests/test_mutation_passes.py tests/test_fuse.py -k 'test_fuse_ or golden or strides or reused "
+                       "or options_bound or costed or without_triton or not_changed'"],
     "passes/manager.py": ["tests/test_passes.py"],
     "passes/base.py": ["tests/test_mutation_passes.py -k base",
                        "tests/test_passes.py -k 'parse or malformed or registry or unknown_pass'",
