@@ -17,9 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxopt.errors import AnalysisError
 
+from .names import OPTIMIZER_NODE
 from .ops import CallCost, cost_call, tensors
 
-OPTIMIZER_NODE = "optimizer.step"
 # Phases whose calls are not part of the step: autograd's first gradient store into .grad
 # (stolen, no copy, on a real device) and the creation of the output gradients.
 IGNORED_PHASES = ("accumulate", "grad_init")

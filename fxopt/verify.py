@@ -113,6 +113,7 @@ from torch import fx, nn
 from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path, tree_map
 
 from .capture import normalize_inputs
+from .cost_models.names import PRECISION_KEY
 from .errors import FxoptError, InputError
 
 __all__ = ["TensorCheck", "VerificationResult", "VerificationError", "verify", "check_tensor",
@@ -139,9 +140,6 @@ for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnu
 PERTURB_UNITS = 1.0
 
 log = logging.getLogger(__name__)
-
-#: ``GraphModule.meta`` key under which a rewritten graph declares the precision it computes in.
-PRECISION_KEY = "fxopt.precision"
 
 _PRECISIONS = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                "float16": torch.float16, "half": torch.float16}

@@ -20,10 +20,10 @@ from torch import fx, nn
 from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
 from torch.utils._pytree import tree_flatten
 
+from ..cost_models.names import OPTIMIZER_NODE
 from ..errors import FxoptError
 
 FWD, BWD, OPT = "fxopt.fwd::", "fxopt.bwd::", "fxopt.opt::"
-OPTIMIZER_NODE = "optimizer.step"
 
 
 def spearman(a: list[float], b: list[float]) -> float:
