@@ -11,6 +11,7 @@ from torch.utils._pytree import tree_map
 
 from .capture import Captured, capture
 from .cost_models.hardware import load_hardware
+from .cost_models.names import dtype_name
 from .cost_models.roofline import Precision
 from .cost_models.trace import OPTIMIZER_NODE, trace_step
 from .study.distributed import Distributed
@@ -63,7 +64,7 @@ def _num(x, sym_map: dict):
 def _input_summary(captured: Captured) -> str:
     vals = [n.meta.get("val") for n in captured.placeholders()]
     dims = lambda v: ", ".join(captured.symbols.get(str(d), str(d)) for d in v.shape)
-    return ", ".join(f"[{dims(v)}] {str(v.dtype).replace('torch.', '')}" for v in vals
+    return ", ".join(f"[{dims(v)}] {dtype_name(v.dtype)}" for v in vals
                      if isinstance(v, torch.Tensor))
 
 

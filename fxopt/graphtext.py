@@ -27,6 +27,8 @@ import re
 import torch
 from torch import fx
 
+from .cost_models.names import dtype_name
+
 __all__ = ["canonical_text", "node_text", "unified_diff", "target_name", "val_text"]
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -70,12 +72,8 @@ def _arg_text(a) -> str:
     if isinstance(a, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return str(a.node.expr)
     if isinstance(a, torch.Tensor):  # a constant tensor inlined as an argument: metadata only
-        return f"tensor({_shape(a)} {_dtype(a.dtype)})"
+        return f"tensor({_shape(a)} {dtype_name(a.dtype)})"
     return _ADDRESS.sub("", repr(a))
-
-
-def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _dim(d) -> str:
@@ -104,7 +102,7 @@ def _memory_format(t: torch.Tensor) -> str:
 def val_text(val) -> str:
     """The comment text of one ``meta["val"]`` (tensor, tuple of tensors, SymInt, number)."""
     if isinstance(val, torch.Tensor):
-        return f"{_shape(val)} {_dtype(val.dtype)}{_memory_format(val)}"
+        return f"{_shape(val)} {dtype_name(val.dtype)}{_memory_format(val)}"
     if isinstance(val, (tuple, list)):
         return "(" + ", ".join(val_text(v) for v in val) + ")"
     if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool)):

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from torch.utils.hooks import RemovableHandle
 
+from .cost_models.names import dtype_name
 from .errors import FxoptError, InputError
 
 log = logging.getLogger(__name__)
@@ -283,4 +284,4 @@ def _meta(t):
 
 
 def _fmt_meta(m) -> str:
-    return "None" if m is None else f"{str(m[1]).replace('torch.', '')}{list(m[0])} on {m[2]}"
+    return "None" if m is None else f"{dtype_name(m[1])}{list(m[0])} on {m[2]}"

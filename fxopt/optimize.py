@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from . import live
 from ._forward import signed_forward
 from .capture import Captured, capture_module, normalize_inputs
+from .cost_models.names import dtype_name
 from .checkpointing import ReentrantCheckpointError, checkpoint_regions, regions_of  # noqa: F401 (re-exported)
 from .errors import FxoptError, InputError
 from .live import HookError  # noqa: F401 (re-exported)
@@ -283,7 +284,7 @@ class OptimizedModule(nn.Module):
 
 def _describe(leaves) -> str:
     """``(float32[2, 3, 32, 32], 5)`` for a signature's leaves."""
-    return "(" + ", ".join(f"{str(x[1]).replace('torch.', '')}{list(x[0])}" if isinstance(x, tuple) else x
+    return "(" + ", ".join(f"{dtype_name(x[1])}{list(x[0])}" if isinstance(x, tuple) else x
                            for x in leaves) + ")"
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..cost_models import fit
 from ..cost_models.hardware import Hardware, load_hardware
 from ..cost_models.layout import NHWC_SPEEDUP
+from ..cost_models.names import dtype_name
 from ..errors import FxoptError
 from ..progress import progress
 
@@ -81,7 +82,7 @@ def _convs(device, quick, reps) -> list[dict]:
     dtypes = [torch.bfloat16, torch.float32] if device.type == "cuda" else [torch.float32]
     for dtype in dtypes:
         for name, cls, n, cin, hw, cout, k, groups in CONVS_QUICK if quick else CONVS:
-            row = {"name": name, "class": cls, "dtype": str(dtype).replace("torch.", ""), "shape": (n, cin, hw)}
+            row = {"name": name, "class": cls, "dtype": dtype_name(dtype), "shape": (n, cin, hw)}
             for layout, fmt in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
                 x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
                 w = torch.randn(cout, cin // groups, k, k, device=device, dtype=dtype).contiguous(memory_format=fmt)

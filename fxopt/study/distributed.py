@@ -29,7 +29,7 @@ from tabulate import tabulate
 from torch import fx
 
 from ..cost_models.comm import Cluster, CommTime, cluster_presets, collective_time, inter_node_time, load_cluster
-from ..cost_models.trace import OPTIMIZER_NODE
+from ..cost_models.names import OPTIMIZER_NODE, dtype_name
 from ..errors import AnalysisError, HardwareError, InputError
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def parameters(report) -> list[Param]:
             continue
         users = [u for a in attrs.get(pid, []) for u in a.users]
         last = max(nodes, key=lambda n: bwd[n][1])
-        out.append(Param(name, i, p.numel(), str(p.dtype).replace("torch.", ""), tuple(nodes),
+        out.append(Param(name, i, p.numel(), dtype_name(p.dtype), tuple(nodes),
                          ready_s=bwd[last][1], fwd_use_s=min((fwd[u.name] for u in users if u.name in fwd), default=0.0),
                          bwd_use_s=min(bwd[n][0] for n in nodes), slot=_slot(fx_nodes[last], attrs[pid])))
     return out

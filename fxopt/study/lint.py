@@ -27,6 +27,7 @@ from ..capture import Captured, capture
 from ..cost_models.hardware import DTYPE_KEYS, load_hardware
 from ..cost_models.ops import MATRIX_CLASSES
 from ..cost_models.kernels import gemm_choice, memory_time
+from ..cost_models.names import dtype_name
 from ..cost_models.roofline import call_time, peak_for, regime
 from ..errors import InputError
 from ..report import GraphReport
@@ -860,10 +861,6 @@ def _cast_dtypes(node: fx.Node, ctx: LintContext):
 _VALUE_PRESERVING = VIEW_OPS | {"clone", "contiguous", "to", "_to_copy"}
 
 
-def _dt(d: torch.dtype) -> str:
-    return str(d).replace("torch.", "")
-
-
 def _fp32_matrix(ctx: LintContext):
     """fp32 matrix nodes grouped by top-level block: (block, [(node, now, bf16)])."""
     groups: dict[str, list] = {}
@@ -930,7 +927,7 @@ def check_cast_round_trips(ctx: LintContext):
         chain.append(cur.name)
         first_only_here = len(cur.users) == 1
         idx = ctx.calls(node.name) + (ctx.calls(cur.name) if first_only_here else [])
-        a, b = _dt(inner[0]), _dt(inner[1])
+        a, b = dtype_name(inner[0]), dtype_name(inner[1])
         exact = _elsize(a) < _elsize(b)
         yield Finding(
             "cast-round-trip", tuple(reversed(chain)), ctx.module(node.name),
