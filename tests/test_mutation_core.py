@@ -320,12 +320,18 @@ def test_capture_input_mismatch_is_an_input_error(monkeypatch, exc, error, words
 
 
 def test_capture_user_frame_names_the_users_line():
-    from fxopt.capture import _user_frame
+    from fxopt.capture import _user_frame, normalize_inputs
     try:
         raise ValueError("boom")   # this line is the user's frame
     except ValueError as e:
         assert _user_frame(e).endswith('test_mutation_core.py:' + str(e.__traceback__.tb_lineno)
                                        + ': raise ValueError("boom")   # this line is the user\'s frame')
+    from functools import partial
+    for call in (partial(normalize_inputs, 3), partial(nn.Linear(2, 2), torch.ones(3))):   # fxopt's, torch's
+        try:
+            call()   # the user's line
+        except (InputError, RuntimeError) as e:
+            assert _user_frame(e).endswith("call()   # the user's line"), _user_frame(e)
     no_frame = RuntimeError('while tracing File "/models/net.py", line 12, in forward')
     assert _user_frame(no_frame) == "/models/net.py:12"
     assert _user_frame(RuntimeError("plain")) == "(no user frame in the stack trace)"
