@@ -525,3 +525,15 @@ def test_fuse_convex_means_no_path_leaves_and_comes_back():
     former = _Former(gm, Ctx(), {"max_ops": 24, "max_inputs": 8, "max_row": 1024})
     assert former.convex({relu, view, neg}) and former.convex({relu}) and former.convex({view, neg})
     assert not former.convex({relu, neg})   # relu -> view (outside) -> neg
+
+
+def test_mixed_precision_a_models_no_op_cast_of_an_fp32_value_stays_an_fp32_no_op():
+    """``aten._to_copy(exp(y), dtype=float32)`` (a cast to the dtype the value has): exp is fp32, so
+    the cast follows its fp32 input and still casts to fp32 (its dtype is keyword-only)."""
+    from nets import Fn
+    model = Fn(lambda m, x: aten._to_copy(torch.exp(m.mods[0](x)), dtype=torch.float32) * 2, nn.Conv2d(4, 4, 1))
+    gm, _ = _mixed(model, torch.randn(2, 4, 4, 4))
+    (exp,) = _calls(gm, "exp")
+    (cast,) = [n for n in _calls(gm, "_to_copy") if n.args[0] is exp]
+    assert cast.kwargs["dtype"] is torch.float32 and cast.meta["val"].dtype is torch.float32
+    assert _calls(gm, "conv2d")[0].meta["val"].dtype is torch.bfloat16
