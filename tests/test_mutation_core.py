@@ -732,3 +732,13 @@ def test_program_choose_saved_over_14_candidates_tries_up_to_three_tensors():
     p = _product_plus_sum(4, 14)
     assert choose_saved(p) == [("in", i) for i in range(14)]
     derive_backward(p, (True,) * 14, choose_saved(p))
+
+
+@pytest.mark.parametrize("shape", [(4,), (4, 3)])
+def test_capture_dynamic_batch_of_a_vector_input_is_named_batch(shape):
+    """Every tensor input's dim 0 is the one ``batch`` symbol, a 1-D input's too."""
+    import fxopt
+    captured = fxopt.capture(nn.ReLU(), torch.ones(shape), dynamic_batch=True)
+    assert list(captured.symbols.values()) == ["batch"]
+    (ph,) = captured.placeholders()
+    assert str(ph.meta["val"].shape[0].node.expr) in captured.symbols
