@@ -742,3 +742,25 @@ def test_capture_dynamic_batch_of_a_vector_input_is_named_batch(shape):
     assert list(captured.symbols.values()) == ["batch"]
     (ph,) = captured.placeholders()
     assert str(ph.meta["val"].shape[0].node.expr) in captured.symbols
+
+
+def test_capture_retry_without_the_recorder_warns_at_the_callers_line(monkeypatch):
+    """When export cannot trace the attribute recorder (torch.cond), capture exports again without
+    it and warns, pointing at the line that called capture."""
+    import fxopt
+    real, calls = torch.export.export, []
+
+    def export_once_failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("cannot trace the recorder")
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.export, "export", export_once_failing)
+    x = torch.tensor([-1.0, 2.0])
+    with pytest.warns(UserWarning, match="ReLU: Python attributes that forward reads are not guarded") as w:
+        captured = fxopt.capture(nn.ReLU(), x)   # the caller's line
+    assert len(calls) == 2 and captured.python_state is None
+    assert torch.equal(captured(x), torch.tensor([0.0, 2.0]))
+    (warning,) = [m for m in w if "not guarded" in str(m.message)]
+    assert warning.filename == __file__
