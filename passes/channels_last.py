@@ -56,7 +56,8 @@ from fxopt.errors import FxoptError
 from fxopt.nodeinfo import node_info
 
 from .base import Option, Pass, PassContext, PassResult, register
-from .rewrite import GraphFacts, PROVENANCE_KEYS, _fake_val, val
+from .provenance import insert_call
+from .rewrite import GraphFacts, val
 
 __all__ = ["ToChannelsLast", "LayoutError", "NHWC_SPEEDUP", "CONV_OPS", "FOLLOW_OPS", "ANY_LAYOUT_OPS",
            "conv_class", "conv_class_of", "layout_of", "nhwc_speedup", "LAYOUT_META"]
@@ -555,16 +556,8 @@ class _Rewriter:
     def insert(self, p: fx.Node, to: str, before: fx.Node) -> fx.Node:
         """A ``_to_copy`` of ``p`` into layout ``to`` before ``before``, counted and logged."""
         fmt = torch.channels_last if to == NHWC else torch.contiguous_format
-        with self.graph.inserting_before(before):
-            new = self.graph.create_node("call_function", aten._to_copy.default, (p,), {"memory_format": fmt},
-                                         name=f"{p.name}_{to}")
-        src = p if p.op == "call_function" else before
-        for k in PROVENANCE_KEYS:
-            if k in src.meta:
-                new.meta[k] = src.meta[k]
-        fake = _fake_val(aten._to_copy.default, (p,), {"memory_format": fmt})
-        if fake is not None:
-            new.meta["val"] = fake
+        new = insert_call(self.graph, aten._to_copy.default, (p,), {"memory_format": fmt}, before=before,
+                          like=p if p.op == "call_function" else before, name=f"{p.name}_{to}")
         is_weight = p.op == "get_attr" or (before.target in CONV_OPS and before.args[1] is p)
         if to == NHWC:
             new.meta[LAYOUT_META] = NHWC

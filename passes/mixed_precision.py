@@ -61,7 +61,9 @@ from fxopt.cost_models.ops import classify
 from fxopt.errors import FxoptError
 
 from .base import Option, Pass, PassContext, PassResult, register
-from .rewrite import PROVENANCE_KEYS, GraphFacts, Rewrite, Rule, apply_rules, same_layout, val
+from .opgroups import CASTS
+from .provenance import insert_call
+from .rewrite import GraphFacts, Rewrite, Rule, apply_rules, same_layout, val
 
 __all__ = ["CastMixedPrecision", "MixedPrecisionError", "POLICY", "FP32_ARGS", "CLEANUP_RULES", "policy_of",
            "LOW", "NORM", "FOLLOW", "FP32", "KEEP", "PRECISION_KEY"]
@@ -139,7 +141,7 @@ REASONS = {
     FOLLOW: "follows its inputs' dtype",
 }
 
-_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other}
+_CASTS = CASTS
 _FOLLOW_CLASSES = ("pointwise", "view", "pooling", "memory", "random", "alloc")
 
 
@@ -498,15 +500,9 @@ class _Rewriter:
         return classify(n.target).op_class == "view" and tensors == [n.args[0]]
 
     def _add(self, target, args, kwargs, consumer: fx.Node, name: str, source: fx.Node | None = None) -> fx.Node:
-        with self.graph.inserting_before(consumer):
-            new = self.graph.create_node("call_function", target, tuple(args), dict(kwargs), name=name)
         like = source if source is not None and source.op == "call_function" and consumer.op == "output" \
             else consumer
-        for key in PROVENANCE_KEYS:
-            if key in like.meta:
-                new.meta[key] = like.meta[key]
-        new.meta["val"] = _fake_run(new)
-        return new
+        return insert_call(self.graph, target, args, kwargs, before=consumer, like=like, name=name, fake=_fake_run)
 
     def log_casts(self) -> None:
         """One decision per cast that survived the cleanup, with its users and estimated cost."""
