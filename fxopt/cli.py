@@ -253,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory")
     r.add_argument("--batch", type=int, default=2)
     r.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
-    r.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    add_hw(r)
     r.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
     r.add_argument("--by", choices=["node", "op", "block", "tree"], default="node",
                    help="tree: every module to --depth levels, children under parents (params, FLOPs, time, share)")
@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     li.add_argument("model", help="zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory")
     li.add_argument("--batch", type=int, default=2)
     li.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
-    li.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    add_hw(li)
     li.add_argument("--dtype", default=None, help="lint as if weights and inputs were cast: bf16, fp16, fp32")
     li.add_argument("--depth", type=int, default=2, help="module-path depth of the low-intensity roll-up")
     li.add_argument("--rules", default=None, help="comma-separated rule ids (default all; see fxopt.lint.RULES)")
@@ -296,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
         o.add_argument("--batch", type=int, default=2)
         o.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
         o.add_argument("--eval", action="store_true", help="optimize the eval-mode graph")
-        o.add_argument("--hw", default=None, help="hardware preset or profile (default: the model's GPU, else h100)")
+        add_hw(o, None, "hardware preset or profile (default: the model's GPU, else h100)")
         o.add_argument("--backend", choices=["eager", "triton", "inductor"], default="eager",
                        help="triton: fxopt's own fused kernels (adds the fuse pass to the default pipeline)")
         o.add_argument("--verify", action=argparse.BooleanOptionalAction, default=name == "optimize",
@@ -313,7 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
                    help="e.g. --grid width=64,96,128 depth=2,3,4 (the cartesian product is swept)")
     s.add_argument("--batch", type=int, default=2, help="batch for example_inputs(batch) when the grid has none")
-    s.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    add_hw(s)
     s.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
     s.add_argument("--eval", action="store_true", help="forward only (inference)")
     s.add_argument("--optimizer", choices=["sgd", "adamw", "none"], default="sgd")
@@ -330,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=50)
     b.add_argument("--warmup", type=int, default=5)
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    b.add_argument("--hw", default=None, help="preset whose bf16 peak MFU is taken against (default: the GPU's)")
+    add_hw(b, None, "preset whose bf16 peak MFU is taken against (default: the GPU's)")
     b.add_argument("--format", choices=["table", "md", "json"], default="table")
     b.add_argument("--gpus", type=int, default=None,
                    help="time DDP on N local GPUs under torchrun (and on 1 for scaling), next to the prediction; "
@@ -347,7 +347,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(columns: fxopt.cost_models.fit; NeuSight's tables are read as they are)")
     c.add_argument("--device-name", dest="import_device", default=None,
                    help="with --import: the rows of this device (the table's Device/device column)")
-    c.add_argument("--hw", default=None, help="with --import: the preset whose peaks the fit refers to (default h100)")
+    add_hw(c, None, "with --import: the preset whose peaks the fit refers to (default h100)")
     c.add_argument("--comm", action="store_true", help="measure NCCL collectives on this node's GPUs (2+) into a "
                                                        "cluster JSON (--out; then: --cluster PATH)")
     c.set_defaults(func=cmd_calibrate)
@@ -357,8 +357,8 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch", type=int, default=2)
     pr.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
     pr.add_argument("--steps", type=int, default=3)
-    pr.add_argument("--hw", default=None, help="preset or profile JSON for the prediction "
-                                               "(default: the GPU's preset; on CPU a quick calibration)")
+    add_hw(pr, None, "preset or profile JSON for the prediction "
+                     "(default: the GPU's preset; on CPU a quick calibration)")
     pr.add_argument("--device", default=None)
     pr.add_argument("--top", type=int, default=30)
     pr.add_argument("--format", choices=["table", "json"], default="table")
@@ -378,7 +378,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("model", help="zoo name, hf:<ModelClass>, or path/to/file.py:factory")
     sc.add_argument("--batch", type=int, default=32, help="per-GPU batch")
     sc.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
-    sc.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    add_hw(sc)
     sc.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
     sc.add_argument("--format", choices=["table", "md", "json"], default="table")
     sc.add_argument("--plot", default=None, metavar="OUT.png|OUT.svg", help="also plot step time and efficiency")
@@ -395,6 +395,12 @@ def _parser() -> argparse.ArgumentParser:
         if any(a.dest == "model" for a in command._actions):
             _add_input_knobs(command)
     return p
+
+
+def add_hw(parser: argparse.ArgumentParser, default: str | None = "h100", help: str | None = None) -> None:
+    """``--hw``: a hardware preset or a profile JSON path. Commands that cost default to h100; commands
+    that measure default to None (the preset of the GPU they run on) and say so in ``help``."""
+    parser.add_argument("--hw", default=default, help=help or f"preset ({', '.join(presets())}) or a profile JSON path")
 
 
 def _add_input_knobs(parser: argparse.ArgumentParser) -> None:
