@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from ..workloads.data import accuracy, default_loss
+from ..capture import normalize_inputs
 from ..errors import FxoptError
 
 __all__ = ["ablate", "AblationResult", "VariantResult", "RunResult", "AblationError", "PRESETS",
@@ -406,14 +407,6 @@ def _to(obj, device, channels_last: bool = False):
     return obj
 
 
-def _call_args(x) -> tuple[tuple, dict]:
-    if isinstance(x, dict):
-        return (), x
-    if isinstance(x, (tuple, list)):
-        return tuple(x), {}
-    return (x,), {}
-
-
 def _default_optimizer(params):
     """AdamW, lr 1e-3, torch's other defaults: robust across conv nets and transformers without tuning."""
     return torch.optim.AdamW(params, lr=1e-3)
@@ -492,7 +485,7 @@ def _run(base: nn.Module, cfg: dict, seed: int, data, eval_data, steps: int, dev
     model.train()
     if cfg["optimize"]:
         options = {k: v for k, v in cfg.items() if k not in _OWN_KEYS}
-        args, kwargs = _call_args(first[0])
+        args, kwargs = normalize_inputs(first[0])
         sync()
         t0 = time.perf_counter()
         try:
@@ -517,7 +510,7 @@ def _run(base: nn.Module, cfg: dict, seed: int, data, eval_data, steps: int, dev
         if step:
             batch = _to(next(batches), device, channels_last)
         x, y = batch
-        args, kwargs = _call_args(x)
+        args, kwargs = normalize_inputs(x)
         try:
             sync()
             t0 = time.perf_counter()
@@ -550,7 +543,7 @@ def _run(base: nn.Module, cfg: dict, seed: int, data, eval_data, steps: int, dev
             with torch.no_grad(), autocast():
                 for x, y in eval_data:
                     x, y = _to(x, device, channels_last), _to(y, device)
-                    args, kwargs = _call_args(x)
+                    args, kwargs = normalize_inputs(x)
                     out = model(*args, **kwargs)
                     losses.append(float(loss_fn(out, y).float().item()))
                     accs.append(accuracy(out, y))
@@ -567,7 +560,7 @@ def _warm_up(base: nn.Module, data, steps: int, device: torch.device, optimizer_
         model = copy.deepcopy(base).to(device).train()
         opt = (optimizer_fn or _default_optimizer)(model.parameters())
         for x, y in _batches(data, steps):
-            args, kwargs = _call_args(_to(x, device))
+            args, kwargs = normalize_inputs(_to(x, device))
             opt.zero_grad(set_to_none=True)
             loss_fn(model(*args, **kwargs), _to(y, device)).backward()
             opt.step()

@@ -26,6 +26,7 @@ from tabulate import tabulate
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..capture import normalize_inputs
 from ..errors import FxoptError, InputError
 
 
@@ -163,16 +164,6 @@ def resolve_bench_model(spec: str, batch: int, tiny: bool = False, image_size: i
 
 
 # ---- one step ----------------------------------------------------------------------------------
-def _as_call(inputs) -> tuple[tuple, dict]:
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs), {}
-    raise InputError(f"inputs must be a tensor, tuple or dict, got {type(inputs).__name__}")
-
-
 def fresh_inputs(example, device, channels_last: bool = False, generator=None):
     """New random tensors shaped like ``example``: normal floats, ints in the example's range."""
     def make(t):
@@ -243,7 +234,7 @@ def _run_variant(name: str, variant: Variant, model: nn.Module, example, device:
     opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
 
     def step(inputs):
-        args, kwargs = _as_call(inputs)
+        args, kwargs = normalize_inputs(inputs)
         with autocast:
             out = m(*args, **kwargs)
             loss = step_loss(out, batch)

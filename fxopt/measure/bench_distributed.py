@@ -26,15 +26,10 @@ from contextlib import nullcontext
 import torch
 from tabulate import tabulate
 
+from ..capture import normalize_inputs
 from ..errors import FxoptError, InputError
 
 DDP_VARIANTS = ("eager-fp32", "autocast", "fxopt")   # variants of fxopt.bench that run under DDP
-
-
-def _as_call(inputs) -> tuple[tuple, dict]:
-    if isinstance(inputs, dict):
-        return (), inputs
-    return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), {}
 
 
 def _worker(args) -> None:
@@ -65,7 +60,7 @@ def _worker(args) -> None:
             times = []
             for i in range(args.warmup + args.steps):
                 inputs = fresh_inputs(example, device, generator=gen)
-                call, kwargs = _as_call(inputs)
+                call, kwargs = normalize_inputs(inputs)
                 dist.barrier()
                 t0 = time.perf_counter()
                 ctx = torch.autocast(device.type, dtype=torch.bfloat16) if variant.autocast else nullcontext()
