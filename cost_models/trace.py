@@ -54,6 +54,23 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+def claim_autograd_nodes(out, owned: set) -> list:
+    """The autograd nodes an fx node's outputs ``out`` created: the walk up the autograd graph from
+    their ``grad_fn`` stops at nodes already in ``owned`` (created by earlier fx nodes) and adds the
+    new ones to it. Why: a backward op belongs to the fx node whose forward created its autograd
+    node, here and in fxopt.profile's measured ranges alike."""
+    stack = [t.grad_fn for t in tensors(out) if t.grad_fn is not None]
+    claimed = []
+    while stack:
+        fn = stack.pop()
+        if fn in owned:
+            continue
+        owned.add(fn)
+        claimed.append(fn)
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+    return claimed
+
+
 class _StepInterpreter(fx.Interpreter):
     """Runs the graph on fake parameters and hooks the autograd nodes each fx node creates."""
 
@@ -78,16 +95,9 @@ class _StepInterpreter(fx.Interpreter):
         return out
 
     def _hook_backward(self, name: str, out) -> None:
-        """Walk the autograd graph from this node's outputs up to nodes owned by earlier fx nodes."""
-        stack = [t.grad_fn for t in tensors(out) if t.grad_fn is not None]
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in self.owner:
-                continue
-            self.owner.add(fn)
+        for fn in claim_autograd_nodes(out, self.owner):
             phase = "accumulate" if type(fn).__name__ == "AccumulateGrad" else "bwd"
             fn.register_prehook(self._enter(name, phase))
-            stack.extend(f for f, _ in fn.next_functions if f is not None)
 
     def _enter(self, name: str, phase: str):
         def hook(grad_outputs):

@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile as torch_profile, record_fu
 from torch.utils._pytree import tree_flatten
 
 from ..cost_models.names import OPTIMIZER_NODE
+from ..cost_models.trace import claim_autograd_nodes
 from ..errors import FxoptError
 
 FWD, BWD, OPT = "fxopt.fwd::", "fxopt.bwd::", "fxopt.opt::"
@@ -71,17 +72,10 @@ class _ProfiledInterpreter(fx.Interpreter):
         return out
 
     def _hook(self, name: str, out) -> None:
-        stack = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in self.owner:
-                continue
-            self.owner.add(fn)
-            stack.extend(f for f, _ in fn.next_functions if f is not None)
-            if type(fn).__name__ == "AccumulateGrad":
-                continue
-            fn.register_prehook(self._enter(fn, name))
-            fn.register_hook(self._exit(fn))
+        for fn in claim_autograd_nodes(out, self.owner):
+            if type(fn).__name__ != "AccumulateGrad":
+                fn.register_prehook(self._enter(fn, name))
+                fn.register_hook(self._exit(fn))
 
     def _enter(self, fn, name):
         def hook(grad_outputs):
