@@ -621,6 +621,10 @@ def test_fit_sections_without_rows_and_bounds():
     # one row 10x slower than any eff in bounds explains: eff is clamped to its lower bound 0.05
     slow = [fit.Measurement("mm", "float32", (1, 128, 256, 128), 10 * TILE * 128 * SMS / 1e13 / 0.05)]
     assert fit.fit_matrix(slow, hw, "fp32", iters=40, names=["eff"]) == {"eff": 0.05}
+    # a K loop 20000 deep to fill: k_half stops at its upper bound, 2048
+    deep = fit.with_params(hw, "matrix", {"k_half": 20000.0}, "fp32")
+    rows = [fit.Measurement("mm", "float32", (1, 128, 256, 128), fit.predict(mm[0], deep))]
+    assert fit.fit_matrix(rows, hw, "fp32", iters=40, names=["k_half"]) == {"k_half": 2048.0}
 
 
 def test_fit_memory_skips_latency_and_ramp_without_small_kernels():
