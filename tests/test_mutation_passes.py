@@ -537,3 +537,15 @@ def test_mixed_precision_a_models_no_op_cast_of_an_fp32_value_stays_an_fp32_no_o
     (cast,) = [n for n in _calls(gm, "_to_copy") if n.args[0] is exp]
     assert cast.kwargs["dtype"] is torch.float32 and cast.meta["val"].dtype is torch.float32
     assert _calls(gm, "conv2d")[0].meta["val"].dtype is torch.bfloat16
+
+
+def test_dce_a_callable_that_declares_itself_seeded_is_kept():
+    """Not an OpOverload (no tags): the ``_nondeterministic_seeded`` attribute alone marks it random."""
+    def noisy(x):
+        return x + torch.rand_like(x)
+
+    noisy._nondeterministic_seeded = True
+    gm, node = _dead(noisy)
+    assert keep_reason(node)[0] == "random"
+    quiet = lambda x: x  # noqa: E731
+    assert keep_reason(_dead(quiet)[1]) is None
