@@ -202,6 +202,24 @@ def test_verify_declared_precision_of_a_graph_module_and_its_wrapper():
     assert verify(Identity(), Wrapper(gm), torch.ones(2, 3), reference_precision=None).precision is None
 
 
+
+def test_verify_a_captured_graph_runs_its_float64_copy():
+    """Module doc: in an fx graph, float32 dtype arguments become float64 in the float64 copy. The
+    captured graph of ``x @ eye(dtype=float32)`` (eager cannot run in float64) is therefore
+    judged against a true float64 reference, and x @ I is exact: no error on either side."""
+    import fxopt
+
+    class Fp32Eye(nn.Module):
+        def forward(self, x):
+            return x @ torch.eye(x.shape[-1], dtype=torch.float32)
+
+    gm = fxopt.capture(Fp32Eye(), X_POW2).graph_module
+    assert any(n.kwargs.get("dtype") is torch.float32 for n in gm.graph.nodes), "no float32 dtype argument"
+    res = verify(gm, copy.deepcopy(gm), X_POW2, training=False)
+    assert res.ok and res.reference == "float64", res.reference
+    assert _by_name(res)["output"].ref_error == 0.0
+
+
 # ----------------------------------------------------------------------------------
 # capture
 # ----------------------------------------------------------------------------------
