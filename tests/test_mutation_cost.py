@@ -834,3 +834,15 @@ def test_ops_matrix_kind_of_a_call_known_only_by_class():
     from fxopt.cost_models.ops import matrix_kind
     assert [matrix_kind(c, n) for c, n in (("attention", "x_backward"), ("attention", "x"), ("conv", "c"),
                                           ("matmul", "mm"))] == ["attention_bwd", "attention_fwd", "conv", "gemm"]
+
+
+def test_roofline_precision_is_an_immutable_value():
+    """Precision() is the shared default argument of call_time: it must not be mutable, and equal
+    settings must hash alike (reports key caches on it)."""
+    import dataclasses
+
+    from fxopt.cost_models.roofline import Precision
+    p = Precision()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.tf32_matmul = True
+    assert hash(Precision(True, False)) == hash(Precision(True, False)) and p == Precision(False, True)
