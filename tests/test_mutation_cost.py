@@ -837,8 +837,8 @@ def test_ops_matrix_kind_of_a_call_known_only_by_class():
 
 
 def test_roofline_precision_is_an_immutable_value():
-    """Precision() is the shared default argument of call_time: it must not be mutable, and equal
-    settings must hash alike (reports key caches on it)."""
+    """Precision() is the shared default argument of call_time and peak_for: one caller changing
+    it would change every later default call, so it must be frozen (and, frozen, it hashes as a value)."""
     import dataclasses
 
     from fxopt.cost_models.roofline import Precision
