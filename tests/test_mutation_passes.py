@@ -262,6 +262,9 @@ def test_base_node_time_reads_the_costed_times():
     assert ctx.node_time("relu") is None  # not costed
     ctx.begin("p", {}, {"relu": 2e-6})
     assert ctx.node_time("relu") == 2e-6 and ctx.node_time("view") == 0.0
+    import sympy
+    ctx.begin("p", {}, {"relu": sympy.Symbol("B") * 2e-6})   # a symbolic batch: a formula, not a number
+    assert ctx.node_time("relu") is None
     assert str(Decision("relu", "remove", "why", 1.5e-6)) == "relu: remove: why (est. +1.5 us)"
     assert str(Decision("relu", "keep", "why")) == "relu: keep: why"
     assert get("dce").name == "dce"
