@@ -77,12 +77,16 @@ def main(argv=None) -> int:
     p.add_argument("--ablate-steps", type=int, default=0)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--skip-full", action="store_true", help="only the tiny ablations, of the recorded top rules")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: the tiny models gain "
+                   "nothing from more, and on a shared CPU OpenMP's spin-waits inflate CPU time: a tiny driving "
+                   "training step took 0.04 s CPU with 1 thread, 0.65 s with 2, at load average 8 on 2 cores)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     load = os.getloadavg()[0]
     print(f"`python benchmarks/explore_zoo.py {' '.join(argv or sys.argv[1:])}`, {date}, torch {torch.__version__}, "
-          f"CPU ({os.cpu_count()} cores, load average {load:.1f} at start). Step times are PREDICTIONS of "
+          f"CPU ({os.cpu_count()} cores, {args.threads} torch thread(s), load average {load:.1f} at start). Step times are PREDICTIONS of "
           f"fxopt's cost model on {args.hw}, not measurements.\n")
     failed, fastest = False, dict(RECORDED_TOP)
     for name in [] if args.skip_full else args.models.split(","):
