@@ -552,3 +552,19 @@ def test_dce_a_callable_that_declares_itself_seeded_is_kept():
     assert keep_reason(node)[0] == "random"
     quiet = lambda x: x  # noqa: E731
     assert keep_reason(_dead(quiet)[1]) is None
+
+
+def test_channels_last_a_foldable_cast_converts_for_free_forward():
+    """A ``_to_copy`` without a memory format takes the layout into its own copy: no extra forward
+    copy; in training its gradient still needs one conversion, the price of one plain copy."""
+    from fxopt.cost_models import load_hardware
+    from fxopt.passes.channels_last import _Costs
+    cast = _node(aten._to_copy.default, dtype=torch.bfloat16)
+    plain = _node(aten.relu.default)
+    for n in (cast, plain):
+        n.meta["val"] = torch.empty(2, 4, 64, 64, device="meta")
+    hw = load_hardware("h100")
+    one = _Costs(hw, False, {}).copy(plain)
+    assert one > 0 and _Costs(hw, False, {}).copy(cast) == 0.0
+    assert _Costs(hw, True, {cast: True}).copy(cast) == one and _Costs(hw, True, {cast: False}).copy(cast) == 0.0
+    assert _Costs(hw, True, {plain: True}).copy(plain) == 2 * one
