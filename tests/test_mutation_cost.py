@@ -192,6 +192,7 @@ BF, F4 = torch.bfloat16, torch.float32
     ((1, 16, 4, 4), (16, 1, 3, 3), 16, F4, "depthwise"),      # groups = C_in
     ((1, 16, 4, 4), (32, 4, 3, 3), 4, F4, "grouped"),
     ((1, 4, 4, 4), (16, 4, 3, 3), 1, F4, "tiny"),             # C_in 4 < 8
+    ((1, 1, 4, 4), (8, 1, 3, 3), 1, F4, "tiny"),              # one channel, one group: not depthwise
     ((1, 16, 4, 4), (4, 16, 3, 3), 1, F4, "tiny"),            # C_out 4 < 8
     ((1, 8, 4, 4), (8, 8, 3, 3), 1, F4, "dense"),             # 8 is not tiny
     ((1, 12, 4, 4), (16, 12, 3, 3), 1, BF, "unaligned"),      # 16-bit, C_in 12
@@ -204,6 +205,16 @@ def test_layout_conv_class_by_hand(x, w, groups, dtype, cls):
     from fxopt.cost_models.layout import conv_class_of
     got, why = conv_class_of(torch.empty(x, dtype=dtype), torch.empty(w, dtype=dtype), groups)
     assert got == cls and why
+
+
+def test_layout_nhwc_priors_point_the_documented_way():
+    """Dense and 1x1 convs are at least as fast in NHWC (cuDNN's tensor-core implicit GEMM wants it);
+    tiny (padded channels), grouped and depthwise ones are slower there; every entry is a ratio > 0."""
+    from fxopt.cost_models.layout import NHWC_SPEEDUP
+    assert all(0 < v for row in NHWC_SPEEDUP.values() for v in row.values())
+    assert all(v >= 1 for cls in ("dense", "1x1") for v in NHWC_SPEEDUP[cls].values())
+    assert all(v < 1 for cls in ("tiny", "grouped", "depthwise") for v in NHWC_SPEEDUP[cls].values())
+    assert all(set(row) == {"16bit", "tf32", "fp32"} for row in NHWC_SPEEDUP.values())
 
 
 def test_layout_precision_columns_follow_cudnn_tf32():
