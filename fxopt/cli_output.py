@@ -117,13 +117,12 @@ def optimize_text(report, *, verbose: bool = False, limit: int = 30) -> str:
     (largest first), then the decisions that kept a node as it was with an estimate; decisions with
     no estimated effect (renames, transpose->permute, unused get_attr removal) are one summary line
     unless ``verbose``."""
-    from .passes import region_table, timing_table
+    from .passes import timing_table
     lines = [f"pipeline: {report.pipeline}", timing_table(report.records),
              f"predicted step: {format_ms(report.step_time_before_s)} ms -> {format_ms(report.step_time_after_s)} ms; "
              f"final verification: {_verdict(report.verification)}"]
     lines += [f"  {r.name}: {r.note}" for r in report.records if r.note]
-    lines += [region_table(r.stats["regions"]) for r in report.records
-              if r.name == "fuse" and r.stats.get("regions") and not r.rolled_back]
+    lines += [text for r in report.records if (text := r.details_text())]
     decisions = report.decisions()
     by_gain = lambda d: -abs(d.est_gain_s or 0.0)  # noqa: E731
     changes = sorted((d for d in decisions if not _kept_as_is(d) and not _no_effect(d)), key=by_gain)

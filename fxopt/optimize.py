@@ -182,8 +182,9 @@ class OptimizedModule(nn.Module):
             report.step_time_before_s = records[0].step_time_before_s
             report.step_time_after_s = records[-1].step_time_after_s
         if check:
+            from .passes.graph_utils import AsModule
             from .verify import verify
-            report.verification = verify(source, _Runner(run, source), kwargs or args, training=self.training)
+            report.verification = verify(source, AsModule(run, source), kwargs or args, training=self.training)
             if not report.verification:
                 raise FxoptError(f"the optimized graph does not compute what the model computes:\n"
                                  f"{report.verification.table()}")
@@ -296,18 +297,6 @@ def _eager_failure(source: nn.Module, args, kwargs, training: bool) -> str | Non
     except Exception as exc:  # noqa: BLE001 - reported, not swallowed
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return None
-
-
-class _Runner(nn.Module):
-    """A graph module run under the source model's parameter names (what verify compares by name)."""
-
-    def __init__(self, gm: fx.GraphModule, source: nn.Module):
-        super().__init__()
-        self._modules, self._parameters, self._buffers = source._modules, source._parameters, source._buffers
-        object.__setattr__(self, "_gm", gm)
-
-    def forward(self, *args, **kwargs):
-        return self._gm(*args, **kwargs)
 
 
 def optimize(model: nn.Module, example_inputs=None, *, pipeline: str = "default", hardware=None,

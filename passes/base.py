@@ -33,7 +33,8 @@ from torch import fx
 
 from fxopt.errors import FxoptError
 
-__all__ = ["Pass", "PassResult", "PassContext", "Decision", "PassError", "PipelineError", "Option",
+__all__ = ["Pass", "PassResult", "PassContext", "Decision", "PassError", "PipelineError", "Option", "undeclared",
+           "check_order",
            "register", "unregister", "get", "available", "parse_pipeline", "format_pipeline", "schema",
            "defaults", "check_options", "options_help"]
 
@@ -123,7 +124,8 @@ class PassResult:
 
     graph_module: fx.GraphModule
     modified: bool
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # named counters, each declared in the pass's ``statistics``
+    details: Any = None  # structured output beyond counters (fuse's regions), shown by ``render_details``
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,18 @@ class PassContext:
     pass_name: str = ""
     node_times: dict = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def hw(self):
+        """The resolved hardware profile of ``hardware`` (one load per spec: cost_models caches it)."""
+        from fxopt.cost_models.hardware import load_hardware
+        return load_hardware(self.hardware)
+
+    @property
+    def precision(self):
+        """The math modes every cost in this pipeline assumes (TF32 as torch is set now), as analyze does."""
+        from fxopt.cost_models.roofline import Precision
+        return Precision.from_torch()
 
     @property
     def example_inputs(self) -> tuple[tuple, dict]:
@@ -200,6 +214,18 @@ class Pass:
     # option name -> Option(type, default, doc, ...); a bare default value is shorthand for
     # Option(type(default), default) (see :func:`schema`)
     options: ClassVar[dict[str, Any]] = {}
+    # the named counters ``run`` may report, name -> what it counts (MLIR's pass statistics); a name
+    # ending in ``*`` declares a family (``removed_*``). The manager refuses an undeclared counter.
+    # None: not declared (a pass written before statistics were), not checked.
+    statistics: ClassVar[dict[str, str] | None] = None
+    # passes that must come before / after this one when both are in a pipeline (and why)
+    after: ClassVar[dict[str, str]] = {}
+    before: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def render_details(cls, details) -> str:
+        """``PassResult.details`` as text for reports ("" when there is nothing to show)."""
+        return ""
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError(f"pass {self.name!r} does not implement run(gm, ctx)")
@@ -393,3 +419,29 @@ def format_pipeline(items: list[tuple[str, dict]]) -> str:
     """The inverse of :func:`parse_pipeline` (for messages and reports)."""
     return ",".join(name + ("{" + ",".join(f"{k}={_format_value(v)}" for k, v in opts.items()) + "}" if opts else "")
                     for name, opts in items)
+
+
+def undeclared(cls: type[Pass], stats: dict) -> list[str]:
+    """The counters in ``stats`` that ``cls.statistics`` does not declare (none when it declares nothing)."""
+    if cls.statistics is None:
+        return []
+    families = tuple(k[:-1] for k in cls.statistics if k.endswith("*"))
+    return sorted(k for k in stats if k not in cls.statistics and not (families and str(k).startswith(families)))
+
+
+def check_order(names: list[str]) -> None:
+    """PipelineError when the pipeline ``names`` breaks an ordering constraint a pass declares
+    (``after``/``before``: this pass must run after/before that one when both are present)."""
+    position = {}
+    for i, name in enumerate(names):
+        position.setdefault(name, i)
+    for i, name in enumerate(names):
+        cls = _REGISTRY.get(name)
+        if cls is None:
+            continue
+        for other, why in cls.after.items():
+            if other in position and position[other] > i:
+                raise PipelineError(f"pass {name!r} must run after {other!r} ({why}); reorder the pipeline")
+        for other, why in cls.before.items():
+            if other in position and position[other] < i and other != name:
+                raise PipelineError(f"pass {name!r} must run before {other!r} ({why}); reorder the pipeline")

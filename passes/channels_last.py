@@ -596,6 +596,16 @@ def _fmt_us(s: float) -> str:
 class ToChannelsLast(Pass):
     name = "channels-last"
     summary = "run conv regions in NHWC (channels-last) where the cost model predicts a gain"
+    after = {"mixed-precision": "the layout change folds into the weight casts mixed precision inserts"}
+    statistics = {
+        "regions": "conv regions found", "regions_converted": "regions run in NHWC",
+        "convs_nhwc": "convolutions run in NHWC", "convs_nchw": "convolutions left NCHW",
+        "weights_to_nhwc": "weight conversions inserted (the parameter stays NCHW)",
+        "conversions_to_nhwc": "activation conversions at region inputs",
+        "conversions_to_nchw": "activation conversions at region exits",
+        "folded_casts": "conversions folded into an existing cast", "conversion_bytes": "bytes the conversions move",
+        "conversion_est_us": "predicted cost of the conversions (us)", "est_gain_us": "predicted net gain (us)",
+    }
     options = {
         "force": Option(bool, False, "every conv in scope goes NHWC whatever the cost model predicts"),
         "scope": Option(list, "*", "module-path globs of the convs that may convert (*: all; backbone.*;fpn.*)"),

@@ -78,6 +78,8 @@ class DeadCodeElimination(Pass):
     name = "dce"
     summary = "remove unused side-effect-free nodes (keeps in-place updates, BN statistics, random ops)"
     options = {"log_kept": Option(bool, True, "log a decision for each dead node kept for a side effect")}
+    statistics = {"removed": "dead nodes removed",
+                  **{f"kept_{name}": f"dead nodes kept: {name}" for name, _ in KEEP_RULES}}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph

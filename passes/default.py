@@ -12,6 +12,7 @@ import torch
 from torch import fx
 
 from .base import available
+from .opgroups import CONVS, MATRIX
 
 aten = torch.ops.aten
 
@@ -24,9 +25,8 @@ def _always(gm, training) -> bool:
     return True
 
 
-_CONV = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
-_MATRIX = _CONV + (aten.linear.default, aten.matmul.default, aten.mm.default, aten.bmm.default,
-                   aten.addmm.default, aten.scaled_dot_product_attention.default)
+_CONV = tuple(CONVS)
+_MATRIX = tuple(MATRIX)
 
 # (pass, applies to this graph?, why it is in the pipeline)
 DEFAULT_RULES = [

@@ -49,50 +49,33 @@ other user. Estimated gain: the removed pointwise node's predicted time (the epi
 from __future__ import annotations
 
 import functools
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import fx
 
 from .base import Option, Pass, PassContext, PassResult, register
-from .rewrite import Call, GraphFacts, Rule, _known, add_call, val
+from .opgroups import CONVS, RESHAPES, TRANSPOSES
+from .rewrite import Call, GraphFacts, Refusal, Rewrite, Rule, _known, apply_rules, rule_statistics, val
 
-__all__ = ["FuseEpilogues", "RULES", "Fuse", "Keep", "addmm_activation_differentiable", "GELU_OF_ADDMM_ACTIVATION"]
+__all__ = ["FuseEpilogues", "RULES", "addmm_activation_differentiable", "GELU_OF_ADDMM_ACTIVATION"]
 
 aten = torch.ops.aten
 
 # Which GELU ``_addmm_activation(use_gelu=True)`` computes, by device type (see the docstring).
 GELU_OF_ADDMM_ACTIVATION = {"cuda": "tanh", "cpu": "none"}
 
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
+VIEWS = RESHAPES  # an activation is fused through one reshape-only view
 UNFUSABLE = (aten.silu.default, aten.sigmoid.default, aten.tanh.default, aten.leaky_relu.default,
              aten.hardswish.default, aten.elu.default, aten.mish.default)
-CONVS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding,
-         aten.conv2d.padding, aten.conv3d.padding, aten.convolution.default)
-
-
-@dataclass
-class Fuse:
-    """Replace the matched node with what ``build(emit)`` returns (``emit(Call) -> Node`` inserts
-    before the matched node); ``dead`` nodes (the GEMM, a view) are erased afterwards, in order."""
-
-    build: Callable[[Callable[[Call], fx.Node]], fx.Node]
-    reason: str
-    dead: list = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Keep:
-    """A candidate the pass leaves alone, and why."""
-
-    reason: str
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+def _fused(ctx: PassContext, node: fx.Node, build, reason: str, dead) -> Rewrite:
+    """The fusion of ``node`` into the GEMM before it; saves ``node``'s time (the epilogue is free)."""
+    return Rewrite(build, reason, "fuse", dead=tuple(dead), gain=ctx.node_time(node))
 
 
 def _shape(node) -> list | None:
@@ -164,60 +147,63 @@ def _transposed_weight(w: fx.Node) -> fx.Node | None:
 # bias rules (consumer: add.Tensor)
 
 
-def _mm_bias(add: fx.Node, facts: GraphFacts, ctx: PassContext) -> Fuse | Keep | None:
-    found = _gemm_and_addend(add, (aten.mm.default,))
+def _bias_add(add: fx.Node, facts: GraphFacts, targets) -> tuple[fx.Node, fx.Node] | Refusal | None:
+    """``(gemm, addend)`` of ``gemm + addend`` with a GEMM in ``targets``, or why it cannot fuse."""
+    found = _gemm_and_addend(add, targets)
     if found is None:
         return None
+    why = _common_refusal(add, *found, facts)
+    return Refusal(why) if why else found
+
+
+def _mm_bias(add: fx.Node, facts: GraphFacts, ctx: PassContext) -> Rewrite | Refusal | None:
+    found = _bias_add(add, facts, (aten.mm.default,))
+    if not isinstance(found, tuple):
+        return found
     mm, bias = found
-    why = _common_refusal(add, mm, bias, facts)
-    if why:
-        return Keep(why)
     n = _shape(mm)[1]
     if not (_per_column(bias, n) or _row_vector(bias, n)):
-        return Keep(f"the addend {_shape(bias)} is not a per-column bias [{n}]: addmm would copy it into the "
-                    f"output before a beta=1 GEMM (no cuBLASLt bias epilogue), the same kernels and bytes")
+        return Refusal(f"the addend {_shape(bias)} is not a per-column bias [{n}]: addmm would copy it into the "
+                       f"output before a beta=1 GEMM (no cuBLASLt bias epilogue), the same kernels and bytes")
     a, b = mm.args
-    return Fuse(lambda emit: emit(Call(aten.addmm.default, (_bias_vector(bias, n, emit), a, b))),
-                f"mm + bias{_shape(bias)} -> addmm (cuBLASLt bias epilogue; has a derivative)", [mm])
+    return _fused(ctx, add, lambda emit: emit(Call(aten.addmm.default, (_bias_vector(bias, n, emit), a, b))),
+                  f"mm + bias{_shape(bias)} -> addmm (cuBLASLt bias epilogue; has a derivative)", [mm])
 
 
-def _matmul_bias(add: fx.Node, facts: GraphFacts, ctx: PassContext) -> Fuse | Keep | None:
-    found = _gemm_and_addend(add, (aten.matmul.default,))
-    if found is None:
-        return None
+def _matmul_bias(add: fx.Node, facts: GraphFacts, ctx: PassContext) -> Rewrite | Refusal | None:
+    found = _bias_add(add, facts, (aten.matmul.default,))
+    if not isinstance(found, tuple):
+        return found
     mm, bias = found
-    why = _common_refusal(add, mm, bias, facts)
-    if why:
-        return Keep(why)
     x, w = mm.args
     xs, ws = _shape(x), _shape(w)
     if ws is None or xs is None:
         return None
     if len(ws) > 2:
-        return Keep(f"batched matmul {xs} @ {ws}: its only bias-taking kernel, baddbmm (3-D), copies the addend "
-                    f"into the output before a beta=1 GEMM, the same kernels and bytes")
+        return Refusal(f"batched matmul {xs} @ {ws}: its only bias-taking kernel, baddbmm (3-D), copies the addend "
+                       f"into the output before a beta=1 GEMM, the same kernels and bytes")
     if len(ws) != 2:
-        return Keep(f"matrix-vector product {xs} @ {ws}: no bias epilogue")
+        return Refusal(f"matrix-vector product {xs} @ {ws}: no bias epilogue")
     n = ws[1]
     if not (_per_column(bias, n) or _row_vector(bias, n)):
-        return Keep(f"the addend {_shape(bias)} is not a per-column bias [{n}]: no bias epilogue takes it")
+        return Refusal(f"the addend {_shape(bias)} is not a per-column bias [{n}]: no bias epilogue takes it")
     src = _transposed_weight(w)
 
     def build(emit):
         weight = src if src is not None else emit(Call(aten.permute.default, (w, [1, 0])))
         return emit(Call(aten.linear.default, (x, weight, _bias_vector(bias, n, emit))))
     how = f"the weight {src.name} directly" if src is not None else "a permuted view of the weight"
-    return Fuse(build, f"matmul(x, W[K, {n}]) + bias{_shape(bias)} -> linear(x, W^T, bias) with {how} "
-                       f"(addmm with the cuBLASLt bias epilogue; has a derivative)",
-                [mm] + ([w] if src is not None else []))  # the transpose goes too when nothing else reads it
+    return _fused(ctx, add, build, f"matmul(x, W[K, {n}]) + bias{_shape(bias)} -> linear(x, W^T, bias) with {how} "
+                                   f"(addmm with the cuBLASLt bias epilogue; has a derivative)",
+                  [mm] + ([w] if src is not None else []))  # the transpose goes too when nothing else reads it
 
 
-def _bmm_bias(add: fx.Node, facts: GraphFacts, ctx: PassContext) -> Fuse | Keep | None:
+def _bmm_bias(add: fx.Node, facts: GraphFacts, ctx: PassContext) -> Rewrite | Refusal | None:
     found = _gemm_and_addend(add, (aten.bmm.default, aten.baddbmm.default))
     if found is None or not isinstance(found[1], fx.Node):
         return None
-    return Keep("bmm + add stays: baddbmm copies the addend into the output and runs the batched GEMM with "
-                "beta=1 (ATen's baddbmm meta function), the same kernels and bytes as bmm + add")
+    return Refusal("bmm + add stays: baddbmm copies the addend into the output and runs the batched GEMM with "
+                   "beta=1 (ATen's baddbmm meta function), the same kernels and bytes as bmm + add")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,60 +234,60 @@ def _gemm_behind(act: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
     return None, None
 
 
-def _activation(act: fx.Node, facts: GraphFacts, ctx: PassContext) -> Fuse | Keep | None:
+def _activation(act: fx.Node, facts: GraphFacts, ctx: PassContext) -> Rewrite | Refusal | None:
     src = act.args[0] if act.args else None
     if isinstance(src, fx.Node) and src.op == "call_function" and src.target in CONVS:
-        return Keep(f"{act.target.__name__.split('.')[0]} after a conv stays: ATen's only conv epilogue kernel, "
-                    f"cudnn_convolution_relu (relu only), is CUDA-only, has no derivative and no meta kernel; "
-                    f"the conv bias is already in the conv")
+        return Refusal(f"{act.target.__name__.split('.')[0]} after a conv stays: ATen's only conv epilogue kernel, "
+                       f"cudnn_convolution_relu (relu only), is CUDA-only, has no derivative and no meta kernel; "
+                       f"the conv bias is already in the conv")
     gemm, view = _gemm_behind(act)
     if gemm is None:
         return None
     name = str(act.target.overloadpacket).split(".")[-1]
     if act.target in UNFUSABLE:
-        return Keep(f"no ATen GEMM epilogue computes {name} (_addmm_activation takes relu or gelu only)")
+        return Refusal(f"no ATen GEMM epilogue computes {name} (_addmm_activation takes relu or gelu only)")
     if not ctx.options.get("activation", True):
-        return Keep("activation epilogues disabled (activation=false)")
+        return Refusal("activation epilogues disabled (activation=false)")
     if ctx.training and not addmm_activation_differentiable():
-        return Keep("training graph: aten._addmm_activation has no derivative in this torch (autograd raises "
-                    "'derivative for aten::_addmm_activation is not implemented'); fused in eval graphs only")
+        return Refusal("training graph: aten._addmm_activation has no derivative in this torch (autograd raises "
+                       "'derivative for aten::_addmm_activation is not implemented'); fused in eval graphs only")
     chain = [gemm] + ([view] if view is not None else [])
     for node in chain:
         if len(node.users) > 1:
             others = ", ".join(u.name for u in node.users if u not in chain + [act])
-            return Keep(f"{node.name} is also read by {others}")
+            return Refusal(f"{node.name} is also read by {others}")
     if gemm.target is aten.linear.default:
         x, w = gemm.args[0], gemm.args[1]
         bias = gemm.args[2] if len(gemm.args) > 2 else gemm.kwargs.get("bias")
     else:
         bias, x, w = gemm.args[:3]
         if any(gemm.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")):
-            return Keep("addmm with beta/alpha != 1")
+            return Refusal("addmm with beta/alpha != 1")
     if bias is None:
-        return Keep(f"{gemm.name} has no bias: _addmm_activation's epilogue needs one")
+        return Refusal(f"{gemm.name} has no bias: _addmm_activation's epilogue needs one")
     out = val(gemm)
     n = out.shape[-1]
     if not _per_column(bias, n):
-        return Keep(f"the bias {_shape(bias)} is not a contiguous vector [{n}]: no cuBLASLt epilogue")
+        return Refusal(f"the bias {_shape(bias)} is not a contiguous vector [{n}]: no cuBLASLt epilogue")
     device = out.device.type
     use_gelu = act.target is aten.gelu.default
     if use_gelu:
         approx = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
         kernel = GELU_OF_ADDMM_ACTIVATION.get(device)
         if kernel is None:
-            return Keep(f"graph on {device}: which GELU _addmm_activation computes there is unknown")
+            return Refusal(f"graph on {device}: which GELU _addmm_activation computes there is unknown")
         if approx != kernel:
-            return Keep(f"gelu(approximate={approx!r}) differs from the GELU _addmm_activation computes on "
-                        f"{device} (approximate={kernel!r}): not the same function")
+            return Refusal(f"gelu(approximate={approx!r}) differs from the GELU _addmm_activation computes on "
+                           f"{device} (approximate={kernel!r}): not the same function")
     written = [n_.name for n_ in (x, w, bias) if isinstance(n_, fx.Node) and facts.is_written(n_)]
     if written:
-        return Keep(f"{', '.join(written)} written in place in this graph")
+        return Refusal(f"{', '.join(written)} written in place in this graph")
     xs = _shape(x)
     lead = None
     if gemm.target is aten.linear.default and len(xs) != 2:
         if not val(x).is_contiguous() or not all(isinstance(s, int) for s in list(out.shape)[1:]) or len(xs) < 2:
-            return Keep(f"linear input {xs} is not a contiguous N-D tensor with static inner sizes: "
-                        f"it cannot be flattened to 2-D without a copy")
+            return Refusal(f"linear input {xs} is not a contiguous N-D tensor with static inner sizes: "
+                           f"it cannot be flattened to 2-D without a copy")
         lead = [-1] + list(out.shape)[1:]
     k = xs[-1]
 
@@ -316,9 +302,10 @@ def _activation(act: fx.Node, facts: GraphFacts, ctx: PassContext) -> Fuse | Kee
         return fused
     what = f"gelu(approximate={GELU_OF_ADDMM_ACTIVATION[device]!r}), the one _addmm_activation computes on " \
            f"{device}" if use_gelu else "relu"
-    return Fuse(build, f"{gemm.target.__name__.split('.')[0]} + {what} -> _addmm_activation (the cuBLASLt epilogue on "
-                       f"CUDA; {'eval graph' if not ctx.training else 'differentiable in this torch'})",
-                [n_ for n_ in (view, gemm) if n_ is not None])
+    op = gemm.target.__name__.split('.')[0]
+    return _fused(ctx, act, build, f"{op} + {what} -> _addmm_activation (the cuBLASLt epilogue on CUDA; "
+                                   f"{'eval graph' if not ctx.training else 'differentiable in this torch'})",
+                  [n_ for n_ in (view, gemm) if n_ is not None])
 
 
 RULES: list[Rule] = [
@@ -339,35 +326,10 @@ class FuseEpilogues(Pass):
         "activation": Option(bool, True, "fuse relu/gelu into the GEMM (_addmm_activation; eval graphs in torch 2.13)"),
     }
 
+    statistics = rule_statistics(RULES)
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        graph = gm.graph
-        facts = GraphFacts(graph)
         rules = [r for r in RULES if ctx.options.get("bias", True) or r.name == "gemm-activation"]
-        by_target: dict = {}
-        for rule in rules:
-            for t in rule.targets:
-                by_target.setdefault(t, []).append(rule)
-        stats: Counter = Counter()
-        for node in list(graph.nodes):  # one sweep in graph order: a fused bias feeds the activation rule
-            if node.op != "call_function" or node.target not in by_target:
-                continue
-            for rule in by_target[node.target]:
-                out = rule.fn(node, facts, ctx)
-                if out is None:
-                    continue
-                if isinstance(out, Keep):
-                    ctx.decide(node, "keep", f"{rule.name}: {out.reason}")
-                    stats[f"kept_{rule.name}"] += 1
-                    break
-                gain = ctx.node_time(node)
-                new = out.build(lambda call: add_call(graph, call, node))
-                ctx.decide(node, "fuse", f"{rule.name}: {out.reason}", gain)
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-                for dead in out.dead:
-                    if not dead.users:
-                        graph.erase_node(dead)
-                stats[rule.name] += 1
-                break
-        fused = sum(v for k, v in stats.items() if not k.startswith("kept_"))
-        return PassResult(gm, fused > 0, dict(stats))
+        # one sweep in graph order: a fused bias feeds the activation rule
+        stats = apply_rules(gm, ctx, rules, max_sweeps=1)
+        return PassResult(gm, any(v for k, v in stats.items() if not k.startswith("kept_")), dict(stats))

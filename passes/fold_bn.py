@@ -32,17 +32,18 @@ per group. Only ``aten.batch_norm`` is matched: a BN written out by hand (torchv
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import fx
 
-from .base import Option, Pass, PassContext, PassResult, register
-from .rewrite import PROVENANCE_KEYS, GraphFacts, _fake_val, val
+from fxopt.cost_models.names import dtype_name
 
-__all__ = ["FoldBatchNorm", "Producer", "PRODUCERS", "REFUSALS", "BNMatch"]
+from .base import Option, Pass, PassContext, PassResult, register
+from .rewrite import Call, Emit, GraphFacts, Refusal, Rewrite, Rule, apply_rules, rule_statistics, val
+
+__all__ = ["FoldBatchNorm", "Producer", "PRODUCERS", "REFUSALS", "RULES", "BNMatch"]
 
 aten = torch.ops.aten
 
@@ -104,7 +105,6 @@ class BNMatch:
     bn: fx.Node
     layer: fx.Node | None
     facts: GraphFacts
-    order: dict
 
     @property
     def producer(self) -> Producer | None:
@@ -166,7 +166,7 @@ def _dtypes(m: BNMatch) -> str | None:
                **m.bn_tensors()}
     dtypes = {k: val(v).dtype for k, v in tensors.items() if isinstance(val(v), torch.Tensor)}
     if len(set(dtypes.values())) > 1:
-        text = ", ".join(f"{k} {str(d).replace('torch.', '')}" for k, d in dtypes.items())
+        text = ", ".join(f"{k} {dtype_name(d)}" for k, d in dtypes.items())
         return f"mixed dtypes ({text}): fold before casting (run fold-bn before mixed-precision)"
     return None
 
@@ -181,7 +181,7 @@ def _written(m: BNMatch) -> str | None:
 
 def _order(m: BNMatch) -> str | None:
     late = [t.name for t in m.bn_tensors().values()
-            if isinstance(t, fx.Node) and m.order[t] > m.order[m.layer]]
+            if isinstance(t, fx.Node) and m.facts.order[t] > m.facts.order[m.layer]]
     if late:
         return f"{', '.join(late)} computed after {m.layer.name}: the folded weight could not be built before it"
     return None
@@ -203,35 +203,20 @@ REFUSALS: list[tuple[str, Callable[[BNMatch], str | None]]] = [
 # building the folded weight and bias
 
 
-class _Emitter:
-    """Inserts nodes before ``before``, named ``<prefix>_<suffix>``, with ``like``'s provenance."""
-
-    def __init__(self, graph: fx.Graph, before: fx.Node, like: fx.Node, prefix: str):
-        self.graph, self.before, self.like, self.prefix = graph, before, like, prefix
-        self.nodes: list[fx.Node] = []
-
-    def __call__(self, target, args: tuple, suffix: str, **kwargs) -> fx.Node:
-        with self.graph.inserting_before(self.before):
-            node = self.graph.create_node("call_function", target, args, kwargs, name=f"{self.prefix}_{suffix}")
-        for key in PROVENANCE_KEYS:
-            if key in self.like.meta:
-                node.meta[key] = self.like.meta[key]
-        fake = _fake_val(target, args, kwargs)
-        if fake is not None:
-            node.meta["val"] = fake
-        self.nodes.append(node)
-        return node
-
-
-def _build(graph: fx.Graph, m: BNMatch) -> tuple[list[fx.Node], fx.Node, fx.Node, str]:
-    """Insert the nodes computing the folded weight and bias before ``m.layer``. Returns the new
-    nodes, the folded weight and bias, and which weight axis was scaled."""
+def _build(put: Emit, m: BNMatch) -> tuple[list[fx.Node], fx.Node, fx.Node, str]:
+    """Insert the nodes computing the folded weight and bias before ``m.layer``, named
+    ``<layer>_<what>``. Returns the new nodes, the folded weight and bias, and which weight axis
+    was scaled."""
     bn, layer = m.bn, m.layer
     t = m.bn_tensors()
     eps = float(arg(bn, "eps"))
     w, b = arg(layer, "weight"), arg(layer, "bias")
     wv = val(w)
-    emit = _Emitter(graph, layer, bn, layer.name)
+    nodes: list[fx.Node] = []
+
+    def emit(target, args: tuple, suffix: str, **kwargs) -> fx.Node:
+        nodes.append(put(Call(target, args, kwargs, name=f"{layer.name}_{suffix}"), before=layer))
+        return nodes[-1]
     rstd = emit(aten.rsqrt.default, (emit(aten.add.Tensor, (t["running_var"], eps), "bn_var_eps"),), "bn_rstd")
     scale = emit(aten.mul.Tensor, (t["weight"], rstd), "bn_scale") if t["weight"] is not None else rstd
     n, shape = wv.dim(), [1] * wv.dim()
@@ -261,27 +246,14 @@ def _build(graph: fx.Graph, m: BNMatch) -> tuple[list[fx.Node], fx.Node, fx.Node
         b2 = emit(aten.addcmul.default, (beta, mean, scale), "b_folded", value=-1)
     else:  # b' = -mean * s
         b2 = emit(aten.neg.default, (emit(aten.mul.Tensor, (mean, scale), "mean_scaled"),), "b_folded")
-    return emit.nodes, w2, b2, axis
-
-
-def _apply(graph: fx.Graph, m: BNMatch, w2: fx.Node, b2: fx.Node) -> None:
-    """Point the layer at the folded weight and bias; its users read it instead of the BN."""
-    _set_arg(m.layer, "weight", w2)
-    _set_arg(m.layer, "bias", b2)
-    m.bn.replace_all_uses_with(m.layer)
-    graph.erase_node(m.bn)
-
-
-def _discard(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    for node in reversed(nodes):
-        graph.erase_node(node)
+    return nodes, w2, b2, axis
 
 
 # ---------------------------------------------------------------------------------------------
 # cost estimate
 
 
-def _weight_ops_time(nodes: list[fx.Node], hw, training: bool) -> tuple[float, int]:
+def _weight_ops_time(nodes: list[fx.Node], hw, precision, training: bool) -> tuple[float, int]:
     """Roofline time and kernel count of the new weight-sized ops: one pointwise kernel each
     (views are free), doubled in training for their backward."""
     from fxopt.cost_models.roofline import call_time
@@ -292,22 +264,61 @@ def _weight_ops_time(nodes: list[fx.Node], hw, training: bool) -> tuple[float, i
             continue
         ins = [val(a) for a in node.args if isinstance(val(a), torch.Tensor)]
         nbytes = (out.numel() + sum(i.numel() for i in ins)) * out.element_size()
-        total += call_time("pointwise", str(out.dtype).replace("torch.", ""), out.numel(), nbytes, 1, hw).total_s
+        total += call_time("pointwise", dtype_name(out.dtype), out.numel(), nbytes, 1, hw, precision).total_s
         kernels += 1
     return total * (2 if training else 1), kernels
 
 
-def _bias_grad_time(layer: fx.Node, hw) -> float:
+def _bias_grad_time(layer: fx.Node, hw, precision) -> float:
     """A bias-free conv that gets a folded bias also computes the bias gradient in training: one
     reduction over its output gradient."""
     from fxopt.cost_models.roofline import call_time
     out = val(layer)
-    return call_time("reduction", str(out.dtype).replace("torch.", ""), out.numel(),
-                     out.numel() * out.element_size(), 1, hw).total_s
+    return call_time("reduction", dtype_name(out.dtype), out.numel(),
+                     out.numel() * out.element_size(), 1, hw, precision).total_s
 
 
 def _us(t: float) -> str:
     return f"{t * 1e6:.2f} us"
+
+
+def _fold(bn: fx.Node, facts: GraphFacts, ctx: PassContext) -> Rewrite | Refusal:
+    """The fold of one batch norm, or the first refusal (:data:`REFUSALS`, then the options)."""
+    src = arg(bn, "input")
+    m = BNMatch(bn, src if isinstance(src, fx.Node) and src.op == "call_function" else None, facts)
+    refusal = next(((name, why) for name, check in REFUSALS if (why := check(m))), None)
+    if refusal is None and ctx.training and not ctx.options.get("frozen_in_training", True):
+        refusal = ("option", "frozen BN in a training graph, and frozen_in_training=false")
+    if refusal is not None:
+        return Refusal(f"{refusal[0]}: {refusal[1]}", counter=f"kept_{refusal[0]}")
+    hw, bn_time, done = ctx.hw, ctx.node_time(bn), {}
+
+    def build(emit: Emit) -> fx.Node | Refusal:
+        new_nodes, w2, b2, axis = _build(emit, m)
+        extra, kernels = _weight_ops_time(new_nodes, hw, ctx.precision, ctx.training)
+        if ctx.training and arg(m.layer, "bias") is None and isinstance(val(m.layer).numel(), int):
+            extra += _bias_grad_time(m.layer, hw, ctx.precision)
+        gain = None if bn_time is None else bn_time - extra
+        mode = "frozen BN in training, fwd+bwd" if ctx.training else "eval, fwd"
+        cost = (f"one activation-sized BN pass ({mode})"
+                f"{'' if bn_time is None else f', est. {_us(bn_time)},'} for {kernels} weight-sized kernels"
+                f"{' (+ their backward)' if ctx.training else ''}"
+                f"{'' if bn_time is None else f', est. {_us(extra)}'}")
+        if gain is not None and gain < 0 and ctx.options.get("profitable_only", True):
+            return Refusal(f"slower: folding would trade {cost} (profitable_only=true; set it false to fold "
+                           f"anyway)", counter="kept_slower", gain=gain)
+        _set_arg(m.layer, "weight", w2)
+        _set_arg(m.layer, "bias", b2)
+        done["reason"] = (f"folded into {m.layer.name} ({m.producer.kind}, {axis}): w' = w*s, b' = (b-mean)*s+beta "
+                          f"with s = gamma*rsqrt(var+eps), computed in the graph; trades {cost}")
+        done["gain"] = gain
+        return m.layer  # the layer's users read it instead of the BN
+
+    return Rewrite(build, lambda _: done["reason"], "fold", gain=lambda _: done["gain"], counters=("folded",))
+
+
+RULES = [Rule("fold-bn", (aten.batch_norm.default,), _fold, "fold an eval-mode/frozen BN into its conv/linear",
+              tagged=False)]
 
 
 @register
@@ -320,43 +331,12 @@ class FoldBatchNorm(Pass):
         "profitable_only": Option(bool, True, "where the graph is costed, keep BNs whose fold is predicted slower"),
     }
 
+    before = {"mixed-precision": "a BN folds only into a layer of its own dtype (fold, then cast once)"}
+    statistics = rule_statistics((), folded="batch norms folded into the layer before them",
+                                 kept_slower="folds predicted slower (profitable_only=true)",
+                                 kept_option="frozen BNs in a training graph with frozen_in_training=false",
+                                 **{f"kept_{name}": f"refused: {name}" for name, _ in REFUSALS})
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        from fxopt.cost_models import load_hardware
-        graph = gm.graph
-        facts = GraphFacts(graph)
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        hw = load_hardware(ctx.hardware)
-        stats: Counter = Counter()
-        for bn in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.batch_norm.default]:
-            src = arg(bn, "input")
-            m = BNMatch(bn, src if isinstance(src, fx.Node) and src.op == "call_function" else None, facts, order)
-            refusal = next(((name, why) for name, check in REFUSALS if (why := check(m))), None)
-            if refusal is None and ctx.training and not ctx.options.get("frozen_in_training", True):
-                refusal = ("option", "frozen BN in a training graph, and frozen_in_training=false")
-            if refusal is not None:
-                ctx.decide(bn, "keep", f"{refusal[0]}: {refusal[1]}")
-                stats[f"kept_{refusal[0]}"] += 1
-                continue
-            bn_time = ctx.node_time(bn)
-            new_nodes, w2, b2, axis = _build(graph, m)
-            extra, kernels = _weight_ops_time(new_nodes, hw, ctx.training)
-            if ctx.training and arg(m.layer, "bias") is None and isinstance(val(m.layer).numel(), int):
-                extra += _bias_grad_time(m.layer, hw)
-            gain = None if bn_time is None else bn_time - extra
-            mode = "frozen BN in training, fwd+bwd" if ctx.training else "eval, fwd"
-            cost = (f"one activation-sized BN pass ({mode})"
-                    f"{'' if bn_time is None else f', est. {_us(bn_time)},'} for {kernels} weight-sized kernels"
-                    f"{' (+ their backward)' if ctx.training else ''}"
-                    f"{'' if bn_time is None else f', est. {_us(extra)}'}")
-            if gain is not None and gain < 0 and ctx.options.get("profitable_only", True):
-                _discard(graph, new_nodes)
-                ctx.decide(bn, "keep", f"slower: folding would trade {cost} (profitable_only=true; set it "
-                                       f"false to fold anyway)", gain)
-                stats["kept_slower"] += 1
-                continue
-            _apply(graph, m, w2, b2)
-            ctx.decide(bn, "fold",
-                       f"folded into {m.layer.name} ({m.producer.kind}, {axis}): w' = w*s, b' = (b-mean)*s+beta "
-                       f"with s = gamma*rsqrt(var+eps), computed in the graph; trades {cost}", gain)
-            stats["folded"] += 1
+        stats = apply_rules(gm, ctx, RULES, max_sweeps=1)
         return PassResult(gm, stats["folded"] > 0, dict(stats))

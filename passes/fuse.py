@@ -38,6 +38,7 @@ from fxopt.codegen.kernel import MAX_ROW
 from fxopt.codegen.lower import FREE, Domain, Unfusible, classify, lower
 from fxopt.codegen.program import choose_saved, derive_backward
 from fxopt.codegen.runtime import region_op, triton_status
+from fxopt.cost_models.names import dtype_name
 
 from .base import Option, Pass, PassContext, PassResult, register
 from .rewrite import GraphFacts
@@ -232,7 +233,7 @@ def _fused_time(low, training: bool, hw) -> tuple[int, float]:
     from fxopt.codegen.kernel import output_order
     prog = low.program   # walked in the order of the replaced nodes' layout
     prog = replace(prog, order=output_order(prog, [tuple(n.meta["val"].stride()) for n in low.outputs]))
-    dtype = prog.inputs[0].dtype.replace("torch.", "") if prog.inputs else None
+    dtype = dtype_name(prog.inputs[0].dtype) if prog.inputs else None
     nbytes, t = prog.boundary_bytes(), 0.0
     t += call_time("fused", dtype, prog.flops(), prog.boundary_bytes(), 1, hw).total_s
     needs = _needs(prog, low.inputs, training)
@@ -275,16 +276,20 @@ class Fuse(Pass):
         "fallback": Option(str, "unfused", "without Triton: unfused keeps ATen ops, reference fuses with ATen "
                            "programs (tests)", choices=("unfused", "reference")),
     }
+    statistics = {"fused": "regions replaced by one fxopt kernel (the regions themselves: PassResult.details)"}
+
+    @classmethod
+    def render_details(cls, details) -> str:
+        return region_table(details) if details else ""
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        from fxopt.cost_models.hardware import load_hardware
         opts = ctx.options
         device = _device(gm)
         ok, why = triton_status(device)
         if not ok and device != "meta" and opts["fallback"] != "reference":
             ctx.decide("graph", "keep", f"regions stay ATen ops: {why}")
-            return PassResult(gm, False, {"regions": []})
-        hw = load_hardware(ctx.hardware)
+            return PassResult(gm, False, {}, details=[])
+        hw = ctx.hw
         former = _Former(gm, ctx, opts)
         records, modified = [], False
         for i, group in enumerate(former.form()):
@@ -293,7 +298,7 @@ class Fuse(Pass):
             modified |= rec.fused
         if modified:
             _topo_sort(gm.graph)
-        return PassResult(gm, modified, {"regions": records, "fused": sum(r.fused for r in records)})
+        return PassResult(gm, modified, {"fused": sum(r.fused for r in records)}, details=records)
 
     def _consider(self, gm, group: _Group, ctx: PassContext, hw, name: str, opts) -> RegionRecord:
         nodes = group.nodes

@@ -150,21 +150,25 @@ def run_graph(gm: fx.GraphModule, args: tuple, kwargs: dict, seed: int = 0, reco
 class AsModule(nn.Module):
     """A graph module seen as a plain nn.Module with the same parameter names.
 
-    Exported graph modules refuse ``.train()``/``.eval()``; this wrapper shares the graph
-    module's submodules, parameters and buffers, so names and tensors are the same, while its
-    own ``train()`` only touches the (plain) submodules.
+    Exported graph modules refuse ``.train()``/``.eval()``; this wrapper shares the submodules,
+    parameters and buffers of ``state`` (default: the graph module's own; an optimized module's
+    live graph reads the source model's), so names and tensors are the same, while its own
+    ``train()`` only touches the (plain) submodules. What verify compares by name.
     """
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm, state: nn.Module | None = None):
         super().__init__()
-        self._modules, self._parameters, self._buffers = gm._modules, gm._parameters, gm._buffers
+        state = gm if state is None else state
+        self._modules, self._parameters, self._buffers = state._modules, state._parameters, state._buffers
         object.__setattr__(self, "_gm", gm)
+        object.__setattr__(self, "_state", state)
 
     def forward(self, *args, **kwargs):
         return self._gm(*args, **kwargs)
 
     def __deepcopy__(self, memo):
-        return AsModule(copy.deepcopy(self._gm, memo))
+        gm = copy.deepcopy(self._gm, memo)
+        return AsModule(gm, None if self._state is self._gm else copy.deepcopy(self._state, memo))
 
 
 def without_dtype_asserts(gm: fx.GraphModule) -> fx.GraphModule:

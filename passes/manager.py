@@ -53,8 +53,8 @@ from fxopt.capture import Captured
 from fxopt.graphtext import canonical_text, unified_diff
 from fxopt.progress import progress
 
-from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineError, check_options, defaults,
-                   format_pipeline, get, parse_pipeline)
+from .base import (Decision, Pass, PassContext, PassError, PassResult, PipelineError, check_options, check_order,
+                   defaults, format_pipeline, get, parse_pipeline, undeclared)
 from .graph_utils import no_new_guards, propagate_meta, quiet_deepcopy, run_graph  # noqa: F401
 from .verification import Divergence, failure_text, find_divergence, verify_graphs  # noqa: F401
 
@@ -96,6 +96,13 @@ class PassRecord:
     options: dict = field(default_factory=dict)
     note: str = ""                # the manager's explanation (rollback reason, divergence details)
     error: str = ""               # the PassError's message, when the pass raised or broke the graph
+    details: Any = None           # the pass's structured output (PassResult.details)
+
+    def details_text(self) -> str:
+        """The pass's own rendering of its details ("" when none, or rolled back)."""
+        if self.details is None or self.rolled_back:
+            return ""
+        return get(self.name).render_details(self.details)
 
     @property
     def kept(self) -> bool:
@@ -112,7 +119,9 @@ PassSpec = Any  # "a,b{k=v}", a name, a Pass subclass or instance, or (name/clas
 def _resolve(passes: PassSpec | Iterable[PassSpec]) -> list[tuple[Pass, dict]]:
     """Normalize every accepted way of naming passes to (instance, full options) pairs."""
     if isinstance(passes, str):
-        return [(get(n)(), check_options(get(n), o)) for n, o in parse_pipeline(passes)]
+        out = [(get(n)(), check_options(get(n), o)) for n, o in parse_pipeline(passes)]
+        check_order([p.name for p, _ in out])
+        return out
     if isinstance(passes, Pass) or (isinstance(passes, type) and issubclass(passes, Pass)):
         passes = [passes]
     if not isinstance(passes, (list, tuple)):
@@ -138,6 +147,7 @@ def _resolve(passes: PassSpec | Iterable[PassSpec]) -> list[tuple[Pass, dict]]:
         out.append((item, check_options(type(item), options)))
     if not out:
         raise PipelineError("the pipeline is empty; name at least one pass, e.g. 'dce'")
+    check_order([p.name for p, _ in out])
     return out
 
 
@@ -252,7 +262,7 @@ class PassManager:
             modified = bool(result.modified) or changed
             record = PassRecord(p.name, modified, dict(result.stats), list(ctx.decisions),
                                 unified_diff(text, new_text, label) if changed else "", dt, step, step,
-                                options=dict(options))
+                                options=dict(options), details=result.details)
             if modified:
                 record.step_time_after_s, new_times = self._cost(gm, captured)
                 if options.get("only_if_faster") and _slower(record.step_time_after_s, step):
@@ -314,6 +324,10 @@ class PassManager:
         if not isinstance(result, PassResult):
             raise PassError(f"pass {p.name!r}{after} returned {type(result).__name__}, not a PassResult",
                             p.name, previous)
+        unknown = undeclared(type(p), result.stats)
+        if unknown:
+            raise PassError(f"pass {p.name!r}{after} reported statistics it does not declare: {', '.join(unknown)} "
+                            f"(add them to {type(p).__name__}.statistics)", p.name, previous)
         out = result.graph_module
         try:
             out.graph.lint()

@@ -24,8 +24,10 @@ import math
 import torch
 from torch import fx
 
+from fxopt.cost_models.names import dtype_name
+
 from .base import Option, Pass, PassContext, PassResult, register
-from .rewrite import Call, GraphFacts, Rewrite, Rule, _known, apply_rules, same_layout, val
+from .rewrite import Call, GraphFacts, Rewrite, Rule, _known, apply_rules, rule_statistics, same_layout, val
 
 __all__ = ["Normalize", "RULES"]
 
@@ -103,7 +105,7 @@ def _noop_copy(node: fx.Node, facts: GraphFacts, ctx: PassContext) -> Rewrite | 
     if not facts.can_forward(node, x):
         return None
     what = "clone keeps the layout" if node.target is aten.clone.default else \
-        f"same dtype {str(xv.dtype).replace('torch.', '')}, device and layout"
+        f"same dtype {dtype_name(xv.dtype)}, device and layout"
     return Rewrite(x, f"{node.target}: {what}")
 
 
@@ -146,6 +148,7 @@ class Normalize(Pass):
         "rules": Option(list, "all", "the rules to apply: all, or rule names (normalize{rules=identity-dropout;})",
                         choices=("all",) + tuple(r.name for r in RULES)),
     }
+    statistics = rule_statistics(RULES)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = apply_rules(gm, ctx, select_rules(ctx.options.get("rules", "all")))

@@ -1,6 +1,8 @@
-"""Small-rule rewriting: a rule looks at one node and returns a :class:`Rewrite` or ``None``.
+"""The one rule engine: a rule matches a (possibly multi-node) pattern anchored at one node and
+returns a :class:`Rewrite`, a :class:`Refusal` with its reason, or ``None``.
 
-Passes are tables of :class:`Rule` s applied by :func:`apply_rules`, plus the graph facts the
+Passes are tables of :class:`Rule` s applied by :func:`apply_rules` (normalize, epilogue, sdpa,
+fold-bn), plus the graph facts the
 rules need to stay sound (which storages are written in place, what aliases what), and
 :func:`add_call`, which inserts a node carrying the replaced node's provenance
 (``nn_module_stack``, ``stack_trace``) and a fake ``meta["val"]`` so later rules in the same pass
@@ -14,18 +16,16 @@ from typing import Any, Callable
 
 import torch
 from torch import fx
-from torch.utils._pytree import tree_map
+
+from fxopt.errors import FxoptError
 
 from .base import PassContext
+from .provenance import PROVENANCE_KEYS, insert_call, val  # noqa: F401  (PROVENANCE_KEYS, val re-exported)
 
-__all__ = ["Rule", "Rewrite", "Call", "GraphFacts", "apply_rules", "add_call", "val", "same_layout",
-           "PROVENANCE_KEYS"]
+__all__ = ["Rule", "Rewrite", "Refusal", "Call", "Emit", "GraphFacts", "apply_rules", "rule_statistics", "add_call", "val",
+           "same_layout", "PROVENANCE_KEYS"]
 
 aten = torch.ops.aten
-
-# meta keys that say where a node came from; copied from a replaced node to its replacement
-PROVENANCE_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn", "from_node",
-                   "seq_nr", "custom")
 
 # ops whose schema does not say so but which write into arguments: (op, arg index of the
 # ``training`` flag, arg indices written when it is true). Batch norm in training mode updates
@@ -38,11 +38,6 @@ HIDDEN_WRITES: dict[Any, tuple[int, tuple[int, ...]]] = {
     aten.miopen_batch_norm.default: (5, (3, 4)),
     aten.instance_norm.default: (5, (3, 4)),  # use_input_stats with running stats
 }
-
-
-def val(node) -> Any:
-    """``node.meta["val"]`` of a node (None if absent); non-nodes are returned unchanged."""
-    return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
 def _known(x) -> bool:
@@ -104,9 +99,11 @@ class GraphFacts:
 
     graph: fx.Graph
     written: set = field(default_factory=set)  # alias roots written in place somewhere
+    order: dict = field(default_factory=dict)  # node -> position at the start of the sweep
 
     def __post_init__(self):
         self.written = {self.root(w) for n in self.graph.nodes for w in _writes(n)}
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
 
     @staticmethod
     def root(node: fx.Node) -> fx.Node:
@@ -141,70 +138,96 @@ class GraphFacts:
 
 @dataclass(frozen=True)
 class Call:
-    """A node to build: ``target(*args, **kwargs)``."""
+    """A node to build: ``target(*args, **kwargs)``, named ``name`` (default: like export names it)."""
 
     target: Callable
     args: tuple
     kwargs: dict = field(default_factory=dict)
+    name: str | None = None
+
+
+#: ``emit(call, before=None) -> Node``: what a multi-node rewrite builds with (see :class:`Rewrite`)
+Emit = Callable[..., fx.Node]
 
 
 @dataclass(frozen=True)
 class Rewrite:
-    """What a rule wants: use ``replacement`` (an existing node, or a :class:`Call` to build)
-    instead of the matched node, which is then erased."""
+    """What a rule wants: the matched node replaced by ``replacement`` and then erased.
 
-    replacement: fx.Node | Call
-    reason: str
+    ``replacement``: an existing node (forwarding), a :class:`Call` to build, or for multi-node
+    rewrites a builder ``build(emit) -> Node`` whose ``emit(Call, before=None)`` inserts each new
+    node before the replaced one (or ``before``) with the replaced node's provenance; a builder may
+    still return a :class:`Refusal` once it has built (a cost known only then): what it emitted
+    is removed. ``replaces``: the node whose users move to the new one and which is erased
+    (default: the matched node; attention is matched at its softmax and replaces its last matmul).
+    ``dead``: nodes erased afterwards when nothing reads them (the GEMM of a fused epilogue);
+    ``after``: a function called last, to erase the rest of a matched chain. ``reason`` and ``gain`` may be functions of the new node (known only once built).
+    ``gain``: the estimated seconds saved (default: the node's time when forwarding, 0 when a
+    call replaces it). ``counters``: the statistics this rewrite counts (default: the rule's name).
+    """
+
+    replacement: fx.Node | Call | Callable[[Emit], fx.Node]
+    reason: str | Callable[[fx.Node], str]
     action: str = ""  # default: "remove" when forwarding to an existing node, else "rewrite"
+    replaces: fx.Node | None = None
+    dead: tuple = ()
+    after: Callable[[], None] | None = None
+    gain: float | None | str | Callable[[fx.Node], float | None] = "default"
+    counters: tuple = ()
+
+
+class Refusal(FxoptError):
+    """A match a rule declines, with the reason: returned by a rule, or raised from deep inside a
+    multi-node matcher. ``counter``: the statistic it counts (default ``kept_<rule name>``);
+    ``gain``: the estimate that decided it, when a cost did."""
+
+    def __init__(self, reason: str, counter: str = "", gain: float | None = None):
+        super().__init__(reason)
+        self.reason, self.counter, self.gain = reason, counter, gain
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A named rewrite rule for nodes whose target is one of ``targets``."""
+    """A named rule for nodes whose target is one of ``targets``: ``fn(node, facts, ctx)`` returns
+    a :class:`Rewrite`, a :class:`Refusal`, or None (no match). ``tagged``: decisions start with
+    the rule's name (off for passes with one rule whose reasons say it all)."""
 
     name: str
     targets: tuple
-    fn: Callable[[fx.Node, GraphFacts, PassContext], Rewrite | None]
+    fn: Callable[[fx.Node, "GraphFacts", PassContext], "Rewrite | Refusal | None"]
     doc: str = ""
+    tagged: bool = True
 
 
-def _fake_val(target, args, kwargs):
-    """Run ``target`` on the fake ``val`` s of its arguments (None when that is not possible)."""
-    from torch._guards import detect_fake_mode
-
-    fargs, fkwargs = tree_map(val, (args, kwargs))
-    leaves = [x for x in torch.utils._pytree.tree_leaves((fargs, fkwargs)) if isinstance(x, torch.Tensor)]
-    mode = detect_fake_mode(leaves)
-    if mode is None:
-        return None
-    try:
-        with mode:
-            return target(*fargs, **fkwargs)
-    except Exception:  # the manager's propagation will report real problems
-        return None
+def rule_statistics(rules, **extra: str) -> dict[str, str]:
+    """The named counters a rule table can produce (rewrites under the rule's name, refusals under
+    ``kept_<name>``), plus ``extra`` ones: what a rule-based pass declares as its ``statistics``."""
+    out = {}
+    for rule in rules:
+        out[rule.name] = rule.doc or rule.name
+        out[f"kept_{rule.name}"] = f"{rule.name}: matches refused, each with its reason"
+    return {**out, **extra}
 
 
-def add_call(graph: fx.Graph, call: Call, like: fx.Node) -> fx.Node:
-    """Insert ``call`` before ``like``, with ``like``'s provenance meta and a fresh fake ``val``."""
-    hint = call.target.overloadpacket.__name__ if isinstance(call.target, torch._ops.OpOverload) else None
-    with graph.inserting_before(like):  # named like export names nodes: "permute", "permute_1", ...
-        new = graph.create_node("call_function", call.target, tuple(call.args), dict(call.kwargs), name=hint)
-    for key in PROVENANCE_KEYS:
-        if key in like.meta:
-            new.meta[key] = like.meta[key]
-    fake = _fake_val(call.target, call.args, call.kwargs)
-    if fake is not None:
-        new.meta["val"] = fake
-    return new
+def add_call(graph: fx.Graph, call: Call, like: fx.Node, before: fx.Node | None = None) -> fx.Node:
+    """Insert ``call`` before ``like`` (or ``before``), with ``like``'s provenance and a fake ``val``;
+    named ``call.name`` or like export names nodes ("permute", "permute_1", ...)."""
+    hint = call.name or (call.target.overloadpacket.__name__ if isinstance(call.target, torch._ops.OpOverload)
+                         else None)
+    return insert_call(graph, call.target, call.args, call.kwargs, before=before if before is not None else like,
+                       like=like, name=hint)
 
 
 def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: list[Rule], max_sweeps: int = 8) -> Counter:
-    """Apply ``rules`` to every node until nothing matches (at most ``max_sweeps`` sweeps).
+    """The one rule driver: apply ``rules`` to every node until nothing changes (at most
+    ``max_sweeps`` sweeps; 1 for passes whose rewrites feed later rules in the same sweep).
 
-    The first matching rule wins for a node. Every rewrite is logged with ``ctx.decide`` and
-    counted under the rule's name in the returned Counter. :class:`GraphFacts` are computed once
-    per sweep, so rules must not introduce in-place writes (forwarding a node to a value that is
-    never written, or building a new out-of-place call, keeps the facts true).
+    The first rule that matches a node decides it: a :class:`Rewrite` is applied, a
+    :class:`Refusal` (returned or raised) is logged as ``keep`` once. Every decision goes through
+    ``ctx.decide`` with its reason and estimated gain, and is counted in the returned Counter
+    (see :func:`rule_statistics`). :class:`GraphFacts` are computed once per sweep, so rules must not
+    introduce in-place writes (forwarding to a value that is never written, or building new
+    out-of-place calls, keeps the facts true).
     """
     by_target: dict = {}
     for rule in rules:
@@ -212,7 +235,7 @@ def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: list[Rule], max_swe
             by_target.setdefault(t, []).append(rule)
     stats: Counter = Counter()
     graph = gm.graph
-    costed = bool(ctx.node_times)
+    refused: set = set()
     for _ in range(max_sweeps):
         changed = False
         facts = GraphFacts(graph)
@@ -220,21 +243,54 @@ def apply_rules(gm: fx.GraphModule, ctx: PassContext, rules: list[Rule], max_swe
             if node.op != "call_function" or node.target not in by_target or getattr(node, "_erased", False):
                 continue
             for rule in by_target[node.target]:
-                rw = rule.fn(node, facts, ctx)
-                if rw is None:
-                    continue
-                if isinstance(rw.replacement, fx.Node):
-                    new, action = rw.replacement, rw.action or "remove"
-                    gain = ctx.node_time(node)
-                else:
-                    new, action = add_call(graph, rw.replacement, node), rw.action or "rewrite"
-                    gain = 0.0 if costed else None
-                ctx.decide(node, action, f"{rule.name}: {rw.reason}", gain)
-                node.replace_all_uses_with(new)
-                graph.erase_node(node)
-                stats[rule.name] += 1
-                changed = True
-                break
+                try:
+                    out = rule.fn(node, facts, ctx)
+                    if isinstance(out, Rewrite):
+                        _apply(graph, node, rule, out, ctx, stats)
+                        changed = True
+                except Refusal as exc:
+                    out = exc
+                if isinstance(out, Refusal):
+                    if (node, rule.name) not in refused:
+                        refused.add((node, rule.name))
+                        ctx.decide(node, "keep", _tag(rule, out.reason), out.gain)
+                        stats[out.counter or f"kept_{rule.name}"] += 1
+                if out is not None:
+                    break
         if not changed:
             break
     return stats
+
+
+def _tag(rule: Rule, reason: str) -> str:
+    return f"{rule.name}: {reason}" if rule.tagged else reason
+
+
+def _apply(graph: fx.Graph, node: fx.Node, rule: Rule, rw: Rewrite, ctx: PassContext, stats: Counter) -> None:
+    """Apply one rewrite (see :class:`Rewrite`); a builder's Refusal is raised once its nodes are gone."""
+    emitted: list[fx.Node] = []
+    old = rw.replaces if rw.replaces is not None else node  # the decision stays with the matched node
+    if isinstance(rw.replacement, fx.Node):
+        new, action, gain = rw.replacement, rw.action or "remove", ctx.node_time(old)
+    else:
+        def emit(call: Call, before: fx.Node | None = None) -> fx.Node:
+            emitted.append(add_call(graph, call, old, before))
+            return emitted[-1]
+        new = emit(rw.replacement) if isinstance(rw.replacement, Call) else rw.replacement(emit)
+        if isinstance(new, Refusal):
+            for n in reversed(emitted):
+                graph.erase_node(n)
+            raise new
+        action, gain = rw.action or "rewrite", (0.0 if ctx.node_times else None)
+    if rw.gain != "default":
+        gain = rw.gain(new) if callable(rw.gain) else rw.gain
+    ctx.decide(node, action, _tag(rule, rw.reason(new) if callable(rw.reason) else rw.reason), gain)
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+    for dead in rw.dead:
+        if not dead.users and not getattr(dead, "_erased", False):
+            graph.erase_node(dead)
+    if rw.after is not None:
+        rw.after()
+    for counter in rw.counters or (rule.name,):
+        stats[counter] += 1

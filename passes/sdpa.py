@@ -48,18 +48,19 @@ from __future__ import annotations
 
 import math
 import string
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import fx
 
-from fxopt.errors import FxoptError
+from fxopt.cost_models.names import dtype_name
 
 from .base import Option, Pass, PassContext, PassResult, PipelineError, register
+from . import opgroups
 from .normalize import RULES as NORMALIZE_RULES
-from .rewrite import Call, GraphFacts, _known, add_call, apply_rules, val
+from .opgroups import CHECKS, DROPOUTS
+from .rewrite import Call, Emit, GraphFacts, Refusal, Rewrite, Rule, _known, apply_rules, rule_statistics, val
 
 __all__ = ["FuseAttention", "Attention", "Refusal", "match_attention", "estimate_gain"]
 
@@ -71,16 +72,9 @@ NEG_AS_INF = -1e30
 MAX_CONST_NODES = 200          # constant mask subgraphs larger than this are not evaluated
 MAX_CONST_ELEMS = 1 << 22
 
-CHECKS = (aten._assert_tensor_metadata.default,)  # export's dtype checks: not real users
-CASTS = (aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.to.dtype_layout, aten.to.other)
-DROPOUTS = (aten.dropout.default,)
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-         aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints,
-         aten.expand.default, aten.contiguous.default, aten.clone.default, aten.alias.default)
-
-
-class Refusal(FxoptError):
-    """Why a softmax is not attention SDPA can compute (raised by matching, logged as ``keep``)."""
+# casts on the score/probability path change the floating dtype only (``type_as`` too; a device move is no cast here)
+CASTS = (opgroups.CASTS - {aten.to.device}) | {aten.type_as.default}
+VIEWS = opgroups.SHAPE_VIEWS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +200,7 @@ class Step:
         if self.kind == "scale":
             return f"mul({self.value:.6g})"
         if self.kind == "cast":
-            return f"to({str(val(self.node).dtype).replace('torch.', '')})"
+            return f"to({dtype_name(val(self.node).dtype)})"
         return {"add": f"add({self.mask.name})", "fill": f"masked_fill({self.mask.name}, {self.value:g})",
                 "keep": f"where({self.mask.name}, {self.value:g})"}[self.kind]
 
@@ -402,7 +396,7 @@ def _walk_probs(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node], float, list[s
                 dropout_p = float(prob)
             texts.append(f"dropout({prob:g})")
         elif _cast(u) is not None:
-            texts.append(f"to({str(_cast(u)).replace('torch.', '')})")
+            texts.append(f"to({dtype_name(_cast(u))})")
         else:
             raise Refusal(f"the probabilities feed {u.name} ({u.target}), not the value matmul (p @ v)")
         chain.append(u)
@@ -543,7 +537,7 @@ def _resolve_masks(att: Attention, dtype: torch.dtype) -> None:
             mv = val(step.mask)
             if mv.dtype == torch.bool or mv.dtype != dtype:
                 raise Refusal(f"{step.node.name}: the additive mask {step.mask.name} is "
-                              f"{str(mv.dtype).replace('torch.', '')} but q is {str(dtype).replace('torch.', '')}; "
+                              f"{dtype_name(mv.dtype)} but q is {dtype_name(dtype)}; "
                               f"SDPA needs them equal and rounding the mask would change it")
     if len({s.kind == "add" for s, _ in kept}) > 1:
         raise Refusal("a boolean and an additive mask on the same scores; combine them into one mask first")
@@ -582,7 +576,7 @@ def estimate_gain(att: Attention, hardware: str = "h100", training: bool = True,
         hw = load_hardware(hardware)
     except Exception:
         return None
-    dtype = str(val(att.q.node).dtype).replace("torch.", "")
+    dtype = dtype_name(val(att.q.node).dtype)
     es = val(att.q.node).element_size()
     prec = Precision.from_torch()
     n = _elems(scores)
@@ -647,7 +641,7 @@ def _erase_if_dead(graph: fx.Graph, nodes) -> None:
         stack.extend(inputs)
 
 
-def _permuted(graph: fx.Graph, node: fx.Node, perm: list[int], like: fx.Node) -> fx.Node:
+def _permuted(emit: Emit, node: fx.Node, perm: list[int]) -> fx.Node:
     """``permute(node, perm)``, composed with ``node`` when it is itself a permute; no op for identity."""
     if _identity(perm):
         return node
@@ -655,10 +649,10 @@ def _permuted(graph: fx.Graph, node: fx.Node, perm: list[int], like: fx.Node) ->
         node, perm = node.args[0], [node.args[1][i] for i in perm]
         if _identity(perm):
             return node
-    return add_call(graph, Call(aten.permute.default, (node, perm)), like)
+    return emit(Call(aten.permute.default, (node, perm)))
 
 
-def _build_mask(graph: fx.Graph, att: Attention, like: fx.Node) -> fx.Node | None:
+def _build_mask(emit: Emit, att: Attention) -> fx.Node | None:
     if not att.masks:
         return None
     terms = []
@@ -668,20 +662,20 @@ def _build_mask(graph: fx.Graph, att: Attention, like: fx.Node) -> fx.Node | Non
             if m.target in (aten.logical_not.default, aten.bitwise_not.default) and val(m.args[0]).dtype == torch.bool:
                 m = m.args[0]
             else:
-                m = add_call(graph, Call(aten.logical_not.default, (m,)), like)
+                m = emit(Call(aten.logical_not.default, (m,)))
         elif step.kind == "add" and factor != 1.0:
-            m = add_call(graph, Call(aten.mul.Tensor, (m, factor)), like)
+            m = emit(Call(aten.mul.Tensor, (m, factor)))
         terms.append(m)
     combine = aten.add.Tensor if att.masks[0][0].kind == "add" else aten.logical_and.default
     mask = terms[0]
     for m in terms[1:]:
-        mask = add_call(graph, Call(combine, (mask, m)), like)
+        mask = emit(Call(combine, (mask, m)))
     return mask
 
 
-def rewrite(gm: fx.GraphModule, att: Attention) -> fx.Node:
-    """Replace the matched attention by one SDPA call; returns the SDPA node."""
-    graph, like = gm.graph, att.pv
+def _build(emit: Emit, graph: fx.Graph, att: Attention) -> tuple[fx.Node, fx.Node]:
+    """The SDPA call replacing the matched attention (emitted before ``att.pv``): (sdpa, output).
+    Scales folded into q/k are removed first (``scale`` carries them)."""
     for op in (att.q, att.k):
         for mul, _ in op.folds:
             src = mul.args[0] if isinstance(mul.args[0], fx.Node) else mul.args[1]
@@ -689,23 +683,60 @@ def rewrite(gm: fx.GraphModule, att: Attention) -> fx.Node:
                 op.node = src
             mul.replace_all_uses_with(src)
             _erase(graph, mul)
-    old = [att.q.node, att.k.node, att.v.node]
-    q, k, v = (_permuted(graph, o.node, o.perm, like) for o in (att.q, att.k, att.v))
+    q, k, v = (_permuted(emit, o.node, o.perm) for o in (att.q, att.k, att.v))
     if att.ndim == 3:  # the fused kernels take 4-D: run as (1, B*H, L, D)
-        q, k, v = (add_call(graph, Call(aten.unsqueeze.default, (t, 0)), like) for t in (q, k, v))
-    mask = _build_mask(graph, att, like)
-    sdpa = add_call(graph, Call(aten.scaled_dot_product_attention.default,
-                                (q, k, v, mask, att.dropout_p, att.is_causal), {"scale": att.scale}), like)
+        q, k, v = (emit(Call(aten.unsqueeze.default, (t, 0))) for t in (q, k, v))
+    mask = _build_mask(emit, att)
+    sdpa = emit(Call(aten.scaled_dot_product_attention.default,
+                     (q, k, v, mask, att.dropout_p, att.is_causal), {"scale": att.scale}))
     out = sdpa
     if att.ndim == 3:
-        out = add_call(graph, Call(aten.squeeze.dim, (out, 0)), like)
-    out = _permuted(graph, out, att.out_perm, like)
-    att.pv.replace_all_uses_with(out)
-    for node in reversed(att.chain):
+        out = emit(Call(aten.squeeze.dim, (out, 0)))
+    return sdpa, _permuted(emit, out, att.out_perm)
+
+
+def _consumed(graph: fx.Graph, att: Attention, operands: list[fx.Node]) -> None:
+    """Erase the rest of the matched chain (``att.pv`` is gone) and what only it read (``operands``:
+    q, k, v as they are once scale folds are removed)."""
+    for node in reversed(att.chain[:-1]):
         _erase(graph, node)
-    _erase_if_dead(graph, old + [m for m, _ in att.dropped_masks]
-                   + [s.mask for s, _ in att.masks])
-    return sdpa
+    _erase_if_dead(graph, operands + [m for m, _ in att.dropped_masks] + [s.mask for s, _ in att.masks])
+
+
+def _fuse_attention(softmax: fx.Node, facts: GraphFacts, ctx: PassContext, node_times) -> Rewrite | Refusal:
+    """The one rule of the pass, anchored at a softmax: the attention around it, or why not."""
+    opts = ctx.options
+    min_gain = opts.get("min_gain_us", 0.0)
+    where = f" in {_module(softmax)}" if _module(softmax) else ""
+    try:
+        att = match_attention(softmax, facts)
+    except Refusal as exc:
+        return Refusal(f"not fused{where}: {exc.reason}", counter="kept")
+    gain = estimate_gain(att, ctx.hardware, ctx.training, node_times)
+    if att.dropout_p and not opts.get("fuse_dropout", True):
+        return Refusal(f"not fused{where}: dropout {att.dropout_p:g} on the probabilities and fuse_dropout=false",
+                       counter="kept")
+    if gain is not None and gain < min_gain * 1e-6:
+        return Refusal(f"not fused{where}: {att.pattern}: est. gain {gain * 1e6:+.2f} us is below "
+                       f"min_gain_us={min_gain:g}", counter="kept")
+    shape = _shape(att.qk)
+    notes = "".join(f"; mask {m.name} dropped: {why}" for m, why in att.dropped_masks)
+    if gain is None:
+        notes += "; no time estimate (symbolic sizes)"
+    graph, built = softmax.graph, {}
+
+    def build(emit: Emit) -> fx.Node:
+        built["sdpa"], out = _build(emit, graph, att)
+        return out
+
+    def reason(_) -> str:
+        sdpa = built["sdpa"]
+        mask = sdpa.args[3].name if isinstance(sdpa.args[3], fx.Node) else "None"
+        return (f"{att.pattern} -> {sdpa.name}(scale={att.scale:.6g}, attn_mask={mask}, dropout_p={att.dropout_p:g}, "
+                f"is_causal={att.is_causal}) on scores {shape}{where}{notes}")
+
+    return Rewrite(build, reason, "fuse", gain=gain, counters=("fused", "causal") if att.is_causal else ("fused",),
+                   replaces=att.pv, after=lambda: _consumed(graph, att, [att.q.node, att.k.node, att.v.node]))
 
 
 @register
@@ -718,54 +749,20 @@ class FuseAttention(Pass):
         "min_gain_us": Option(float, 0.0, "refuse a fusion the cost model predicts to gain less (us)"),
     }
 
+    statistics = rule_statistics((), fused="attentions fused into scaled_dot_product_attention",
+                                 causal="of those, with is_causal=True", kept="softmaxes left as they were, each with why",
+                                 normalized="canonical-form rewrites applied first (normalize's rules)")
+
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = ctx.options
-        min_gain = opts.get("min_gain_us", 0.0)
-        if not _number(min_gain) or not isinstance(opts.get("canonicalize", True), bool) \
+        if not _number(opts.get("min_gain_us", 0.0)) or not isinstance(opts.get("canonicalize", True), bool) \
                 or not isinstance(opts.get("fuse_dropout", True), bool):
             raise PipelineError(f"sdpa options: canonicalize and fuse_dropout are true/false, min_gain_us a "
                                 f"number of microseconds; got {opts}")
-        stats: Counter = Counter()
-        if opts.get("canonicalize", True):
-            normalized = apply_rules(gm, ctx, NORMALIZE_RULES)
-            stats["normalized"] = sum(normalized.values())
-        facts = GraphFacts(gm.graph)
-        for node in list(gm.graph.nodes):
-            if node.op != "call_function" or node.target not in SOFTMAXES or getattr(node, "_erased", False):
-                continue
-            where = f" in {_module(node)}" if _module(node) else ""
-            try:
-                att = match_attention(node, facts)
-            except Refusal as exc:
-                ctx.decide(node, "keep", f"not fused{where}: {exc}")
-                stats["kept"] += 1
-                continue
-            # the manager's node times name the graph before this pass: usable when canonicalizing changed nothing
-            gain = estimate_gain(att, ctx.hardware, ctx.training,
-                                 None if stats.get("normalized") else ctx.node_times)
-            if att.dropout_p and not opts.get("fuse_dropout", True):
-                ctx.decide(node, "keep", f"not fused{where}: dropout {att.dropout_p:g} on the probabilities and "
-                           f"fuse_dropout=false", None)
-                stats["kept"] += 1
-                continue
-            if gain is not None and gain < min_gain * 1e-6:
-                ctx.decide(node, "keep", f"not fused{where}: {att.pattern}: est. gain {gain * 1e6:+.2f} us is "
-                           f"below min_gain_us={min_gain:g}", None)
-                stats["kept"] += 1
-                continue
-            shape = _shape(att.qk)
-            notes = "".join(f"; mask {m.name} dropped: {why}" for m, why in att.dropped_masks)
-            if gain is None:
-                notes += "; no time estimate (symbolic sizes)"
-            sdpa = rewrite(gm, att)
-            mask = sdpa.args[3].name if isinstance(sdpa.args[3], fx.Node) else "None"
-            ctx.decide(node, "fuse",
-                       f"{att.pattern} -> {sdpa.name}(scale={att.scale:.6g}, attn_mask={mask}, "
-                       f"dropout_p={att.dropout_p:g}, is_causal={att.is_causal}) on scores {shape}{where}{notes}",
-                       gain)
-            stats["fused"] += 1
-            if att.is_causal:
-                stats["causal"] += 1
-            facts = GraphFacts(gm.graph)
+        normalized = sum(apply_rules(gm, ctx, NORMALIZE_RULES).values()) if opts.get("canonicalize", True) else 0
+        # the manager's node times name the graph before this pass: usable when canonicalizing changed nothing
+        times = None if normalized else ctx.node_times
+        rule = Rule("sdpa", tuple(SOFTMAXES), lambda n, f, c: _fuse_attention(n, f, c, times), tagged=False)
+        stats = {"normalized": normalized, **apply_rules(gm, ctx, [rule], max_sweeps=1)}
         stats = {k: v for k, v in stats.items() if v}
         return PassResult(gm, bool(stats.get("fused") or stats.get("normalized")), stats)

@@ -91,9 +91,9 @@ def test_layer_scale_across_a_permute_golden():
     text, record, gm = run(model, x, verify=True)
     goldens.check(GOLDEN / "layer_scale.diff", text)
     assert not record.rolled_back
-    assert [r.ops for r in record.stats["regions"] if r.fused] == [["mul", "add"]]
+    assert [r.ops for r in record.details if r.fused] == [["mul", "add"]]
     from fxopt.codegen.runtime import regions
-    region = regions()[next(r.op for r in record.stats["regions"] if r.fused).split(".")[1]]
+    region = regions()[next(r.op for r in record.details if r.fused).split(".")[1]]
     plans = [plan for plan, _ in region.backward.values()]
     assert plans and any(spec.kind == "col" for plan in plans for _, spec in plan.program.outputs)
 
@@ -109,7 +109,7 @@ def test_attention_tail_golden():
                            verify=True)
     goldens.check(GOLDEN / "attention_tail.diff", text)
     assert not record.rolled_back
-    fused = [r for r in record.stats["regions"] if r.fused]
+    fused = [r for r in record.details if r.fused]
     assert sorted(" ".join(r.ops) for r in fused) == ["add layer_norm", "mul softmax"]
 
 
@@ -120,7 +120,7 @@ def test_refusals_golden():
     assert "softmax over a dim that is not the last" in reasons
     assert "batch norm in training" in reasons
     # relu -> conv -> mul: relu cannot join {mul, add} (the region would not be convex)
-    assert [r.ops for r in record.stats["regions"] if r.fused] == [["mul", "add"]]
+    assert [r.ops for r in record.details if r.fused] == [["mul", "add"]]
     assert "region r0: one op" in reasons
 
 
@@ -179,7 +179,7 @@ def test_zoo_trains_with_triton_backend(name, training):
         sum(t.float().pow(2).mean() for t in torch.utils._pytree.tree_leaves(out)).backward()
         assert all(p.grad is not None for p in opt.parameters() if p.requires_grad)
     assert runtime.LAUNCHES["triton"] > before   # the kernels ran, not the ATen fallback
-    assert region_table(record.stats["regions"]) in opt.report.table()
+    assert region_table(record.details) in opt.report.table()
 
 
 def test_fused_graph_is_costed_as_one_kernel_per_region():
@@ -264,7 +264,7 @@ def test_hf_language_models_train_with_triton_backend(spec):
     opt = fxopt.optimize(built.model.train(), built.inputs, backend="triton")
     record = next(r for r in opt.report.records if r.name == "fuse")
     assert opt.report.verification and not record.rolled_back
-    fused = [" ".join(r.ops) for r in record.stats["regions"] if r.fused]
+    fused = [" ".join(r.ops) for r in record.details if r.fused]
     assert any("layer_norm" in f for f in fused)
     if "GPT2" in spec:
         assert "mul pow mul add mul tanh add mul" in fused

@@ -332,6 +332,36 @@ def test_pass_that_hides_a_change_is_caught(test_pass):
         PassManager("test-liar", cost=False, on_error="raise").run(fxopt.capture(ConvHead(), _x(2, 3, 6, 6)))
 
 
+def test_undeclared_statistic_is_refused(test_pass):
+    """A pass that declares its statistics may only report those (a typo'd counter is an error,
+    not a silent new key); a family ``kept_*`` covers every ``kept_<x>``."""
+    @test_pass
+    class Counting(Pass):
+        name, summary = "test-counting", "test only: reports counters"
+        statistics = {"seen": "nodes looked at", "kept_*": "kept, by why"}
+
+        def run(self, gm, ctx):
+            return PassResult(gm, False, {"seen": 3, "kept_views": 1, "sen": 2})
+
+    with pytest.raises(PassError, match=r"statistics it does not declare: sen \(add them to Counting.statistics\)"):
+        PassManager("test-counting", cost=False, on_error="raise").run(fxopt.capture(ConvHead(), _x(2, 3, 6, 6)))
+
+
+def test_every_builtin_pass_declares_its_statistics():
+    from fxopt.passes.base import get
+    assert all(isinstance(get(name).statistics, dict) for name in available() if not name.startswith("test-"))
+
+
+@pytest.mark.parametrize("pipeline, message", [
+    ("dce,mixed-precision,fold-bn", "pass 'fold-bn' must run before 'mixed-precision'"),
+    ("channels-last,mixed-precision", "pass 'channels-last' must run after 'mixed-precision'"),
+])
+def test_declared_pass_order_is_checked_before_anything_runs(pipeline, message):
+    with pytest.raises(PipelineError, match=message):
+        PassManager(pipeline)
+    PassManager(",".join(reversed(pipeline.split(","))))  # the other order is fine
+
+
 class ScaleConv(Pass):
     """Test only, registered by the tests that use it: multiplies the first conv's output by 1.01."""
 
