@@ -568,3 +568,39 @@ def test_channels_last_a_foldable_cast_converts_for_free_forward():
     assert one > 0 and _Costs(hw, False, {}).copy(cast) == 0.0
     assert _Costs(hw, True, {cast: True}).copy(cast) == one and _Costs(hw, True, {cast: False}).copy(cast) == 0.0
     assert _Costs(hw, True, {plain: True}).copy(plain) == 2 * one
+
+
+def _two_convs():
+    from nets import Fn
+    return Fn(lambda m, x: m.mods[1](torch.relu(m.mods[0](x))).flatten(1),
+              nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1))
+
+
+def _channels_last(pipeline: str):
+    import warnings
+
+    import fxopt
+    from fxopt.passes import PassManager
+    captured = fxopt.capture(_two_convs(), (torch.randn(2, 4, 6, 6),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gm, (record,) = PassManager(pipeline, cost=False).run(captured)
+    assert not record.rolled_back, record.note
+    return gm, record
+
+
+def test_channels_last_forced_region_is_logged_at_its_first_conv():
+    _, r = _channels_last("channels-last{force=true}")
+    (region,) = [d for d in r.decisions if d.action == "convert-region"]
+    assert region.node == "conv2d" and region.reason.startswith("region of 2 conv(s) (mods.0 .. mods.1)")
+    assert [d.node for d in r.decisions if d.action == "to-nhwc"] == ["conv2d", "conv2d_1"]
+
+
+@pytest.mark.parametrize("scope, converts", [("mods.*", True), ("head.*", False), ("head.*;mods.1", True)])
+def test_channels_last_scope_is_a_glob_or_a_list_of_globs(scope, converts):
+    """A one-word scope is one glob (not its characters: ``head.*`` holds a ``*``), a ';'-list is several."""
+    _, r = _channels_last(f"channels-last{{force=true,scope={scope}}}")
+    assert r.modified is converts
+    if not converts:
+        (keep,) = [d for d in r.decisions if d.action == "keep-region"]
+        assert keep.reason.endswith("stays NCHW: no conv in scope head.*")
