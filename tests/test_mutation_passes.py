@@ -604,3 +604,57 @@ def test_channels_last_scope_is_a_glob_or_a_list_of_globs(scope, converts):
     if not converts:
         (keep,) = [d for d in r.decisions if d.action == "keep-region"]
         assert keep.reason.endswith("stays NCHW: no conv in scope head.*")
+
+
+def test_fuse_needs_a_gradient_for_float_values_not_masks_nor_user_inputs():
+    from types import SimpleNamespace as NS
+
+    from fxopt.passes.fuse import _needs
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.get_attr("w")
+    act = g.call_function(aten.relu.default, (x,))
+    program = NS(inputs=[NS(dtype="torch.float32"), NS(dtype="torch.bool"), NS(dtype="torch.float32"),
+                         NS(dtype="torch.float32")])
+    inputs = [(w, None), (act, None), (act, None), (x, None)]
+    assert _needs(program, inputs, training=True) == (True, False, True, False)
+    assert _needs(program, inputs, training=False) == (False, False, False, False)
+
+
+def _view(target, src_shape, out_shape, *args):
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(src_shape, device="meta")
+    n = g.call_function(target, (x, *args))
+    n.meta["val"] = torch.empty(out_shape, device="meta")
+    return n
+
+
+def test_fuse_views_join_a_row_region_only_between_its_row_shapes():
+    """A row region over [2, 8] reduced on its last dim has rows [2, 1] (keepdim) and [2]; a view
+    between those is free, a permute is not (a permute only joins a pointwise region)."""
+    from fxopt.codegen.lower import Domain
+    from fxopt.passes.fuse import _Group, _view_domain
+    rows = _Group([], Domain((2, 8), 1))
+    assert _view_domain(_view(aten.view.default, (2, 1), (2,), [2]), rows) == Domain((2, 8), 1)
+    assert _view_domain(_view(aten.expand.default, (2, 1), (2, 8), [2, 8]), rows) == Domain((2, 8), 1)
+    assert _view_domain(_view(aten.view.default, (2, 8), (16,), [16]), rows) is None
+    assert _view_domain(_view(aten.permute.default, (2, 8), (8, 2), [1, 0]), rows) is None
+    pointwise = _Group([], Domain((2, 8)))
+    assert _view_domain(_view(aten.view.default, (2, 8), (16,), [16]), pointwise) is None
+    assert _view_domain(_view(aten.permute.default, (2, 8), (8, 2), [1, 0]), pointwise) == Domain((8, 2))
+    assert _view_domain(_view(aten.permute.default, (8, 2), (2, 8), [1, 0]), pointwise) is None  # other space
+    permuted = _Group([_view(aten.permute.default, (4, 4), (4, 4), [1, 0])], Domain((2, 8)))
+    assert _view_domain(_view(aten.permute.default, (2, 8), (8, 2), [1, 0]), permuted) is None  # one permute only
+
+
+def test_fuse_nothing_to_fuse_is_no_change():
+    import fxopt
+    from fxopt.passes import PassContext as Ctx
+    from fxopt.passes.base import check_options
+    from fxopt.passes.fuse import Fuse
+    from nets import Lambda
+    gm = fxopt.capture(Lambda(torch.relu), (torch.randn(2, 8),)).graph_module
+    ctx = Ctx(training=False)
+    ctx.begin("fuse", check_options(Fuse, {"fallback": "reference"}))
+    result = Fuse().run(gm, ctx)
+    assert result.modified is False
