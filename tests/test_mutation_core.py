@@ -781,3 +781,25 @@ def test_capture_retry_without_the_recorder_warns_at_the_callers_line(monkeypatc
     assert torch.equal(captured(x), torch.tensor([0.0, 2.0]))
     (warning,) = [m for m in w if "not guarded" in str(m.message)]
     assert warning.filename == __file__
+
+
+def test_lower_region_through_one_permute_in_float64():
+    """ConvNeXt's layer scale + residual: mul (NHWC), permute to NCHW, add. The region runs in the
+    permute's output space and reads x and the scale through the permute; float64 against eager."""
+    from fxopt.codegen import lower
+    from fxopt.codegen.kernel import run_reference
+    from fxopt.codegen.lower import Domain
+    x = torch.linspace(-2, 2, 2 * 3 * 3 * 4).reshape(2, 3, 3, 4)
+    g, r = torch.tensor([0.5, -1.0, 2.0, 0.25]), torch.linspace(1, 3, 2 * 4 * 3 * 3).reshape(2, 4, 3, 3)
+    nodes = _graph_nodes(lambda x, g, r: (x * g).permute(0, 3, 1, 2) + r, x, g, r)
+    assert [n.target for n in nodes] == [aten.mul.Tensor, aten.permute.default, aten.add.Tensor]
+    low = lower(nodes, Domain((2, 4, 3, 3)))
+    phs = [n for n in nodes[0].graph.nodes if n.op == "placeholder"]
+    ins = []
+    for (node, view), spec in zip(low.inputs, low.program.inputs):
+        t = (x, g, r)[phs.index(node)].double()
+        ins.append(t.reshape(spec.own_shape).permute(spec.perm) if spec.perm else t.reshape(view))
+    assert sum(1 for s in low.program.inputs if s.perm) == 2       # x and the scale, through the permute
+    (out,) = outs = [torch.empty(2, 4, 3, 3, dtype=torch.float64)]
+    run_reference(low.program, ins, outs)
+    torch.testing.assert_close(out, (x.double() * g.double()).permute(0, 3, 1, 2) + r.double(), rtol=0, atol=0)
