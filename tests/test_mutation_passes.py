@@ -658,3 +658,33 @@ def test_fuse_nothing_to_fuse_is_no_change():
     ctx.begin("fuse", check_options(Fuse, {"fallback": "reference"}))
     result = Fuse().run(gm, ctx)
     assert result.modified is False
+
+
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_fuse_fused_call_carries_one_value_or_a_tuple(outputs):
+    """A fused region returning one tensor has that tensor as its value; returning two, a tuple read
+    by getitems (what later passes and the cost model read off ``meta['val']``)."""
+    import warnings
+
+    import fxopt
+    from fxopt.passes import PassManager
+    from nets import Lambda
+
+    def fn(x):
+        a = x * 2.0
+        b = torch.relu(a) + 1.0
+        return b if outputs == 1 else (a, b)
+
+    captured = fxopt.capture(Lambda(fn), (torch.randn(64, 1024),))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gm, (r,) = PassManager("fuse{fallback=reference}", cost=False).run(captured)
+    assert r.modified and not r.rolled_back, r.note
+    (call,) = [n for n in gm.graph.nodes if n.op == "call_function" and not str(n.target).startswith("aten.")
+               and n.target is not __import__("operator").getitem]
+    v = call.meta["val"]
+    if outputs == 1:
+        assert isinstance(v, torch.Tensor) and tuple(v.shape) == (64, 1024)
+    else:
+        assert isinstance(v, tuple) and [tuple(t.shape) for t in v] == [(64, 1024)] * 2
+        assert len(call.users) == 2
