@@ -803,3 +803,10 @@ def test_lower_region_through_one_permute_in_float64():
     (out,) = outs = [torch.empty(2, 4, 3, 3, dtype=torch.float64)]
     run_reference(low.program, ins, outs)
     torch.testing.assert_close(out, (x.double() * g.double()).permute(0, 3, 1, 2) + r.double(), rtol=0, atol=0)
+
+
+def test_lower_label_is_cut_at_40_characters():
+    from fxopt.codegen.lower import _label
+    fn = lambda x: torch.sigmoid(torch.tanh(torch.exp(torch.abs(torch.neg(torch.relu(x)))))) * 2.0 + 1.0 - 3.0  # noqa: E731
+    names = "relu_neg_abs_exp_tanh_sigmoid_mul_add_sub"          # 41 characters
+    assert _label(_graph_nodes(fn, X48)) == names[:40]
