@@ -857,3 +857,29 @@ def test_roofline_precision_is_an_immutable_value():
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.tf32_matmul = True
     assert hash(Precision(True, False)) == hash(Precision(True, False)) and p == Precision(False, True)
+
+
+def test_trace_sdpa_is_the_fused_kernel_even_on_meta_fakes():
+    """A meta-device graph that pins the meta device runs on meta fakes, where eager SDPA would take
+    the unfused math path (bmm, softmax, bmm); the step trace still costs the fused kernel a GPU runs:
+    one attention call of 4 B H L S D = 4 x 2 x 1 x 5 x 5 x 8 FLOPs, no bmm, no softmax."""
+    import torch.nn.functional as F
+
+    from fxopt.cost_models.trace import trace_step
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            x = x + torch.arange(8, device="meta", dtype=x.dtype)
+            q, k, v = self.qkv(x).reshape(2, 5, 3, 8).permute(2, 0, 1, 3).unsqueeze(2)
+            return F.scaled_dot_product_attention(q, k, v)
+
+    with torch.device("meta"):
+        model, x = Attn(), torch.empty(2, 5, 8)
+    fwd = [r.cost for r in trace_step(_captured(model, x), optimizer=None).records if r.phase == "fwd"]
+    attn = [c for c in fwd if c.op_class == "attention"]
+    assert [(c.op, c.flops) for c in attn] == [("_scaled_dot_product_flash_attention_for_cpu", 1600)]
+    assert not [c for c in fwd if c.op in ("bmm", "_softmax", "_safe_softmax")]
