@@ -687,3 +687,32 @@ def test_fuse_fused_call_carries_one_value_or_a_tuple(outputs):
     else:
         assert isinstance(v, tuple) and [tuple(t.shape) for t in v] == [(64, 1024)] * 2
         assert len(call.users) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# sdpa: the estimate's dropout term by hand
+
+
+def test_sdpa_dropout_adds_drawing_and_applying_the_mask_to_the_unfused_estimate():
+    """Unfused dropout on the n attention weights: draw n one-byte mask elements, then read the
+    weights (es bytes each) and the mask, write the weights: n * (2 * es + 1) bytes. The fused kernel
+    draws its mask inside, so the gain grows by exactly those two kernels (eval: forward only)."""
+    import dataclasses
+
+    import fxopt
+    from fxopt.cost_models import call_time, load_hardware
+    from fxopt.passes import PassContext
+    from fxopt.passes.normalize import RULES
+    from fxopt.passes.rewrite import apply_rules
+    from fxopt.passes.sdpa import estimate_gain, match_attention
+    from test_sdpa import B, H, L, _inputs, _model
+    gm = fxopt.capture(_model("mul_scale").eval(), _inputs("mul_scale")).graph_module
+    apply_rules(gm, PassContext(), RULES)
+    att = match_attention(next(n for n in gm.graph.nodes if n.target is aten.softmax.int))
+    assert not att.dropout_p
+    hw, n, es = load_hardware("h100"), B * H * L * L, 4
+    by_hand = (call_time("random", "float32", n, n, 1, hw).total_s
+               + call_time("pointwise", "float32", n, n * (2 * es + 1), 1, hw).total_s)
+    with_dropout = dataclasses.replace(att, dropout_p=0.1)   # the same attention, with dropout
+    assert estimate_gain(with_dropout, "h100", training=False) - estimate_gain(att, "h100", training=False) == \
+        pytest.approx(by_hand)
