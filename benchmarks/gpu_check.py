@@ -344,9 +344,9 @@ def _prediction_jobs(bench: dict | None) -> tuple[list, list, list]:
 
 
 def step_predicted(ctx: Ctx) -> dict:
-    from fxopt.optimize import GPU_PRESETS
+    from fxopt.cost_models.hardware import preset_for_gpu
     gpu = torch.cuda.get_device_name() if ctx.device == "cuda" else ""
-    preset = next((p for k, p in GPU_PRESETS if k in gpu), "h200")
+    preset = preset_for_gpu(gpu, "h200")  # the lent machine is an H200
     prof_path = ctx.out / "2-calibrate.profile.json"
     profile = str(prof_path) if prof_path.exists() else None
     jobs, rows, _ = _prediction_jobs(ctx.read("3-bench"))

@@ -105,11 +105,22 @@ def preset_path(spec: "str | Path", folder: Path, what: str, file_kind: str) -> 
     return path
 
 
-def load_hardware(spec: "str | Path | Hardware | None" = "h100") -> Hardware:
+#: the preset a cost uses when nothing names one (no GPU to take it from)
+DEFAULT_PRESET = "h100"
+#: ``torch.cuda.get_device_name()`` substring -> hardware preset
+GPU_PRESETS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
+
+
+def preset_for_gpu(name: str, default: str | None = DEFAULT_PRESET) -> str | None:
+    """The preset of a GPU from its CUDA device name; ``default`` for a GPU without one."""
+    return next((preset for key, preset in GPU_PRESETS if key in name), default)
+
+
+def load_hardware(spec: "str | Path | Hardware | None" = DEFAULT_PRESET) -> Hardware:
     """A preset name (``h100``, ``h200``, ``a100``), a path to a profile JSON, or a Hardware."""
     if isinstance(spec, Hardware):
         return spec
-    path = preset_path("h100" if spec is None else spec, PRESET_DIR, "hardware preset", "profile")
+    path = preset_path(DEFAULT_PRESET if spec is None else spec, PRESET_DIR, "hardware preset", "profile")
     try:
         stat = path.stat()
         return _load_path(str(path.resolve()), stat.st_mtime_ns, stat.st_size)

@@ -16,6 +16,7 @@ from torch.utils import flop_counter
 from torch.utils._pytree import tree_flatten
 
 from .layout import conv_layout
+from .names import dtype_name
 
 MATRIX_CLASSES = ("matmul", "conv", "attention")
 
@@ -223,7 +224,7 @@ def cost_call(func, args, kwargs, out) -> CallCost:
     rule = classify(func)
     name = short_name(func)
     ins = tensors((args, kwargs))
-    dtype = next((str(t.dtype).replace("torch.", "") for t in ins if t.is_floating_point()), None)
+    dtype = next((dtype_name(t.dtype) for t in ins if t.is_floating_point()), None)
     if not rule.kernel:
         return CallCost(name, rule.op_class, 0, 0, 0, 0, dtype, True)
     written = mutated_args(func, args, kwargs)

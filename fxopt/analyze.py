@@ -19,6 +19,7 @@ from .study.distributed import apply as apply_distributed
 from .errors import InputError
 from .nodeinfo import NodeInfo, node_info
 from .report import CallRow, GraphReport
+from .cost_models.hardware import DEFAULT_PRESET
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -94,7 +95,7 @@ def _recompute_checkpoints(calls: list, saved: dict, graph) -> tuple[list, dict]
     return out, {k: v for k, v in saved.items() if k not in region}
 
 
-def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardware="h100",
+def analyze(model_or_captured: nn.Module | Captured, example_inputs=None, hardware=DEFAULT_PRESET,
             training: bool = True, dtype=None, *, optimizer: str | None = "sgd",
             dynamic_batch: bool = False, precision: Precision | None = None,
             distributed=None) -> GraphReport:

@@ -18,6 +18,7 @@ from .cli_output import (configure_logging, diff_dict, dumps, models_dict, model
 from .cost_models.hardware import presets
 from .errors import FxoptError
 from .workloads.models import input_overrides, resolve
+from .cost_models.hardware import DEFAULT_PRESET
 
 
 def _build(spec: str, batch: int, tiny: bool):
@@ -167,7 +168,7 @@ def cmd_calibrate(args) -> int:
         return 0
     from .measure.calibrate import calibrate, import_table, summary
     if args.import_csv:
-        prof = import_table(args.import_csv, device=args.import_device or args.device, base=args.hw or "h100",
+        prof = import_table(args.import_csv, device=args.import_device or args.device, base=args.hw or DEFAULT_PRESET,
                             out=args.out)
     else:
         prof = calibrate(device=args.device, quick=args.quick, out=args.out)
@@ -250,9 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("report", help="analytical cost of one training step, per node/op class/block")
-    r.add_argument("model", help="zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory")
-    r.add_argument("--batch", type=int, default=2)
-    r.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    add_model(r)
     add_hw(r)
     r.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
     r.add_argument("--by", choices=["node", "op", "block", "tree"], default="node",
@@ -275,9 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_report)
 
     li = sub.add_parser("lint", help="performance lints: where time is lost, the change, its est. saving")
-    li.add_argument("model", help="zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory")
-    li.add_argument("--batch", type=int, default=2)
-    li.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    add_model(li)
     add_hw(li)
     li.add_argument("--dtype", default=None, help="lint as if weights and inputs were cast: bf16, fp16, fp32")
     li.add_argument("--depth", type=int, default=2, help="module-path depth of the low-intensity roll-up")
@@ -353,9 +350,7 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_calibrate)
 
     pr = sub.add_parser("profile", help="measured time per fx node vs the cost model's prediction")
-    pr.add_argument("model", help="zoo name, hf:<ModelClass>, or path/to/file.py:factory")
-    pr.add_argument("--batch", type=int, default=2)
-    pr.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    add_model(pr)
     pr.add_argument("--steps", type=int, default=3)
     add_hw(pr, None, "preset or profile JSON for the prediction "
                      "(default: the GPU's preset; on CPU a quick calibration)")
@@ -375,9 +370,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("scaling", help="predicted step time, exposed communication, throughput and scaling "
                                         "efficiency on 1..N GPUs")
-    sc.add_argument("model", help="zoo name, hf:<ModelClass>, or path/to/file.py:factory")
-    sc.add_argument("--batch", type=int, default=32, help="per-GPU batch")
-    sc.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+    add_model(sc, 32, batch_help="per-GPU batch")
     add_hw(sc)
     sc.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
     sc.add_argument("--format", choices=["table", "md", "json"], default="table")
@@ -397,7 +390,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_hw(parser: argparse.ArgumentParser, default: str | None = "h100", help: str | None = None) -> None:
+MODEL_HELP = "zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory"
+
+
+def add_model(parser: argparse.ArgumentParser, batch: int = 2, batch_help: str | None = None,
+              model_help: str = MODEL_HELP) -> None:
+    """MODEL, ``--batch`` and ``--tiny``: what every command that builds a model takes."""
+    parser.add_argument("model", help=model_help)
+    parser.add_argument("--batch", type=int, default=batch, help=batch_help)
+    parser.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
+
+
+def add_hw(parser: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET, help: str | None = None) -> None:
     """``--hw``: a hardware preset or a profile JSON path. Commands that cost default to h100; commands
     that measure default to None (the preset of the GPU they run on) and say so in ``help``."""
     parser.add_argument("--hw", default=default, help=help or f"preset ({', '.join(presets())}) or a profile JSON path")

@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from . import live
 from ._forward import signed_forward
 from .capture import Captured, capture_module, normalize_inputs
+from .cost_models.hardware import DEFAULT_PRESET, preset_for_gpu
 from .cost_models.names import dtype_name
 from .checkpointing import ReentrantCheckpointError, checkpoint_regions, regions_of  # noqa: F401 (re-exported)
 from .errors import FxoptError, InputError
@@ -23,8 +24,6 @@ from .live import HookError  # noqa: F401 (re-exported)
 log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "inductor", "triton")
-# torch.cuda.get_device_name() substring -> hardware preset
-GPU_PRESETS = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
 
 
 class BackendError(FxoptError, ValueError):
@@ -37,9 +36,8 @@ def hardware_for(model: nn.Module, hardware):
         return hardware
     param = next(model.parameters(), None)
     if param is not None and param.is_cuda:
-        name = torch.cuda.get_device_name(param.device)
-        return next((preset for key, preset in GPU_PRESETS if key in name), "h100")
-    return "h100"
+        return preset_for_gpu(torch.cuda.get_device_name(param.device))
+    return DEFAULT_PRESET
 
 
 @dataclass

@@ -113,7 +113,7 @@ from torch import fx, nn
 from torch.utils._pytree import GetAttrKey, MappingKey, SequenceKey, tree_flatten_with_path, tree_map
 
 from .capture import normalize_inputs
-from .cost_models.names import PRECISION_KEY
+from .cost_models.names import PRECISION_KEY, dtype_name
 from .errors import FxoptError, InputError
 
 __all__ = ["TensorCheck", "VerificationResult", "VerificationError", "verify", "check_tensor",
@@ -192,7 +192,7 @@ class VerificationResult:
         n, bad = len(self.checks), self.failures()
         mode = "train step" if self.training else "eval forward"
         if self.precision is not None:
-            mode += f" (judged at {_dt(self.precision)})"
+            mode += f" (judged at {dtype_name(self.precision)})"
         if self.reference != "float64":
             mode += f" (reference: the original at its {self.reference})"
         if not bad:
@@ -267,8 +267,8 @@ def parse_precision(precision) -> torch.dtype | None:
     """``None``, a 16-bit torch dtype or its name (``"bf16"``, ``"fp16"``) -> a torch dtype or None."""
     if precision is None or precision in (torch.bfloat16, torch.float16):
         return precision
-    if isinstance(precision, str) and precision.lower().replace("torch.", "") in _PRECISIONS:
-        return _PRECISIONS[precision.lower().replace("torch.", "")]
+    if isinstance(precision, str) and dtype_name(precision.lower()) in _PRECISIONS:
+        return _PRECISIONS[dtype_name(precision.lower())]
     raise InputError(f"reference_precision must be torch.bfloat16, torch.float16 (or 'bf16', 'fp16'), "
                      f"'auto' or None; got {precision!r}")
 
@@ -287,8 +287,8 @@ def _rule_text(multiple: float, table, precision: torch.dtype | None = None, own
     base = f"e_cand <= {multiple:g} * e_ref + floor * max(1, max|ref|)"
     if precision is not None:
         floors = f"floor = {table:g} for every tensor" if isinstance(table, float) else \
-            f"floor = {_floor_for(table, precision):g} (the {_dt(precision)} floor) for every floating tensor"
-        e_ref = f"e_ref = max|reference under torch.autocast({_dt(precision)}) - ref|"
+            f"floor = {_floor_for(table, precision):g} (the {dtype_name(precision)} floor) for every floating tensor"
+        e_ref = f"e_ref = max|reference under torch.autocast({dtype_name(precision)}) - ref|"
     elif isinstance(table, float):
         floors, e_ref = f"floor = {table:g} for every tensor", "e_ref = max|reference - ref|"
     else:
@@ -354,9 +354,9 @@ def _compare(name: str, kind: str, ref64, ref, cand, multiple: float, floors,
         return fail("missing in the candidate")
     if ref64 is None or ref is None:
         return fail("missing in the reference")
-    dtype = f"{_dt(ref.dtype)} -> {_dt(cand.dtype)}"
+    dtype = f"{dtype_name(ref.dtype)} -> {dtype_name(cand.dtype)}"
     if precision is not None:
-        dtype = f"{_dt(ref.dtype)}@autocast({_dt(precision)}) -> {_dt(cand.dtype)}"
+        dtype = f"{dtype_name(ref.dtype)}@autocast({dtype_name(precision)}) -> {dtype_name(cand.dtype)}"
     if tuple(cand.shape) != tuple(ref64.shape):
         return fail(f"shape {tuple(cand.shape)} != reference {tuple(ref64.shape)}", dtype)
     r64, r, c = _to_cmp(ref64), _to_cmp(ref), _to_cmp(cand)
@@ -374,10 +374,6 @@ def _compare(name: str, kind: str, ref64, ref, cand, multiple: float, floors,
         note = "NaN/inf where the float64 reference is finite (or differs from its NaN/inf)"
     ok = not nonfinite and e_cand <= allowed
     return TensorCheck(name, kind, e_ref, e_cand, allowed, ok, dtype, note)
-
-
-def _dt(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 # ----------------------------------------------------------------------------------
@@ -619,7 +615,7 @@ def verify(reference_model: nn.Module, candidate_model: nn.Module, example_input
                     f"model's forward takes (shapes, dtypes, device) and that it runs in eager mode; "
                     f"verify=False skips verification.") from own
         if precision is not None:
-            rr = run(f"reference model under autocast({_dt(precision)})", reference_model, autocast=precision)
+            rr = run(f"reference model under autocast({dtype_name(precision)})", reference_model, autocast=precision)
         elif fallback is not None:
             rr = run(f"reference model with its inputs and weights moved by {PERTURB_UNITS:g} rounding unit",
                      reference_model, perturb=PERTURB_UNITS)

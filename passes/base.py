@@ -32,6 +32,7 @@ from typing import Any, Callable, ClassVar
 from torch import fx
 
 from fxopt.errors import FxoptError
+from fxopt.cost_models.hardware import DEFAULT_PRESET
 
 __all__ = ["Pass", "PassResult", "PassContext", "Decision", "PassError", "PipelineError", "Option", "undeclared",
            "check_order",
@@ -151,7 +152,7 @@ class PassContext:
     step of the graph *before* the current pass, when the manager costs (empty otherwise).
     """
 
-    hardware: str = "h100"
+    hardware: str = DEFAULT_PRESET
     training: bool = True
     example_args: tuple = ()
     example_kwargs: dict = field(default_factory=dict)

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from fxopt.cost_models.names import dtype_name
 from fxopt.errors import FxoptError
 from fxopt.nodeinfo import node_info
 
@@ -210,7 +211,7 @@ class _Costs:
         """One layout conversion of ``node``'s tensor: forward copy, plus the gradient's in backward."""
         from fxopt.cost_models.roofline import call_time
         v = val(node)
-        one = call_time("memory", str(v.dtype).replace("torch.", ""), 0, 2 * self._bytes(v), 1, self.hw).total_s
+        one = call_time("memory", dtype_name(v.dtype), 0, 2 * self._bytes(v), 1, self.hw).total_s
         fwd = 0.0 if _foldable_cast(node) else one
         return fwd + (one if self.training and self.requires_grad.get(node, False) else 0.0)
 
@@ -222,7 +223,7 @@ class _Costs:
         x, w, out = val(node.args[0]), val(node.args[1]), val(node)
         shape = lambda t: [_int(d) for d in t.shape]
         flops = conv_flop_count(shape(x), shape(w), shape(out), transposed=False)
-        dtype = str(x.dtype).replace("torch.", "")
+        dtype = dtype_name(x.dtype)
         nx, nw, no = self._bytes(x), self._bytes(w), self._bytes(out)
         t = call_time("conv", dtype, flops, nx + nw + no, 0, self.hw).total_s
         if self.training:

@@ -68,6 +68,7 @@ ON_ERROR = ("rollback", "raise")
 
 #: ``GraphModule.meta`` key of the precision a pass lowered the graph to (same as fxopt.verify's).
 from fxopt.cost_models.names import PRECISION_KEY, dtype_name  # noqa: E402  (one definition)
+from fxopt.cost_models.hardware import DEFAULT_PRESET
 
 
 def graph_precision(gm) -> torch.dtype | None:
@@ -181,7 +182,7 @@ class PassManager:
     """
 
     def __init__(self, passes, *, verify: bool = False, print_after_change: bool = False,
-                 dump_dir: str | os.PathLike | None = None, cost: bool = True, hardware: str = "h100",
+                 dump_dir: str | os.PathLike | None = None, cost: bool = True, hardware: str = DEFAULT_PRESET,
                  on_error: str = "rollback"):
         if on_error not in ON_ERROR:
             raise PipelineError(f"on_error={on_error!r}: use one of {', '.join(ON_ERROR)}")

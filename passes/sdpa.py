@@ -61,6 +61,7 @@ from . import opgroups
 from .normalize import RULES as NORMALIZE_RULES
 from .opgroups import CHECKS, DROPOUTS
 from .rewrite import Call, Emit, GraphFacts, Refusal, Rewrite, Rule, _known, apply_rules, rule_statistics, val
+from fxopt.cost_models.hardware import DEFAULT_PRESET
 
 __all__ = ["FuseAttention", "Attention", "Refusal", "match_attention", "estimate_gain"]
 
@@ -552,7 +553,7 @@ def _elems(shape) -> int:
     return math.prod(int(s) for s in shape)
 
 
-def estimate_gain(att: Attention, hardware: str = "h100", training: bool = True,
+def estimate_gain(att: Attention, hardware: str = DEFAULT_PRESET, training: bool = True,
                   node_times: dict | None = None) -> float | None:
     """Predicted seconds saved per step by the fused kernel (forward, plus backward when training);
     None when shapes are symbolic.

@@ -210,8 +210,8 @@ def test_bench_gpu_events_memory_and_mfu():
         model(*x).float().sum().backward()
     flops = counter.get_total_flops()   # resnet50 tiny: no grouped convs, so torch's count is exact
     assert res.matrix_flops == pytest.approx(flops, rel=1e-6)
-    from fxopt.optimize import GPU_PRESETS
-    hw = load_hardware(next(p for k, p in GPU_PRESETS if k in torch.cuda.get_device_name()))
+    from fxopt.cost_models.hardware import preset_for_gpu
+    hw = load_hardware(preset_for_gpu(torch.cuda.get_device_name()))
     peak = hw.tensor_flops["bf16"]   # dense bf16 datasheet peak of this GPU's preset
     assert res.hardware == hw.name
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

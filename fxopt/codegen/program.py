@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from ..cost_models.names import dtype_name
 from .scalar import IsEq, flop_count, symbol
 
 __all__ = ["TensorSpec", "Step", "Program", "derive_backward", "choose_saved", "BackwardPlan"]
@@ -61,7 +62,7 @@ class TensorSpec:
     def text(self) -> str:
         st = "" if self.strides is None else f" strides={tuple(self.strides)}"
         pm = "" if self.perm is None else f" perm={tuple(self.perm)}"
-        return f"{self.kind} {tuple(self.shape)} {self.dtype.replace('torch.', '')}{st}{pm}"
+        return f"{self.kind} {tuple(self.shape)} {dtype_name(self.dtype)}{st}{pm}"
 
 
 @dataclass(frozen=True)

@@ -322,11 +322,9 @@ def bench(model_spec_or_module: "str | nn.Module", inputs=None, variants=DEFAULT
         matrix_flops = None
     hw_name, peak = None, None
     if hardware is not None or device.type == "cuda":
-        from ..cost_models.hardware import load_hardware
-        from ..optimize import GPU_PRESETS
+        from ..cost_models.hardware import load_hardware, preset_for_gpu
         if hardware is None:
-            gpu = torch.cuda.get_device_name(device)
-            hardware = next((p for k, p in GPU_PRESETS if k in gpu), None)
+            hardware = preset_for_gpu(torch.cuda.get_device_name(device), None)
         if hardware is not None:
             hw = load_hardware(hardware)
             hw_name, peak = hw.name, hw.bf16_peak

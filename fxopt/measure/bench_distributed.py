@@ -139,9 +139,8 @@ def _predicted(args) -> dict:
 
     from ..analyze import analyze
     from .bench import resolve_bench_model
-    from ..optimize import GPU_PRESETS
-    gpu = torch.cuda.get_device_name()
-    hw = args.hw or next((p for k, p in GPU_PRESETS if k in gpu), "h100")
+    from ..cost_models.hardware import preset_for_gpu
+    hw = args.hw or preset_for_gpu(torch.cuda.get_device_name())
     _, model, example = resolve_bench_model(args.model, args.batch, args.tiny)
     out = {}
     for v in args.variants:

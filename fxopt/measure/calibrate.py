@@ -32,6 +32,7 @@ from ..cost_models.layout import NHWC_SPEEDUP
 from ..cost_models.names import dtype_name
 from ..errors import FxoptError
 from ..progress import progress
+from ..cost_models.hardware import DEFAULT_PRESET
 
 SCHEMA = "fxopt.hardware_profile/2"
 
@@ -140,9 +141,8 @@ def _driver_version() -> str | None:
 def _preset_for(device) -> str | None:
     if device.type != "cuda":
         return None
-    from ..optimize import GPU_PRESETS
-    name = torch.cuda.get_device_name(device)
-    return next((preset for key, preset in GPU_PRESETS if key in name), None)
+    from ..cost_models.hardware import preset_for_gpu
+    return preset_for_gpu(torch.cuda.get_device_name(device), None)
 
 
 def time_fn(fn, device: torch.device, reps: int, warmup: int = 2) -> float:
@@ -298,7 +298,7 @@ def calibrate(device=None, quick: bool = False, out: "str | Path | None" = None)
     return profile
 
 
-def import_table(path: "str | Path", device: str | None = None, base: str = "h100",
+def import_table(path: "str | Path", device: str | None = None, base: str = DEFAULT_PRESET,
                  out: "str | Path | None" = None) -> dict:
     """A profile fitted to an external table of measured per-op times (format: ``cost_models.fit``).
 

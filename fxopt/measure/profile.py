@@ -185,9 +185,8 @@ def profile(model: nn.Module, inputs, steps: int = 3, hardware=None, *, warmup: 
     notes = []
     if hardware is None:
         if device.type == "cuda":
-            from ..optimize import GPU_PRESETS
-            gpu = torch.cuda.get_device_name(device)
-            hardware = next((p for k, p in GPU_PRESETS if k in gpu), "h100")
+            from ..cost_models.hardware import preset_for_gpu
+            hardware = preset_for_gpu(torch.cuda.get_device_name(device))
         else:
             from .calibrate import calibrate
             from ..cost_models.hardware import Hardware

@@ -31,6 +31,7 @@ from torch import fx
 from ..cost_models.comm import Cluster, CommTime, cluster_presets, collective_time, inter_node_time, load_cluster
 from ..cost_models.names import OPTIMIZER_NODE, dtype_name
 from ..errors import AnalysisError, HardwareError, InputError
+from ..cost_models.hardware import DEFAULT_PRESET
 
 log = logging.getLogger(__name__)
 
@@ -598,7 +599,7 @@ class GPUScaling:
         plt.close(fig)
 
 
-def gpu_scaling(model_or_report, example_inputs=None, gpus=(1, 8, 64, 512, 4096), *, hardware="h100",
+def gpu_scaling(model_or_report, example_inputs=None, gpus=(1, 8, 64, 512, 4096), *, hardware=DEFAULT_PRESET,
                 dtype=None, **spec) -> GPUScaling:
     """Predicted step time, exposed communication, throughput and scaling efficiency per world
     size. ``spec``: the other :class:`Distributed` fields (strategy, cluster, bucket_mb, ...)."""

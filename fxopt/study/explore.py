@@ -42,6 +42,7 @@ from ..analyze import UnknownOpWarning, analyze
 from ..capture import normalize_inputs
 from ..errors import FxoptError
 from .explore_rules import RULES, UNCOVERED, Rule, Site, attention_spec
+from ..cost_models.hardware import DEFAULT_PRESET
 
 __all__ = ["explore", "propose", "ExploreResult", "Candidate", "ExploreError", "ABLATE_DEFAULTS", "source_line"]
 
@@ -680,7 +681,7 @@ def _disjoint(a: Candidate, b: Candidate) -> bool:
 # the entry point
 
 
-def explore(model: nn.Module, inputs, hardware="h100", rules="all", ablate: dict | None = None, *,
+def explore(model: nn.Module, inputs, hardware=DEFAULT_PRESET, rules="all", ablate: dict | None = None, *,
             dtype=None, training: bool | None = None, optimizer: str | None = "sgd",
             verify: bool = True, full_cost: bool = False, name: str | None = None) -> ExploreResult:
     """Propose, build and cost architecture changes of ``model`` (see the module doc).
@@ -861,14 +862,12 @@ def _ranked(cands: list[Candidate]) -> list[Candidate]:
 
 def add_cli(sub) -> None:
     """Register the ``explore`` subcommand on an argparse subparsers object."""
-    from ..cost_models.hardware import presets
+    from ..cli import add_hw, add_model
     e = sub.add_parser("explore", help="propose architecture changes, build and cost them, optionally ablate them")
-    e.add_argument("model", help="zoo name (see `fxopt models`), hf:<ModelClass>, or path/to/file.py:factory")
+    add_model(e, 32, "batch of the costed step")
     e.add_argument("--rules", default="all", help="comma-separated rule names or families (default all): "
                                                    + ", ".join(r.name for r in RULES))
-    e.add_argument("--batch", type=int, default=32, help="batch of the costed step")
-    e.add_argument("--tiny", action="store_true", help="the model's tiny test variant")
-    e.add_argument("--hw", default="h100", help=f"preset ({', '.join(presets())}) or a profile JSON path")
+    add_hw(e)
     e.add_argument("--dtype", default=None, help="cost as if weights and inputs were cast: bf16, fp16, fp32")
     e.add_argument("--eval", action="store_true", help="cost inference (forward only)")
     e.add_argument("--ablate-steps", type=int, default=0, help="train the top candidates this many steps (0: don't)")

@@ -1080,7 +1080,7 @@ def lint(model_or_captured_or_report, example_inputs=None, hardware=None, dtype=
                              f"fxopt.analyze(..., hardware={hardware!r}) or lint the model")
         report, graph = obj, _graph_of(obj)
     elif isinstance(obj, Captured):
-        report, graph = analyze(obj, hardware=hardware or "h100", training=training, dtype=dtype), obj.graph
+        report, graph = analyze(obj, hardware=hardware or DEFAULT_PRESET, training=training, dtype=dtype), obj.graph
     elif isinstance(obj, nn.Module):
         if example_inputs is None:
             raise InputError("lint(model) needs example_inputs (a tensor, tuple or dict of kwargs), or pass "
@@ -1088,7 +1088,7 @@ def lint(model_or_captured_or_report, example_inputs=None, hardware=None, dtype=
         dt = parse_dtype(dtype)
         model, inputs = _cast(obj, example_inputs, dt) if dt is not None else (obj, example_inputs)
         captured = capture(model, inputs)
-        report, graph = analyze(captured, hardware=hardware or "h100", training=training), captured.graph
+        report, graph = analyze(captured, hardware=hardware or DEFAULT_PRESET, training=training), captured.graph
     else:
         raise InputError(f"lint() takes an nn.Module (with example_inputs), a Captured or a GraphReport; "
                          f"got {type(obj).__name__}")
@@ -1109,5 +1109,6 @@ def lint(model_or_captured_or_report, example_inputs=None, hardware=None, dtype=
 # communication-bound steps of a report analyzed with distributed= (issue 16; the check lives with
 # the distributed cost model)
 from .distributed import check_comm_bound  # noqa: E402
+from ..cost_models.hardware import DEFAULT_PRESET
 
 lint_rule("comm-bound", "communication-bound step (many GPUs)", needs_graph=False)(check_comm_bound)

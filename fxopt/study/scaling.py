@@ -44,6 +44,7 @@ from ..cost_models.ops import MATRIX_CLASSES
 from ..cost_models.roofline import peak_for
 from ..errors import AnalysisError, FxoptError, InputError
 from ..report import GraphReport, row_time, time_factor
+from ..cost_models.hardware import DEFAULT_PRESET
 
 __all__ = ["scaling", "ScalingReport", "BlockScaling", "DIMS"]
 
@@ -432,7 +433,7 @@ class _Fit:
 
 
 def scaling(model: nn.Module | Captured, example_inputs=None, dims=("batch", "height", "width"), *,
-            hardware="h100", training: bool = True, dtype=None, optimizer: str | None = "sgd",
+            hardware=DEFAULT_PRESET, training: bool = True, dtype=None, optimizer: str | None = "sgd",
             step: dict | None = None, depth: int = 1) -> ScalingReport:
     """Formulas (sympy) for FLOPs, bytes, activation memory and step time in ``dims``.
 

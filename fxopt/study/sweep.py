@@ -31,6 +31,7 @@ from ..capture import normalize_inputs
 from ..errors import FxoptError, InputError, ModelSpecError
 from ..report import GraphReport
 from .scaling import _with_context
+from ..cost_models.hardware import DEFAULT_PRESET
 
 __all__ = ["sweep", "SweepResult", "MeasureError", "parse_grid", "load_factory"]
 
@@ -296,7 +297,7 @@ def _check_used(grid: dict, factory, inputs_fn) -> None:
 
 
 def sweep(factory: Callable[..., nn.Module], grid: dict, example_inputs_fn: Callable | None = None,
-          hardware="h100", measure: bool = False, *, training: bool = True, dtype=None,
+          hardware=DEFAULT_PRESET, measure: bool = False, *, training: bool = True, dtype=None,
           optimizer: str | None = "sgd", meta: bool = True, progress: bool | None = None) -> SweepResult:
     """Analyze ``factory(**point)`` on ``example_inputs_fn(**point)`` for every point of the grid.
 
