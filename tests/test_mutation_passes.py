@@ -716,3 +716,27 @@ def test_sdpa_dropout_adds_drawing_and_applying_the_mask_to_the_unfused_estimate
     with_dropout = dataclasses.replace(att, dropout_p=0.1)   # the same attention, with dropout
     assert estimate_gain(with_dropout, "h100", training=False) - estimate_gain(att, "h100", training=False) == \
         pytest.approx(by_hand)
+
+
+def test_sdpa_a_four_d_tril_mask_is_proved_causal():
+    """``tril(ones(L, L)).view(1, 1, L, L)`` (a computed mask, not a buffer) masks exactly the causal
+    entries: it becomes ``is_causal=True`` whatever its leading broadcast dims."""
+    import warnings
+
+    import fxopt
+    from fxopt.passes import PassManager
+    from nets import Lambda
+    L, D = 8, 16
+
+    def attention(q, k, v):
+        keep = torch.tril(torch.ones(L, L, dtype=torch.bool)).view(1, 1, L, L)
+        scores = (q @ k.transpose(-2, -1) * D ** -0.5).masked_fill(~keep, float("-inf"))
+        return torch.softmax(scores, -1) @ v
+
+    qkv = [torch.randn(2, 4, L, D, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gm, (r,) = PassManager("sdpa", cost=False).run(fxopt.capture(Lambda(attention).eval(), tuple(qkv)))
+    (sdpa,) = _calls(gm, "scaled_dot_product_attention")
+    q, k, v, mask, dropout_p, is_causal = sdpa.args
+    assert is_causal is True and mask is None
