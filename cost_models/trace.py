@@ -159,7 +159,7 @@ def _fake_attrs(gm: fx.GraphModule, mode: FakeTensorMode, dtype, training: bool,
         if dtype is not None and fake.is_floating_point() and is_param:  # buffers keep theirs (BN stats,
             with mode:                                                   # rotary tables stay fp32)
                 fake = fake.to(dtype)
-        if is_param and training and fake.is_floating_point():
+        if is_param and training and fake.is_floating_point() and obj.requires_grad:  # frozen ones get no grad
             fake.requires_grad_(True)
             params.append(fake)
         attrs[n.target] = fakes[id(obj)] = fake

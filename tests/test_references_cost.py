@@ -316,3 +316,24 @@ def test_conv_call_records_its_layout(memory_format, nhwc):
     dw = _direct(aten.convolution.default, x, _t(8, 1, 3, 3), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 8)
     assert dw.conv_layout[0] != c.conv_layout[0]   # depthwise is its own class
     assert dw.flops == 2 * 2 * 8 * 6 * 6 * 9
+
+
+def test_frozen_parameters_get_no_gradient_or_optimizer_work():
+    """A frozen layer (requires_grad=False, as in fine-tuning) computes no weight gradient and is not
+    stepped: matrix FLOPs fwd+bwd equal FlopCounterMode's on the eager step, params count only the
+    trainable ones, and the optimizer reads only those."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    x = torch.randn(16, 64)
+    report = fxopt.analyze(model, (x,))
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    t = report.totals
+    assert t["matrix_flops_fwd"] + t["matrix_flops_bwd"] == counter.get_total_flops()
+    # by hand: fwd 2*16*64*128 + 2*16*128*32; bwd: layer 2's dW only (nothing below it needs a gradient:
+    # layer 1 is frozen and x is data), layer 1 nothing
+    assert counter.get_total_flops() == 2 * 16 * 64 * 128 + 2 * (2 * 16 * 128 * 32)
+    assert t["params"] == 128 * 32 + 32
