@@ -740,3 +740,32 @@ def test_sdpa_a_four_d_tril_mask_is_proved_causal():
     (sdpa,) = _calls(gm, "scaled_dot_product_attention")
     q, k, v, mask, dropout_p, is_causal = sdpa.args
     assert is_causal is True and mask is None
+
+
+# ---------------------------------------------------------------------------------------------
+# epilogue: every spelling of a 2-D weight transpose
+
+
+@pytest.mark.parametrize("dims", [(1, 0), (-1, -2), (1, -2), (-1, 0)])
+def test_epilogue_matmul_by_any_spelling_of_a_transposed_weight_plus_bias_becomes_linear(dims):
+    import warnings
+
+    import fxopt
+    from fxopt.passes import PassManager
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.randn(6, 8)), nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return x @ self.w.permute(*dims) + self.b
+
+    captured = fxopt.capture(M().eval(), (torch.randn(4, 8),))
+    assert [n.args[1] for n in captured.graph_module.graph.nodes if n.target is aten.permute.default] == [list(dims)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        gm, (r,) = PassManager("epilogue", cost=False).run(captured)
+    assert r.modified, r.decisions
+    (linear,) = _calls(gm, "linear")
+    assert linear.args[1].op == "get_attr" and linear.args[1].target == "w"
