@@ -769,3 +769,18 @@ def test_epilogue_matmul_by_any_spelling_of_a_transposed_weight_plus_bias_become
     assert r.modified, r.decisions
     (linear,) = _calls(gm, "linear")
     assert linear.args[1].op == "get_attr" and linear.args[1].target == "w"
+
+
+def test_epilogue_probe_sees_a_differentiable_addmm_activation(monkeypatch):
+    """The probe's own GEMM is well formed: with an ``_addmm_activation`` that has a derivative (here
+    relu(addmm), a stand-in for a later torch) it answers True."""
+    from types import SimpleNamespace
+
+    from fxopt.passes import epilogue
+    fake = SimpleNamespace(_addmm_activation=lambda b, x, w: torch.relu(torch.addmm(b, x, w)))
+    epilogue.addmm_activation_differentiable.cache_clear()
+    monkeypatch.setattr(epilogue, "aten", fake)
+    try:
+        assert epilogue.addmm_activation_differentiable() is True
+    finally:
+        epilogue.addmm_activation_differentiable.cache_clear()
