@@ -784,3 +784,26 @@ def test_epilogue_probe_sees_a_differentiable_addmm_activation(monkeypatch):
         assert epilogue.addmm_activation_differentiable() is True
     finally:
         epilogue.addmm_activation_differentiable.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# rewrite: the rule driver stops at the first sweep that changes nothing
+
+
+def test_rewrite_driver_stops_at_the_first_sweep_without_a_change():
+    from fxopt.passes.rewrite import Rewrite, Rule, apply_rules
+    seen = []
+
+    def neg_of_neg(node, facts, ctx):   # neg(neg(x)) -> x; a lone neg is no match
+        seen.append(node.name)
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.target is aten.neg.default:
+            return Rewrite(inner.args[0], "neg(neg(x)) is x")
+        return None
+
+    gm = _chain(aten.neg.default, aten.neg.default, aten.relu.default)
+    stats = apply_rules(gm, PassContext(), [Rule("neg-neg", (aten.neg.default,), neg_of_neg)])
+    (relu,) = [n for n in gm.graph.nodes if n.target is aten.relu.default]
+    assert relu.args[0].op == "placeholder" and stats == {"neg-neg": 1}
+    # sweep 1: neg (no match), neg_1 (rewritten); sweep 2: the inner neg, now dead, no match; then stop
+    assert seen == ["neg_default", "neg_default_1", "neg_default"]
