@@ -807,3 +807,22 @@ def test_rewrite_driver_stops_at_the_first_sweep_without_a_change():
     assert relu.args[0].op == "placeholder" and stats == {"neg-neg": 1}
     # sweep 1: neg (no match), neg_1 (rewritten); sweep 2: the inner neg, now dead, no match; then stop
     assert seen == ["neg_default", "neg_default_1", "neg_default"]
+
+
+@pytest.mark.parametrize("costed", [True, False])
+def test_rewrite_a_built_call_is_logged_with_zero_gain_when_costed(costed):
+    """Replacing a node by a new call of about the same cost: the documented default gain is 0 s on
+    a costed graph (no estimate otherwise)."""
+    from fxopt.passes.rewrite import Call, Rewrite, Rule, apply_rules
+
+    def relu_to_clamp(node, facts, ctx):
+        return Rewrite(Call(aten.clamp_min.default, (node.args[0], 0.0)), "relu is clamp_min(x, 0)")
+
+    gm = _chain(aten.relu.default)
+    ctx = PassContext()
+    ctx.begin("p", {}, {"relu_default": 3e-6} if costed else None)
+    apply_rules(gm, ctx, [Rule("relu-clamp", (aten.relu.default,), relu_to_clamp)])
+    (d,) = ctx.decisions
+    assert d.action == "rewrite" and d.reason == "relu-clamp: relu is clamp_min(x, 0)"
+    assert d.est_gain_s == (0.0 if costed else None)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [aten.clamp_min.default]
