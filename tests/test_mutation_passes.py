@@ -826,3 +826,13 @@ def test_rewrite_a_built_call_is_logged_with_zero_gain_when_costed(costed):
     assert d.action == "rewrite" and d.reason == "relu-clamp: relu is clamp_min(x, 0)"
     assert d.est_gain_s == (0.0 if costed else None)
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"] == [aten.clamp_min.default]
+
+
+def test_rewrite_hidden_writes_name_the_running_statistics_in_each_schema():
+    """Each op that updates running statistics without saying so in its schema: the flag index is its
+    ``training``/``use_input_stats`` argument and the written ones are ``running_mean``/``running_var``."""
+    from fxopt.passes.rewrite import HIDDEN_WRITES
+    for op, (flag, written) in HIDDEN_WRITES.items():
+        names = [a.name for a in op._schema.arguments]
+        assert names[flag] in ("training", "use_input_stats"), op
+        assert [names[i] for i in written] == ["running_mean", "running_var"], op
