@@ -454,15 +454,12 @@ def _verdicts(res: TrainingProfile, loader: str | None) -> tuple[Verdict, list[V
 
 def load_loop(spec: str):
     """``path/to/file.py:train_fn`` -> the generator function ``train_fn`` of that file."""
-    from ..workloads.models import _load_file
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py") or not name.isidentifier():
-        raise ProfileTrainingError(f"profile-training needs LOOP as path/to/file.py:train_fn, got {spec!r}")
-    if not Path(path).is_file():
-        raise ProfileTrainingError(f"loop file {path!r} not found")
-    fn = getattr(_load_file(Path(path).resolve()), name, None)
+    from ..workloads.models import load_spec_file
+    module, name = load_spec_file(spec, "profile-training needs LOOP as path/to/file.py:train_fn", "loop",
+                                  ProfileTrainingError)
+    fn = getattr(module, name, None)
     if not inspect.isgeneratorfunction(fn):
-        raise ProfileTrainingError(f"{path} defines no generator function {name!r}: write `def {name}(): ... "
+        raise ProfileTrainingError(f"{spec.rpartition(':')[0]} defines no generator function {name!r}: write `def {name}(): ... "
                                    f"for batch in loader: <train step>; yield`")
     return fn
 

@@ -381,13 +381,9 @@ def load_factory(spec: str):
     """``path/to/file.py:factory`` -> (factory, the file's ``example_inputs`` or None, display name)."""
     from pathlib import Path
 
-    from ..workloads.models import _load_file
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path.endswith(".py") or not name.isidentifier():
-        raise ModelSpecError(f"sweep needs MODEL as path/to/file.py:factory, got {spec!r}")
-    if not Path(path).is_file():
-        raise ModelSpecError(f"model file {path!r} not found")
-    module = _load_file(Path(path).resolve())
+    from ..workloads.models import load_spec_file
+    module, name = load_spec_file(spec, "sweep needs MODEL as path/to/file.py:factory", "model")
+    path = spec.rpartition(":")[0]
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ModelSpecError(f"{path} defines no function {name!r}")

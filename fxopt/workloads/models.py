@@ -457,6 +457,17 @@ def _load_file(path: Path):
     return module
 
 
+def load_spec_file(spec: str, usage: str, kind: str, error=ModelSpecError):
+    """``path/to/file.py:name`` -> (the file loaded as a module, ``name``). ``error(usage + ...)`` when
+    the spec is not of that form, ``error`` naming the ``kind`` file when it does not exist."""
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path.endswith(".py") or not name.isidentifier():
+        raise error(f"{usage}, got {spec!r}")
+    if not Path(path).is_file():
+        raise error(f"{kind} file {path!r} not found")
+    return _load_file(Path(path).resolve()), name
+
+
 def _resolve_file(path_str: str, factory_name: str, batch: int) -> ModelSpec:
     where = f"{path_str}:{factory_name}"
     path = Path(path_str).expanduser()
