@@ -836,3 +836,23 @@ def test_rewrite_hidden_writes_name_the_running_statistics_in_each_schema():
         names = [a.name for a in op._schema.arguments]
         assert names[flag] in ("training", "use_input_stats"), op
         assert [names[i] for i in written] == ["running_mean", "running_var"], op
+
+
+def test_provenance_insert_call_keeps_provenance_and_skips_a_val_it_cannot_compute():
+    """A node a pass inserts carries the replaced node's provenance and a fake ``val`` computed on its
+    arguments' fakes; an op that fails on them (a shape error) is still inserted, without ``val``
+    (the manager's propagation reports real problems)."""
+    from torch import fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxopt.passes.provenance import insert_call
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = FakeTensorMode().from_tensor(torch.randn(2, 3))
+    x.meta["stack_trace"] = "model.py:7"
+    out = g.output(x)
+    bad = insert_call(g, torch.ops.aten.mm.default, (x, x), {}, before=out, like=x)  # [2,3] @ [2,3]
+    assert "val" not in bad.meta and bad.meta["stack_trace"] == "model.py:7"
+    good = insert_call(g, torch.ops.aten.relu.default, (x,), {}, before=out, like=x, name="act")
+    assert tuple(good.meta["val"].shape) == (2, 3) and good.name == "act"
+    assert [n.name for n in g.nodes] == ["x", "mm_default", "act", "output"]  # fx names an unnamed node by its target
