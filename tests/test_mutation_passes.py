@@ -856,3 +856,38 @@ def test_provenance_insert_call_keeps_provenance_and_skips_a_val_it_cannot_compu
     good = insert_call(g, torch.ops.aten.relu.default, (x,), {}, before=out, like=x, name="act")
     assert tuple(good.meta["val"].shape) == (2, 3) and good.name == "act"
     assert [n.name for n in g.nodes] == ["x", "mm_default", "act", "output"]  # fx names an unnamed node by its target
+
+
+# ---- graph_utils (split out of the manager) ---------------------------------------------------
+
+
+def test_graph_utils_propagate_meta_fills_every_value_of_a_traced_graph():
+    """A graph without metadata (fx.symbolic_trace) gets a fake ``val`` per node from the example
+    inputs: tensors with eager's shapes, Python ints kept as ints."""
+    from fxopt.passes.graph_utils import propagate_meta
+
+    class M(nn.Module):
+        def forward(self, x):
+            n = x.size(0)
+            return torch.relu(x).reshape(n, -1) * 2
+
+    gm = torch.fx.symbolic_trace(M())
+    propagate_meta(gm, (torch.randn(4, 3, 2),))
+    vals = {n.name: n.meta.get("val") for n in gm.graph.nodes if n.op != "output"}
+    assert vals["size"] == 4 and isinstance(vals["size"], int)
+    assert tuple(vals["relu"].shape) == (4, 3, 2) and tuple(vals["mul"].shape) == (4, 6)
+    assert all(isinstance(v, torch._subclasses.FakeTensor) for k, v in vals.items() if k != "size")
+
+
+def test_graph_utils_without_dtype_asserts_drops_only_unused_checks_on_a_copy():
+    from fxopt.passes.graph_utils import without_dtype_asserts
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.call_function(torch.ops.aten._assert_tensor_metadata.default, (x,), {"dtype": torch.float32})
+    y = g.call_function(torch.ops.aten.relu.default, (x,))
+    g.output(y)
+    gm = torch.fx.GraphModule(nn.Module(), g)
+    clean = without_dtype_asserts(gm)
+    assert [n.op for n in clean.graph.nodes] == ["placeholder", "call_function", "output"]
+    assert len(gm.graph.nodes) == 4  # the original keeps its check
+    assert torch.equal(clean(torch.tensor([-1.0, 2.0], dtype=torch.float64)), torch.tensor([0.0, 2.0], dtype=torch.float64))

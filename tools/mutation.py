@@ -64,8 +64,9 @@ SHARDS: dict[str, list[str]] = {
     "passes/fuse.py": ["tests/test_mutation_passes.py tests/test_fuse.py -k 'test_fuse_ or golden or strides or reused "
                        "or options_bound or costed or without_triton or not_changed'"],
     "passes/manager.py": ["tests/test_passes.py"],
-    # split out of the manager / rewrite.py this session (not run yet)
-    "passes/graph_utils.py": ["tests/test_passes.py -k 'rollback or divergence or dump or numerics'",
+    # split out of the manager / rewrite.py this session
+    "passes/graph_utils.py": ["tests/test_mutation_passes.py -k graph_utils",
+                              "tests/test_passes.py -k 'rollback or divergence or dump or numerics'",
                               "tests/test_mixed_precision.py -k 'golden or verified'"],
     "passes/verification.py": ["tests/test_passes.py -k 'rollback or divergence or verif'"],
     "passes/provenance.py": ["tests/test_mutation_passes.py", "tests/test_channels_last.py -k golden"],
