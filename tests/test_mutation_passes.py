@@ -891,3 +891,24 @@ def test_graph_utils_without_dtype_asserts_drops_only_unused_checks_on_a_copy():
     assert [n.op for n in clean.graph.nodes] == ["placeholder", "call_function", "output"]
     assert len(gm.graph.nodes) == 4  # the original keeps its check
     assert torch.equal(clean(torch.tensor([-1.0, 2.0], dtype=torch.float64)), torch.tensor([0.0, 2.0], dtype=torch.float64))
+
+
+def test_graph_utils_propagation_adds_no_guard_to_a_dynamic_batch():
+    """Bilinear upsampling's meta function guards on the batch size; propagating a dynamic-batch
+    capture must not specialize it (the shape env is shared with the captured graph)."""
+    import copy
+
+    from torch._guards import detect_fake_mode
+
+    import fxopt
+    from fxopt.passes.graph_utils import propagate_meta
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2, mode="bilinear"))
+    captured = fxopt.capture(model, (torch.randn(2, 3, 8, 8),), dynamic_batch=True)
+    gm = copy.deepcopy(captured.graph_module)
+    mode = detect_fake_mode([n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])
+    guards = len(mode.shape_env.guards)
+    propagate_meta(gm)
+    last = [n for n in gm.graph.nodes if n.op == "call_function"][-1].meta["val"]
+    assert isinstance(last.shape[0], torch.SymInt) and tuple(last.shape[1:]) == (4, 16, 16)
+    assert len(mode.shape_env.guards) == guards
