@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import live
 from ._forward import signed_forward
-from .capture import Captured, capture_module, normalize_inputs
+from .capture import capture_module, normalize_inputs
 from .cost_models.hardware import DEFAULT_PRESET, preset_for_gpu
 from .cost_models.names import dtype_name
 from .checkpointing import ReentrantCheckpointError, checkpoint_regions, regions_of  # noqa: F401 (re-exported)

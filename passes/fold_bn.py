@@ -41,7 +41,7 @@ from torch import fx
 from fxopt.cost_models.names import dtype_name
 
 from .base import Option, Pass, PassContext, PassResult, register
-from .rewrite import Call, Emit, GraphFacts, Refusal, Rewrite, Rule, apply_rules, rule_statistics, val
+from .rewrite import Call, Emit, GraphFacts, Refusal, Rewrite, Rule, apply_rules, val
 
 __all__ = ["FoldBatchNorm", "Producer", "PRODUCERS", "REFUSALS", "RULES", "BNMatch"]
 
@@ -332,10 +332,10 @@ class FoldBatchNorm(Pass):
     }
 
     before = {"mixed-precision": "a BN folds only into a layer of its own dtype (fold, then cast once)"}
-    statistics = rule_statistics((), folded="batch norms folded into the layer before them",
-                                 kept_slower="folds predicted slower (profitable_only=true)",
-                                 kept_option="frozen BNs in a training graph with frozen_in_training=false",
-                                 **{f"kept_{name}": f"refused: {name}" for name, _ in REFUSALS})
+    statistics = dict(folded="batch norms folded into the layer before them",
+                      kept_slower="folds predicted slower (profitable_only=true)",
+                      kept_option="frozen BNs in a training graph with frozen_in_training=false",
+                      **{f"kept_{name}": f"refused: {name}" for name, _ in REFUSALS})
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = apply_rules(gm, ctx, RULES, max_sweeps=1)

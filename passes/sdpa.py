@@ -60,7 +60,7 @@ from .base import Option, Pass, PassContext, PassResult, PipelineError, register
 from . import opgroups
 from .normalize import RULES as NORMALIZE_RULES
 from .opgroups import CHECKS, DROPOUTS
-from .rewrite import Call, Emit, GraphFacts, Refusal, Rewrite, Rule, _known, apply_rules, rule_statistics, val
+from .rewrite import Call, Emit, GraphFacts, Refusal, Rewrite, Rule, _known, apply_rules, val
 from fxopt.cost_models.hardware import DEFAULT_PRESET
 
 __all__ = ["FuseAttention", "Attention", "Refusal", "match_attention", "estimate_gain"]
@@ -750,9 +750,9 @@ class FuseAttention(Pass):
         "min_gain_us": Option(float, 0.0, "refuse a fusion the cost model predicts to gain less (us)"),
     }
 
-    statistics = rule_statistics((), fused="attentions fused into scaled_dot_product_attention",
-                                 causal="of those, with is_causal=True", kept="softmaxes left as they were, each with why",
-                                 normalized="canonical-form rewrites applied first (normalize's rules)")
+    statistics = dict(fused="attentions fused into scaled_dot_product_attention",
+                      causal="of those, with is_causal=True", kept="softmaxes left as they were, each with why",
+                      normalized="canonical-form rewrites applied first (normalize's rules)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         opts = ctx.options
