@@ -912,3 +912,15 @@ def test_graph_utils_propagation_adds_no_guard_to_a_dynamic_batch():
     last = [n for n in gm.graph.nodes if n.op == "call_function"][-1].meta["val"]
     assert isinstance(last.shape[0], torch.SymInt) and tuple(last.shape[1:]) == (4, 16, 16)
     assert len(mode.shape_env.guards) == guards
+
+
+def test_graph_utils_propagation_runs_submodules_holding_real_weights():
+    """fx.symbolic_trace keeps ``nn.Linear`` as a call_module whose weight is a real tensor; the
+    fake mode must accept it (propagation would otherwise refuse every traced model with layers)."""
+    from fxopt.passes.graph_utils import propagate_meta
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(3, 5), nn.ReLU()))
+    propagate_meta(gm, (torch.randn(4, 3),))
+    vals = {n.name: n.meta["val"] for n in gm.graph.nodes if n.op != "output"}
+    assert tuple(vals["_0"].shape) == (4, 5) and tuple(vals["_1"].shape) == (4, 5)
+    assert isinstance(vals["_1"], torch._subclasses.FakeTensor)
