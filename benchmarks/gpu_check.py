@@ -408,7 +408,10 @@ def _spearman(ctx: Ctx, preset: str, profile: str | None) -> dict:
         out = {"model": name + ("-tiny" if ctx.smoke else ""), "batch": batch, "nodes": len(res.rows),
                "measured_step_s": res.measured_step_s, "spearman": {"preset": res.spearman},
                "predicted_step_s": {"preset": res.predicted_step_s},
-               "worst": [{k: r[k] for k in ("node", "op", "predicted_s", "measured_s")} for r in res.worst(5)]}
+               "worst": [{k: r[k] for k in ("node", "op", "predicted_s", "measured_s")} for r in res.worst(5)],
+               # every node timed both ways: lets a reader (and the tests) recompute the correlation
+               "pairs": [[r["predicted_s"], r["measured_s"]] for r in res.rows
+                         if r["predicted_s"] > 0 and r["measured_s"] > 0]}
         if profile:
             with torch.device("meta"):
                 model, inputs = zoo.build(name, tiny=ctx.smoke), zoo.example_inputs(name, batch, tiny=ctx.smoke)
