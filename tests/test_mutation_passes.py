@@ -856,6 +856,10 @@ def test_provenance_insert_call_keeps_provenance_and_skips_a_val_it_cannot_compu
     good = insert_call(g, torch.ops.aten.relu.default, (x,), {}, before=out, like=x, name="act")
     assert tuple(good.meta["val"].shape) == (2, 3) and good.name == "act"
     assert [n.name for n in g.nodes] == ["x", "mm_default", "act", "output"]  # fx names an unnamed node by its target
+    # both anchors are nodes: a positional call that swaps ``before`` and ``like`` would insert in the
+    # wrong place with the wrong provenance, silently; they are keyword-only
+    with pytest.raises(TypeError):
+        insert_call(g, torch.ops.aten.relu.default, (x,), {}, out, x)
 
 
 # ---- graph_utils (split out of the manager) ---------------------------------------------------
