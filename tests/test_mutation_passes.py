@@ -928,3 +928,63 @@ def test_graph_utils_propagation_runs_submodules_holding_real_weights():
     vals = {n.name: n.meta["val"] for n in gm.graph.nodes if n.op != "output"}
     assert tuple(vals["_0"].shape) == (4, 5) and tuple(vals["_1"].shape) == (4, 5)
     assert isinstance(vals["_1"], torch._subclasses.FakeTensor)
+
+
+def test_graph_utils_propagation_converts_real_attributes_for_a_strict_fake_mode():
+    """Placeholders may carry fakes of a strict mode (``allow_non_fake_inputs=False``, torch's
+    default); a real parameter read by a get_attr node is converted to that mode's fake instead
+    of reaching an op next to fakes (which the mode refuses)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from fxopt.passes.graph_utils import propagate_meta
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.randn(5))
+
+        def forward(self, x):
+            return x + self.bias
+
+    gm = torch.fx.symbolic_trace(M())
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    x.meta["val"] = FakeTensorMode().from_tensor(torch.randn(4, 5))
+    propagate_meta(gm)
+    vals = {n.name: n.meta["val"] for n in gm.graph.nodes if n.op != "output"}
+    assert isinstance(vals["bias"], FakeTensor) and tuple(vals["add"].shape) == (4, 5)
+
+
+def test_graph_utils_run_graph_records_snapshots_not_live_tensors():
+    """``record`` keeps each node's value as it was when computed: an in-place op later in the graph
+    must not change an earlier node's recorded value (the divergence search compares them)."""
+    from fxopt.passes.graph_utils import run_graph
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0), name="mul")
+    z = g.call_function(torch.ops.aten.add_.Tensor, (y, 1.0), name="add_")
+    g.output(z)
+    gm = torch.fx.GraphModule(nn.Module(), g)
+    inp = torch.tensor([1.0, -2.0])
+    out, values = run_graph(gm, (inp,), {}, record=True)
+    assert torch.equal(values["mul"], torch.tensor([2.0, -4.0]))
+    assert torch.equal(values["add_"], torch.tensor([3.0, -3.0])) and torch.equal(inp, torch.tensor([1.0, -2.0]))
+
+
+def test_graph_utils_as_module_deepcopy_copies_a_separate_state():
+    """``AsModule(gm, state)`` exposes ``state``'s parameter names; its deep copy must keep them (a
+    copy of the state, not of the graph module) and share no tensor with the original."""
+    import copy
+
+    from fxopt.passes.graph_utils import AsModule
+
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 3))
+    state = nn.Sequential(nn.Linear(2, 3))
+    state[0].weight.data.copy_(gm.weight.data)
+    state[0].bias.data.copy_(gm.bias.data)
+    clone = copy.deepcopy(AsModule(gm, state))
+    assert [k for k, _ in clone.named_parameters()] == ["0.weight", "0.bias"]
+    assert clone._state is not state and clone._gm is not gm
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(clone.parameters(), state.parameters()))
+    own = copy.deepcopy(AsModule(gm))
+    assert [k for k, _ in own.named_parameters()] == ["weight", "bias"] and own._state is own._gm
