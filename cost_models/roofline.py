@@ -41,7 +41,7 @@ def peak_for(op_class: str, dtype: str | None, hw: Hardware, precision: Precisio
         return hw.vector_peak(DTYPE_KEYS.get(dtype or "float32", "fp32"))
     key, reg = regime(op_class, dtype, precision)
     return hw.matrix_peak(key) * sustained_efficiency(hw.kernel_param("matrix")[reg]) * \
-        hw.kernel_param("kind_eff").get(matrix_kind(op_class), 1.0)
+        hw.kernel_param("kind_eff")[matrix_kind(op_class)]  # every kind has a prior (kernel_params)
 
 
 def call_time(op_class: str, dtype: str | None, flops, nbytes, kernels: int, hw: Hardware,
