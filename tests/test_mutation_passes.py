@@ -988,3 +988,22 @@ def test_graph_utils_as_module_deepcopy_copies_a_separate_state():
     assert all(p.data_ptr() != q.data_ptr() for p, q in zip(clone.parameters(), state.parameters()))
     own = copy.deepcopy(AsModule(gm))
     assert [k for k, _ in own.named_parameters()] == ["weight", "bias"] and own._state is own._gm
+
+
+def test_verification_divergence_compares_integer_values_exactly():
+    """Integer node values (argmax, indices) are compared for equality: equal ones are no divergence,
+    a difference is, reported as the largest absolute difference."""
+    from fxopt.passes.verification import find_divergence
+
+    def graph(offset):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        idx = g.call_function(torch.ops.aten.argmax.default, (x, 1), name="idx")
+        out = g.call_function(torch.ops.aten.add.Tensor, (idx, offset), name="shifted")
+        g.output(g.call_function(torch.ops.aten.mul.Tensor, (out, 1), name="out"))
+        return torch.fx.GraphModule(nn.Module(), g)
+
+    x = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 1.0]])
+    assert find_divergence(graph(0), graph(0), (x,), {}) is None
+    div = find_divergence(graph(0), graph(1), (x,), {})
+    assert div.node == "shifted" and div.max_abs_diff == 1.0
