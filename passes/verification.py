@@ -73,7 +73,9 @@ def _differs(a, b, rtol: float, any_dtype: bool = False) -> tuple[bool, float | 
         a64, b64 = a.double(), b.double()
         d = float((a64 - b64).abs().max()) if a.numel() else 0.0
         scale = float(a64.abs().max()) if a.numel() else 0.0
-        return not (d <= rtol * max(scale, 1e-6)) , d
+        return not (d <= rtol * max(scale, 1e-6)), d
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):  # sizes, scalars: as 0-d values
+        return _differs(torch.tensor(a), torch.tensor(b), rtol, any_dtype=True)
     return False, None
 
 

@@ -1007,3 +1007,29 @@ def test_verification_divergence_compares_integer_values_exactly():
     assert find_divergence(graph(0), graph(0), (x,), {}) is None
     div = find_divergence(graph(0), graph(1), (x,), {})
     assert div.node == "shifted" and div.max_abs_diff == 1.0
+
+
+def test_verification_differs_by_hand():
+    """The value comparison of the divergence search, case by case: shape and dtype mismatches,
+    the relative threshold (``rtol`` times the reference's largest magnitude, at least 1e-6),
+    sequences judged by their worst element, Python numbers compared as values."""
+    from dataclasses import FrozenInstanceError
+
+    from fxopt.passes.verification import Divergence, _differs
+
+    t = torch.tensor
+    assert _differs(torch.zeros(2), torch.zeros(3), 1e-4) == (True, None)
+    assert _differs(torch.zeros(2), torch.zeros(2, dtype=torch.float64), 1e-4) == (True, None)
+    assert _differs(torch.zeros(2), torch.zeros(2, dtype=torch.float64), 1e-4, any_dtype=True) == (False, 0.0)
+    assert _differs(t([100.0, 1.0]), t([100.5, 1.0]), 1e-2) == (False, 0.5)      # 0.5 <= 0.01 * 100
+    assert _differs(t([100.0, 1.0]), t([102.0, 1.0]), 1e-2) == (True, 2.0)       # 2 > 1
+    assert _differs(t([0.0, 0.0]), t([1e-12, 0.0], dtype=torch.float32), 1e-4)[0] is False  # floor 1e-6
+    assert _differs(t([0.0, 0.0]), t([1e-8, 0.0]), 1e-4)[0] is True                         # 1e-8 > 1e-10
+    assert _differs([t([1.0]), t([2.0])], [t([1.0]), t([2.0])], 1e-4) == (False, 0.0)
+    assert _differs([t([1.0]), t([2.0])], [t([1.0]), t([3.0])], 1e-4) == (True, 1.0)
+    assert _differs([t([1.0])], [t([1.0]), t([1.0])], 1e-4) == (True, None)
+    assert _differs(3, 3, 1e-4)[0] is False and _differs(3, 4, 1e-4) == (True, 1.0)
+    assert _differs(None, None, 1e-4) == (False, None)
+    div = Divergence("add", 1.0)
+    with pytest.raises(FrozenInstanceError):  # a finding is a value: it is reported, never edited
+        div.node = "mul"
