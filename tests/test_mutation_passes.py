@@ -1023,6 +1023,8 @@ def test_verification_differs_by_hand():
     assert _differs(torch.zeros(2), torch.zeros(2, dtype=torch.float64), 1e-4, any_dtype=True) == (False, 0.0)
     assert _differs(t([100.0, 1.0]), t([100.5, 1.0]), 1e-2) == (False, 0.5)      # 0.5 <= 0.01 * 100
     assert _differs(t([100.0, 1.0]), t([102.0, 1.0]), 1e-2) == (True, 2.0)       # 2 > 1
+    assert _differs(t([100.0]), t([101.0]), 1e-2) == (False, 1.0)                 # at the threshold: agrees
+    assert _differs([], [], 1e-4) == (False, 0.0)
     assert _differs(t([0.0, 0.0]), t([1e-12, 0.0], dtype=torch.float32), 1e-4)[0] is False  # floor 1e-6
     assert _differs(t([0.0, 0.0]), t([1e-8, 0.0]), 1e-4)[0] is True                         # 1e-8 > 1e-10
     assert _differs([t([1.0]), t([2.0])], [t([1.0]), t([2.0])], 1e-4) == (False, 0.0)
@@ -1033,3 +1035,26 @@ def test_verification_differs_by_hand():
     div = Divergence("add", 1.0)
     with pytest.raises(FrozenInstanceError):  # a finding is a value: it is reported, never edited
         div.node = "mul"
+
+
+def test_verification_verify_graphs_takes_keyword_inputs():
+    """Keyword example inputs reach both models as keywords; positional and keyword together are
+    refused before anything runs."""
+    from fxopt.passes.base import PassError
+    from fxopt.passes.verification import verify_graphs
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x).relu()
+
+    model = M()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(4, 3)
+    result = verify_graphs(model, gm, (), {"x": x}, training=False)
+    assert result.ok and result.checks
+    with pytest.raises(PassError, match="not both"):
+        verify_graphs(model, gm, (x,), {"x": x}, training=False)
