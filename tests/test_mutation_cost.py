@@ -883,3 +883,14 @@ def test_trace_sdpa_is_the_fused_kernel_even_on_meta_fakes():
     attn = [c for c in fwd if c.op_class == "attention"]
     assert [(c.op, c.flops) for c in attn] == [("_scaled_dot_product_flash_attention_for_cpu", 1600)]
     assert not [c for c in fwd if c.op in ("bmm", "_softmax", "_safe_softmax")]
+
+
+def test_ops_conv_layout_needs_the_groups_argument():
+    """A convolution call without its ``groups`` argument (a hand-built graph) has no known layout
+    (None, priced as a plain conv) instead of an IndexError deep in the cost model."""
+    from fxopt.cost_models.ops import _conv_layout
+
+    x, w = torch.empty(2, 8, 16, 16, device="meta"), torch.empty(8, 1, 3, 3, device="meta")
+    full = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 8)
+    assert _conv_layout("convolution", full) is not None
+    assert _conv_layout("convolution", full[:8]) is None and _conv_layout("convolution", full[:2]) is None
