@@ -799,6 +799,10 @@ def test_ops_conv_kinds(x, w, groups, kind):
     pad = [w[2] // 2, w[3] // 2]
     c = _fake_call(A.convolution.default, x, w, None, [1, 1], pad, [1, 1], False, [0, 0], groups)
     assert c.kind == kind
+    # its backward is the same kind of conv (output keeps the 8x8 pixels: "same" padding)
+    b = _fake_call(A.convolution_backward.default, (x[0], w[0], 8, 8), x, w, None, [1, 1], pad, [1, 1], False,
+                   [0, 0], groups, [True, True, False])
+    assert b.kind == kind
 
 
 def test_ops_grouped_conv_gemms_forward_and_backward():
