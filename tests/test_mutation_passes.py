@@ -1058,3 +1058,23 @@ def test_verification_verify_graphs_takes_keyword_inputs():
     assert result.ok and result.checks
     with pytest.raises(PassError, match="not both"):
         verify_graphs(model, gm, (x,), {"x": x}, training=False)
+
+
+def test_manager_resolves_instances_classes_and_names_alike():
+    """A pipeline may name a pass, give its class or an instance (alone or in a list, with options);
+    each resolves to an instance with its full options."""
+    from fxopt.passes.manager import _resolve
+    from fxopt.passes.dce import DeadCodeElimination as DCE
+
+    inst = DCE()
+    for spec in ("dce", DCE, inst, [inst], [DCE], [(inst, {})]):
+        (p, options), = _resolve(spec)
+        assert isinstance(p, DCE) and options == {k: o.default for k, o in DCE.options.items()}
+    assert _resolve(inst)[0][0] is inst and _resolve([inst])[0][0] is inst
+
+
+def test_manager_format_ms_by_hand():
+    from fxopt.passes.manager import format_ms
+    assert format_ms(0.0123) == "12.300" and format_ms(2) == "2000.000" and format_ms(None) == "-"
+    import sympy
+    assert format_ms(sympy.Symbol("s0") * 1e-3) == "0.001*s0"

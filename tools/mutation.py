@@ -63,7 +63,7 @@ SHARDS: dict[str, list[str]] = {
                            "costed_decisions or cpu_addmm or no_derivative or training_fuses or gelu_fusion'"],
     "passes/fuse.py": ["tests/test_mutation_passes.py tests/test_fuse.py -k 'test_fuse_ or golden or strides or reused "
                        "or options_bound or costed or without_triton or not_changed'"],
-    "passes/manager.py": ["tests/test_passes.py"],
+    "passes/manager.py": ["tests/test_mutation_passes.py -k manager", "tests/test_passes.py"],
     # split out of the manager / rewrite.py this session
     "passes/graph_utils.py": ["tests/test_mutation_passes.py -k graph_utils",
                               "tests/test_passes.py -k 'rollback or divergence or dump or numerics'",
