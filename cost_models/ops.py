@@ -263,9 +263,8 @@ def _mm(args, kwargs, out):
 
 
 def _bmm(args, kwargs, out):
+    """bmm(a, b) and baddbmm(self, a, b): the last two positional arguments (beta/alpha are keywords)."""
     a, b = args[-2], args[-1]
-    if args[0] is not a and len(args) >= 3:   # baddbmm(self, b1, b2)
-        a, b = args[1], args[2]
     return "gemm", ((a.shape[0], a.shape[1], b.shape[2], a.shape[2]),)
 
 
