@@ -1078,3 +1078,20 @@ def test_manager_format_ms_by_hand():
     assert format_ms(0.0123) == "12.300" and format_ms(2) == "2000.000" and format_ms(None) == "-"
     import sympy
     assert format_ms(sympy.Symbol("s0") * 1e-3) == "0.001*s0"
+
+
+def test_manager_timing_table_by_hand():
+    """The pass-by-pass table: status from (rolled_back, modified), pass time in ms, step times in ms,
+    the step-time change in percent of the time before, '-' where there is nothing to compare."""
+    from fxopt.passes.manager import PassRecord, timing_table
+
+    def rec(name, modified, rolled_back, before, after, time_s=0.0125):
+        return PassRecord(name, modified, {}, [], "", time_s, before, after, rolled_back=rolled_back)
+
+    text = timing_table([rec("fuse", True, False, 0.010, 0.008), rec("sdpa", False, False, 0.008, 0.008),
+                         rec("channels-last", True, True, 0.008, 0.0, time_s=0.5), rec("dce", False, False, None, None)])
+    rows = [line.split() for line in text.splitlines()[2:]]
+    assert rows[0] == ["1", "fuse", "changed", "12.5", "10.000", "8.000", "-20.0", "0", "-"]
+    assert rows[1] == ["2", "sdpa", "no", "change", "12.5", "8.000", "8.000", "+0.0", "0", "-"]
+    assert rows[2] == ["3", "channels-last", "rolled", "back", "500.0", "8.000", "0.000", "-100.0", "0", "-"]
+    assert rows[3] == ["4", "dce", "no", "change", "12.5", "-", "-", "-", "0", "-"]
