@@ -898,3 +898,32 @@ def test_ops_conv_layout_needs_the_groups_argument():
     full = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 8)
     assert _conv_layout("convolution", full) is not None
     assert _conv_layout("convolution", full[:8]) is None and _conv_layout("convolution", full[:2]) is None
+
+
+def test_trace_sdpa_with_a_learnable_mask_is_the_memory_efficient_kernel():
+    """A learnable mask (relative position bias) needs its gradient: the trace costs the GPU's
+    memory-efficient kernel, whose forward saves the log-sum-exp for the backward and whose
+    backward returns the mask's gradient. By hand, B=2, H=1, L=S=5, D=8, fp32: forward reads
+    q, k, v (3 x 320 B) and the [5, 5] mask (100 B); writes out (320 B), the log-sum-exp
+    [2, 1, 32] (rows padded to 32: 256 B) and the philox seed and offset (2 x 8 B). Backward
+    writes dq, dk, dv (3 x 320 B) and the mask's gradient as the kernel sees it, [2, 1, 5, 5] (200 B)."""
+    import torch.nn.functional as F
+
+    from fxopt.cost_models.trace import trace_step
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+            self.bias = torch.nn.Parameter(torch.zeros(1, 1, 5, 5))
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(2, 5, 3, 8).permute(2, 0, 1, 3).unsqueeze(2)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+    recs = [(r.phase, r.cost) for r in trace_step(_captured(Attn(), torch.randn(2, 5, 8)), optimizer=None).records
+            if r.cost.op_class == "attention"]
+    (fp, fwd), (bp, bwd) = recs
+    assert (fp, fwd.op, fwd.flops, fwd.bytes_read, fwd.bytes_written) == \
+        ("fwd", "_scaled_dot_product_efficient_attention", 4 * 2 * 5 * 5 * 8, 960 + 100, 320 + 256 + 16)
+    assert (bp, bwd.op, bwd.bytes_written) == ("bwd", "_scaled_dot_product_efficient_attention_backward", 960 + 200)
