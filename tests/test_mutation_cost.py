@@ -927,3 +927,18 @@ def test_trace_sdpa_with_a_learnable_mask_is_the_memory_efficient_kernel():
     assert (fp, fwd.op, fwd.flops, fwd.bytes_read, fwd.bytes_written) == \
         ("fwd", "_scaled_dot_product_efficient_attention", 4 * 2 * 5 * 5 * 8, 960 + 100, 320 + 256 + 16)
     assert (bp, bwd.op, bwd.bytes_written) == ("bwd", "_scaled_dot_product_efficient_attention_backward", 960 + 200)
+
+
+def test_trace_meta_built_channels_last_net_keeps_its_layout():
+    """Meta kernels return contiguous conv outputs whatever the input's memory format; the trace runs
+    meta-built graphs on CPU fakes, which follow it as cuDNN does, so every conv of a channels-last
+    net (forward and both backward calls) is costed as NHWC, not only the first."""
+    from fxopt.cost_models.trace import trace_step
+
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv2d(16, 16, 3, padding=1)).to(memory_format=torch.channels_last)
+        x = torch.empty(2, 8, 16, 16).to(memory_format=torch.channels_last)
+    convs = [r.cost for r in trace_step(_captured(net, x), optimizer=None).records if r.cost.op.startswith("conv")]
+    assert [c.op for c in convs] == ["convolution"] * 2 + ["convolution_backward"] * 2
+    assert all(c.conv_layout[2] is True for c in convs)
