@@ -810,3 +810,35 @@ def test_lower_label_is_cut_at_40_characters():
     fn = lambda x: torch.sigmoid(torch.tanh(torch.exp(torch.abs(torch.neg(torch.relu(x)))))) * 2.0 + 1.0 - 3.0  # noqa: E731
     names = "relu_neg_abs_exp_tanh_sigmoid_mul_add_sub"          # 41 characters
     assert _label(_graph_nodes(fn, X48)) == names[:40]
+
+
+def test_capture_python_write_warning_names_the_module_path():
+    """A Python attribute assigned in forward is named by its module's path in the model (the root by
+    the model's class name), so the user can find which module's forward does it."""
+    import warnings
+
+    from fxopt.capture import capture
+
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.calls = nn.Linear(4, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x)
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Counter()
+
+        def forward(self, x):
+            return self.block(x)
+
+    for model, expected in ((Outer(), "block.calls"), (Counter(), "Counter.calls")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            capture(model, (torch.randn(2, 4),))
+        msgs = [str(w.message) for w in caught if "is assigned in forward" in str(w.message)]
+        assert len(msgs) == 1 and msgs[0].startswith(f"{expected} is assigned in forward"), msgs

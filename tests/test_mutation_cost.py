@@ -200,6 +200,7 @@ BF, F4 = torch.bfloat16, torch.float32
     ((1, 12, 4, 4), (16, 12, 3, 3), 1, F4, "dense"),          # fp32 does not care
     ((1, 16, 4, 4), (32, 16, 1, 1), 1, BF, "1x1"),
     ((1, 16, 4, 4), (32, 16, 1, 3), 1, BF, "dense"),          # 1x3 is not 1x1
+    ((1, 2, 4, 4), (2, 1, 3, 3), 2, F4, "depthwise"),         # the smallest depthwise: 2 groups = C_in
 ])
 def test_layout_conv_class_by_hand(x, w, groups, dtype, cls):
     from fxopt.cost_models.layout import conv_class_of
@@ -215,6 +216,15 @@ def test_layout_nhwc_priors_point_the_documented_way():
     assert all(v >= 1 for cls in ("dense", "1x1") for v in NHWC_SPEEDUP[cls].values())
     assert all(v < 1 for cls in ("tiny", "grouped", "depthwise") for v in NHWC_SPEEDUP[cls].values())
     assert all(set(row) == {"16bit", "tf32", "fp32"} for row in NHWC_SPEEDUP.values())
+    # a 1x1 conv is a plain GEMM in either layout: it gains less from NHWC than a dense conv, and
+    # without tensor cores (fp32 FFMA) neither gains at all
+    assert all(1 <= NHWC_SPEEDUP["1x1"][p] <= NHWC_SPEEDUP["dense"][p] for p in ("16bit", "tf32", "fp32"))
+    assert NHWC_SPEEDUP["dense"]["fp32"] == NHWC_SPEEDUP["1x1"]["fp32"] == 1.0
+
+
+def test_layout_conv_class_reason_names_the_kernel_size():
+    from fxopt.cost_models.layout import conv_class_of
+    assert conv_class_of(torch.empty(1, 16, 8, 8), torch.empty(32, 16, 3, 5), 1) == ("dense", "dense 3x5 conv")
 
 
 def test_layout_precision_columns_follow_cudnn_tf32():
