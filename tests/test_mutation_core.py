@@ -842,3 +842,13 @@ def test_capture_python_write_warning_names_the_module_path():
             capture(model, (torch.randn(2, 4),))
         msgs = [str(w.message) for w in caught if "is assigned in forward" in str(w.message)]
         assert len(msgs) == 1 and msgs[0].startswith(f"{expected} is assigned in forward"), msgs
+
+
+def test_verify_check_tensor_empty_and_keyword_only_options():
+    """An empty tensor (a zero-size batch slice) agrees with an empty reference; ``multiple`` and
+    ``floor`` are keyword-only (a positional number would land in the wrong one silently)."""
+    e = torch.empty(0, 3)
+    check = check_tensor("x", "output", e.double(), e, e)
+    assert check.ok and check.cand_error == 0.0
+    with pytest.raises(TypeError):
+        check_tensor("x", "output", e.double(), e, e, 50.0)
