@@ -952,3 +952,15 @@ def test_trace_meta_built_channels_last_net_keeps_its_layout():
     convs = [r.cost for r in trace_step(_captured(net, x), optimizer=None).records if r.cost.op.startswith("conv")]
     assert [c.op for c in convs] == ["convolution"] * 2 + ["convolution_backward"] * 2
     assert all(c.conv_layout[2] is True for c in convs)
+
+
+def test_hardware_without_a_memory_size_gives_no_fit_verdict():
+    """A hand-built profile that does not say how much memory the device has: the memory study
+    cannot say whether a step fits (None, nothing short), rather than judging against 0 or 1 byte."""
+    import fxopt
+    from fxopt.cost_models.hardware import Hardware
+    from fxopt.study.memory import memory_curve
+
+    hw = Hardware("bare", "no memory size given", 1e12, {"bf16": 1e14, "fp32": 1e13}, {"fp32": 1e13, "bf16": 1e13})
+    curve = memory_curve(fxopt.analyze(torch.nn.Linear(8, 8), (torch.randn(4, 8),), hardware=hw))
+    assert curve.fits is None and curve.shortfall_bytes == 0.0 and curve.peak_bytes > 0
