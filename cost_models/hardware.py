@@ -26,7 +26,7 @@ class Hardware:
     memory_bandwidth: float
     tensor_flops: dict
     vector_flops: dict
-    efficiency: dict = field(default_factory=lambda: {"matrix": 1.0, "memory": 1.0})
+    efficiency: dict = field(default_factory=dict)  # measured matrix/memory fractions (roofline plot only)
     sm_count: int = 0
     l2_bytes: int = 0
     memory_bytes: int = 0

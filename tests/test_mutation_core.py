@@ -852,3 +852,7 @@ def test_verify_check_tensor_empty_and_keyword_only_options():
     assert check.ok and check.cand_error == 0.0
     with pytest.raises(TypeError):
         check_tensor("x", "output", e.double(), e, e, 50.0)
+    x = torch.ones(2)
+    for ref64, ref in ((None, x), (x.double(), None)):  # either reference result missing: a failure, said so
+        c = check_tensor("x", "output", ref64, ref, x)
+        assert not c.ok and c.note == "missing in the reference"

@@ -964,3 +964,15 @@ def test_hardware_without_a_memory_size_gives_no_fit_verdict():
     hw = Hardware("bare", "no memory size given", 1e12, {"bf16": 1e14, "fp32": 1e13}, {"fp32": 1e13, "bf16": 1e13})
     curve = memory_curve(fxopt.analyze(torch.nn.Linear(8, 8), (torch.randn(4, 8),), hardware=hw))
     assert curve.fits is None and curve.shortfall_bytes == 0.0 and curve.peak_bytes > 0
+
+
+def test_hardware_profile_is_immutable():
+    """Kernel parameters are cached per profile object: a profile edited in place would keep
+    serving its old parameters, so editing is refused (build a new profile instead)."""
+    import dataclasses
+
+    from fxopt.cost_models.hardware import load_hardware
+
+    hw = load_hardware("h100")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hw.memory_bandwidth = 1.0
