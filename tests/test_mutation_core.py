@@ -856,3 +856,24 @@ def test_verify_check_tensor_empty_and_keyword_only_options():
     for ref64, ref in ((None, x), (x.double(), None)):  # either reference result missing: a failure, said so
         c = check_tensor("x", "output", ref64, ref, x)
         assert not c.ok and c.note == "missing in the reference"
+
+
+def test_program_backward_of_only_a_per_channel_input_is_tiled_by_its_columns():
+    """x * w walked in (0, 1, 2) order, only w (spanning the innermost dim) needing a gradient: the
+    backward's one output is w's per-program column partials, so the program must be tiled by w's
+    columns (else the partials are summed over every dim); float64 against autograd."""
+    from dataclasses import replace
+
+    from fxopt.codegen import choose_saved, derive_backward
+    from fxopt.codegen.runtime import execute
+    x, w = torch.linspace(-2, 2, 24).reshape(2, 3, 4), torch.tensor([0.5, -1.0, 2.0, 0.25])
+    p = replace(_program(lambda x, w: x * w, x, w), order=(0, 1, 2))
+    assert [s.shape for s in p.inputs] == [(2, 3, 4), (1, 1, 4)]
+    plan = derive_backward(p, (False, True), choose_saved(p))
+    assert plan.program.cols == (2,) and [s.kind for _, s in plan.program.outputs] == ["col"]
+    gy = torch.linspace(1, 3, 24, dtype=torch.float64).reshape(2, 3, 4)
+    w64 = w.double().requires_grad_()
+    (want,) = torch.autograd.grad(x.double() * w64, w64, gy)
+    saved = {("in", 0): x.double(), ("in", 1): w.double().reshape(1, 1, 4)}
+    (partials,) = execute(plan.program, [saved[s] for s in plan.saved] + [gy])
+    torch.testing.assert_close(partials.sum(0).double(), want, rtol=1e-6, atol=1e-6)   # a float32 output
