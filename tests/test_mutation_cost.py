@@ -976,3 +976,21 @@ def test_hardware_profile_is_immutable():
     hw = load_hardware("h100")
     with pytest.raises(dataclasses.FrozenInstanceError):
         hw.memory_bandwidth = 1.0
+
+
+def test_fit_nelder_mead_shrinks_towards_the_best_vertex():
+    """One failed reflection and contraction, by hand: simplex A=(1,1) (f=0), B=(2,1) (1), C=(1,2) (2).
+    The reflection of C through the centroid (1.5, 1) is (2, 0), the inside contraction (1.25, 1.5);
+    both are worse (5), so every vertex moves halfway to A: B'=(1.5, 1), C'=(1, 1.5). With f(B')=0.5,
+    f(C')=0.7 the next worst is C', reflected through (A + B')/2 = (1.25, 1) to (1.5, 0.5)."""
+    from fxopt.cost_models.fit import _nelder_mead
+
+    known = {(1.0, 1.0): 0.0, (2.0, 1.0): 1.0, (1.0, 2.0): 2.0, (1.5, 1.0): 0.5, (1.0, 1.5): 0.7}
+    seen = []
+
+    def f(p):
+        seen.append(tuple(p))
+        return known.get(tuple(p), 5.0)
+
+    _nelder_mead(f, [1.0, 1.0], [1.0, 1.0], 2)
+    assert seen[:8] == [(1.0, 1.0), (2.0, 1.0), (1.0, 2.0), (2.0, 0.0), (1.25, 1.5), (1.5, 1.0), (1.0, 1.5), (1.5, 0.5)]
