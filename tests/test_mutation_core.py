@@ -877,3 +877,21 @@ def test_program_backward_of_only_a_per_channel_input_is_tiled_by_its_columns():
     saved = {("in", 0): x.double(), ("in", 1): w.double().reshape(1, 1, 4)}
     (partials,) = execute(plan.program, [saved[s] for s in plan.saved] + [gy])
     torch.testing.assert_close(partials.sum(0).double(), want, rtol=1e-6, atol=1e-6)   # a float32 output
+
+
+def test_program_backward_gradient_kinds_and_flops_by_hand():
+    """y = x * s (full), w = 2 * s (row), s one value per row of S = (2, 3). The gradient of x,
+    gy0 * s, is full (one per element); that of s, sum(gy0 * x) + 2 * gy1, is a row value. Its
+    flops count each expression once per element of its kind: gy0 * x 6, the sum 6, the row
+    gradient's 2 ops x 2 rows, gy0 * s 6."""
+    from fxopt.codegen.program import Program, Step, TensorSpec, derive_backward
+    from fxopt.codegen.scalar import symbol as v
+    f32 = "torch.float32"
+    steps = [Step("x0", "full", "load", index=0), Step("s0", "row", "load", index=1),
+             Step("y", "full", "expr", expr=v("x0") * v("s0")), Step("w", "row", "expr", expr=2 * v("s0"))]
+    p = Program((2, 3), 1, [TensorSpec("full", (2, 3), f32), TensorSpec("row", (2, 1), f32)], steps,
+                [("y", TensorSpec("full", (2, 3), f32)), ("w", TensorSpec("row", (2,), f32))])
+    bwd = derive_backward(p, (True, True), [("in", 0), ("in", 1)]).program
+    kinds = bwd.kinds()
+    assert [(kinds[value], spec.kind) for value, spec in bwd.outputs] == [("full", "full"), ("row", "row")]
+    assert bwd.flops() == 6 + 6 + 2 * 2 + 6
