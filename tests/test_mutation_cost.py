@@ -476,6 +476,8 @@ def test_comm_one_node_is_flat_and_phases_of_hierarchical_collectives():
     assert ar.phases[1][5] == pytest.approx(4 * 1e-5 + 2 * 1e3 / 25e9)
     assert ar.time_s == pytest.approx(sum(p[5] for p in ar.phases))
     assert collective_time("all_reduce", 8e3, 0, c).time_s == 0.0
+    one = collective_time("all_reduce", 8e3, 1, c)   # one GPU: nothing is communicated, no phase
+    assert (one.time_s, one.algorithm, one.phases) == (0.0, "none", ())
 
 
 def test_comm_inter_node_time_one_gpu_per_node():
@@ -497,6 +499,9 @@ def test_comm_fit_alpha_beta_clamps_alpha_and_rejects_a_negative_bandwidth():
     shrinking = [("all_reduce", 8, 1e6, 1e-3), ("all_reduce", 8, 1e8, 1e-4)]   # more bytes, less time
     with pytest.raises(HardwareError, match="not positive"):
         fit_alpha_beta(shrinking)
+    latency_only = [("all_reduce", 8, 0.0, 1e-4), ("all_reduce", 4, 0.0, 5e-5)]   # no bytes: no bandwidth to fit
+    with pytest.raises(HardwareError, match="not positive"):
+        fit_alpha_beta(latency_only)
 
 
 # ---- fit.py ------------------------------------------------------------------------------------
