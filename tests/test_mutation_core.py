@@ -607,6 +607,9 @@ def test_lower_rms_norm_default_eps_is_the_dtypes():
     x64 = x.double()
     want = x64 / torch.sqrt((x64 * x64).mean(-1, keepdim=True) + 2.0 ** -23)
     torch.testing.assert_close(y, want, rtol=1e-12, atol=0)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0])  # with a weight and still no eps: (x, shape, weight)
+    low, (y,) = _lowered(lambda x, w: torch.rms_norm(x, (4,), w), x, w)
+    torch.testing.assert_close(y, want * w.double(), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("eps", [1e-5, 0.5])
@@ -895,3 +898,12 @@ def test_program_backward_gradient_kinds_and_flops_by_hand():
     kinds = bwd.kinds()
     assert [(kinds[value], spec.kind) for value, spec in bwd.outputs] == [("full", "full"), ("row", "row")]
     assert bwd.flops() == 6 + 6 + 2 * 2 + 6
+
+
+def test_program_name_keeps_a_lowered_label_whole():
+    """lower cuts a label at 40 characters; the op/kernel name ``<ops>_<key>`` keeps all 40 (what a
+    profile shows is the region's whole label), and only the 12-hex key tells programs apart."""
+    fn = lambda x: torch.sigmoid(torch.tanh(torch.exp(torch.abs(torch.neg(torch.relu(x)))))) * 2.0 + 1.0 - 3.0  # noqa: E731
+    p = _program(fn, X48)
+    assert p.name == "relu_neg_abs_exp_tanh_sigmoid_mul_add_su_" + p.key()
+    assert len(p.key()) == 12 and set(p.key()) <= set("0123456789abcdef")
