@@ -564,6 +564,7 @@ CLASSIFY = [  # fn, inputs, the node's target, (class, domain shape, k) or the r
     (lambda x: x.clone(memory_format=torch.channels_last), (X48.reshape(1, 4, 8, 1),), aten.clone.default,
      "copy to another memory format"),
     (lambda x: x.clone(), (X48,), aten.clone.default, ("pointwise", (4, 8), 0)),
+    (lambda x: x.amax(), (X48,), aten.amax.default, ("reduce", (4, 8), 2)),   # no dim argument: every dim
 ]
 
 
