@@ -1095,3 +1095,25 @@ def test_manager_timing_table_by_hand():
     assert rows[1] == ["2", "sdpa", "no", "change", "12.5", "8.000", "8.000", "+0.0", "0", "-"]
     assert rows[2] == ["3", "channels-last", "rolled", "back", "500.0", "8.000", "0.000", "-100.0", "0", "-"]
     assert rows[3] == ["4", "dce", "no", "change", "12.5", "-", "-", "-", "0", "-"]
+
+
+def test_base_undeclared_counters_and_families():
+    """A counter is declared by name or by a ``prefix*`` family; only the rest are undeclared."""
+    from fxopt.passes.base import Pass, undeclared
+
+    class Counting(Pass):
+        name = "counting-test"
+        statistics = {"fused": "regions fused", "kept_*": "kept, per reason"}
+
+    assert undeclared(Counting, {"fused": 1, "kept_relu": 2, "kept_": 0, "bogus": 3, "fused_x": 1}) == ["bogus", "fused_x"]
+
+
+def test_base_check_order_ignores_constraints_on_absent_passes():
+    """An ordering constraint binds only when both passes are in the pipeline."""
+    from fxopt.passes.base import PipelineError, check_order
+
+    check_order(["channels-last"])                      # after mixed-precision, which is absent
+    check_order(["fold-bn"])                            # before mixed-precision, absent
+    check_order(["fold-bn", "mixed-precision", "channels-last"])
+    with pytest.raises(PipelineError, match="must run after 'mixed-precision'"):
+        check_order(["channels-last", "mixed-precision"])
