@@ -507,16 +507,23 @@ def _graph_nodes(fn, *xs, train=False):
     return [n for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def _lowered(fn, *xs):
-    """``fn``'s whole captured graph lowered as one region, run in float64 by the reference runner."""
-    from fxopt.codegen import classify, lower
-    from fxopt.codegen.kernel import run_reference
-    nodes = _graph_nodes(fn, *xs)
+def _domain(nodes):
+    """The index space of a region: its nodes' domains merged (views have none of their own)."""
+    from fxopt.codegen import classify
     domain = None
     for n in nodes:
         d = classify(n)[1]
-        domain = d if domain is None or d is None else domain.merge(d)
-    low = lower(nodes, domain)
+        if d is not None:
+            domain = d if domain is None else domain.merge(d)
+    return domain
+
+
+def _lowered(fn, *xs):
+    """``fn``'s whole captured graph lowered as one region, run in float64 by the reference runner."""
+    from fxopt.codegen import lower
+    from fxopt.codegen.kernel import run_reference
+    nodes = _graph_nodes(fn, *xs)
+    low = lower(nodes, _domain(nodes))
     phs = [n for n in nodes[0].graph.nodes if n.op == "placeholder"]
     ins = [xs[phs.index(node)].double().reshape(view) for node, view in low.inputs]
     outs = [torch.empty(spec.shape, dtype=torch.float64) for _, spec in low.program.outputs]
@@ -714,13 +721,9 @@ def test_lower_classify_needs_one_float_tensor_result():
 
 
 def _program(fn, *xs):
-    from fxopt.codegen import classify, lower
+    from fxopt.codegen import lower
     nodes = _graph_nodes(fn, *xs)
-    domain = None
-    for n in nodes:
-        d = classify(n)[1]
-        domain = d if domain is None or d is None else domain.merge(d)
-    return lower(nodes, domain).program
+    return lower(nodes, _domain(nodes)).program
 
 
 def _product_plus_sum(n_product, n_inputs):
@@ -908,3 +911,11 @@ def test_program_name_keeps_a_lowered_label_whole():
     p = _program(fn, X48)
     assert p.name == "relu_neg_abs_exp_tanh_sigmoid_mul_add_su_" + p.key()
     assert len(p.key()) == 12 and set(p.key()) <= set("0123456789abcdef")
+
+
+def test_lower_view_between_row_shapes_is_free():
+    """A reduction's row result viewed as the other row shape ([2] -> [2, 1]) stays in the region and
+    moves nothing: x * sum(x, -1) in float64, by hand."""
+    x = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 3.0, -1.0]])
+    _, (y,) = _lowered(lambda x: x * x.sum(-1).view(2, 1), x)
+    assert y.tolist() == [[0.875, -1.75, 3.5, 0.4375], [4.0, 4.0, 12.0, -4.0]]

@@ -207,7 +207,7 @@ def test_dce_boundary_nodes_have_a_reason():
 
 @pytest.mark.parametrize("text, value", [
     ("TRUE", True), ("False", False), ("-7", -7), ("+3", 3), ("0.5", 0.5), (".5", 0.5), ("1e-3", 1e-3),
-    ("2.", 2.0), ("-1.5E+2", -150.0), ("bf16", "bf16"), ("1e", "1e"), ("a;", ["a"]), ("1; 2.5 ;x", [1, 2.5, "x"]),
+    ("2.", 2.0), ("-1.5E+2", -150.0), ("bf16", "bf16"), ("1e", "1e"), ("a;", ["a"]), ("1; 2.5 ;x", [1, 2.5, "x"]), ("1;2;", [1, 2]),
 ])
 def test_base_values_parse_by_hand(text, value):
     ((_, opts),) = parse_pipeline(f"p{{k={text}}}", check=False)

@@ -47,7 +47,8 @@ SHARDS: dict[str, list[str]] = {
     "passes/normalize.py": ["tests/test_references_passes.py -k 'div or transpose or vector or dropout or noop'",
                             "tests/test_passes.py -k 'normalize and not each_pass'"],
     "passes/dce.py": ["tests/test_mutation_passes.py -k dce", "tests/test_passes.py -k 'dce and not each_pass'"],
-    "passes/rewrite.py": ["tests/test_mutation_passes.py tests/test_references_passes.py tests/test_passes.py -k "
+    "passes/rewrite.py": ["tests/test_mutation_rewrite.py",
+                          "tests/test_mutation_passes.py tests/test_references_passes.py tests/test_passes.py -k "
                           "'test_dce_ or test_rewrite_ or div or transpose or vector or dropout or noop or normalize'"],
     "passes/fold_bn.py": ["tests/test_fold_bn.py -k 'golden or not_folded or functional_frozen or frozen_in_training "
                           "or tiny_layers or load_state'"],
