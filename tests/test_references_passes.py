@@ -336,3 +336,19 @@ def test_channels_last_tie_puts_the_copy_at_the_region_edge(monkeypatch):
     names = {n.name for n in call["region"].nhwc}
     last = [n.name for n in call["region"].nodes][-1]
     assert {"conv2d", "conv2d_1", "conv2d_2"} <= names and last in names
+
+
+def test_transpose_dims_out_of_range_are_not_wrapped():
+    """A hand-built transpose with a dim outside [-n, n) is an invalid graph: normalize leaves it for
+    the graph's own run to report instead of wrapping the dim into a valid permute silently."""
+    from torch import fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxopt.passes.normalize import _perm_of_transpose
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = FakeTensorMode().from_tensor(torch.empty(3, 5))
+    perms = [_perm_of_transpose(g.call_function(torch.ops.aten.transpose.int, (x, a, b)))
+             for a, b in ((0, 3), (2, 1), (-3, 0), (-1, 0), (1, 1))]
+    assert perms == [None, None, None, [1, 0], [0, 1]]
