@@ -147,3 +147,77 @@ def test_rewrite_an_in_place_write_by_keyword_is_seen():
     g.call_function(aten.add_.Tensor, (), {"self": x, "other": 1})
     g.output(x)
     assert GraphFacts(g).written == {x}
+
+
+def test_rewrite_dropout_is_rooted_at_its_input_and_an_ordinary_op_at_itself():
+    """dropout may return its input itself (the identity case); relu always allocates: root(relu(x))
+    is the relu, root(dropout(x)) is x, and so is the root of a view of that dropout."""
+    g = fx.Graph()
+    x = _x(g)
+    r = _node(g, aten.relu.default, (x,))
+    d = _node(g, aten.dropout.default, (x, 0.5, False))
+    v = _node(g, aten.view.default, (d, [3, 2]), (3, 2))
+    g.output((r, v))
+    assert GraphFacts.root(r) is r
+    assert GraphFacts.root(d) is x and GraphFacts.root(v) is x
+
+
+def test_rewrite_a_clone_of_a_fresh_value_goes_even_when_its_input_is_written_later():
+    """``c = x.relu().clone(); x.add_(1); return c``: the relu owns a fresh storage that nothing
+    writes, so the clone is a no-op and is removed (the output becomes the relu)."""
+    g = fx.Graph()
+    x = _x(g)
+    r = _node(g, aten.relu.default, (x,))
+    c = _node(g, aten.clone.default, (r,))
+    _node(g, aten.add_.Tensor, (x, 1))
+    g.output(c)
+    gm = fx.GraphModule(nn.Module(), g)
+    stats = apply_rules(gm, PassContext(), NORMALIZE)
+    assert stats == {"noop-copy": 1}
+    assert _calls(gm) == [aten.relu.default, aten.add_.Tensor] and gm.graph.output_node().args[0] is r
+
+
+def test_rewrite_an_identity_dropout_returned_as_output_is_forwarded_to_its_input():
+    """``return dropout(x, 0.5, train=False)`` returns x itself in ATen already: removing it creates
+    no new alias, so the output becomes x."""
+    g = fx.Graph()
+    x = _x(g)
+    g.output(_node(g, aten.dropout.default, (x, 0.5, False)))
+    gm = fx.GraphModule(nn.Module(), g)
+    assert apply_rules(gm, PassContext(), NORMALIZE) == {"identity-dropout": 1}
+    assert _calls(gm) == [] and gm.graph.output_node().args[0] is x
+
+
+def test_rewrite_unpack_dual_is_rooted_at_the_dual_its_primal_views():
+    """``_unpack_dual(Tensor(a) dual, int level) -> (Tensor(a) primal, Tensor tangent)``: its first
+    result aliases ``dual``, so the node's root is ``dual`` (its last result aliases nothing)."""
+    g = fx.Graph()
+    x = _x(g)
+    u = g.call_function(aten._unpack_dual.default, (x, 0))
+    g.output(u)
+    assert GraphFacts.root(u) is x
+
+
+def test_rewrite_a_refusal_is_logged_and_counted_once_per_node():
+    """neg(neg(y)) -> y; a neg of anything else is refused. x -> neg -> neg -> relu: sweep 1 refuses
+    the inner neg and rewrites the outer one, sweep 2 refuses the inner neg again (now dead) and
+    changes nothing. One keep decision and one kept_ count, not two."""
+    from fxopt.passes.rewrite import Refusal
+
+    def neg_of_neg(node, facts, ctx):
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.target is aten.neg.default:
+            return Rewrite(inner.args[0], "neg(neg(y)) is y")
+        return Refusal("no inner neg")
+
+    g = fx.Graph()
+    x = _x(g)
+    n1 = _node(g, aten.neg.default, (x,))
+    n2 = _node(g, aten.neg.default, (n1,))
+    g.output(_node(g, aten.relu.default, (n2,)))
+    gm = fx.GraphModule(nn.Module(), g)
+    ctx = PassContext()
+    stats = apply_rules(gm, ctx, [Rule("neg-neg", (aten.neg.default,), neg_of_neg)])
+    assert stats == {"neg-neg": 1, "kept_neg-neg": 1}
+    assert [(d.node, d.action, d.reason) for d in ctx.decisions] == [
+        (n1.name, "keep", "neg-neg: no inner neg"), (n2.name, "remove", "neg-neg: neg(neg(y)) is y")]
