@@ -9,6 +9,9 @@ read off the hand-built graph.
 """
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 from torch import fx, nn
 
@@ -221,3 +224,50 @@ def test_rewrite_a_refusal_is_logged_and_counted_once_per_node():
     assert stats == {"neg-neg": 1, "kept_neg-neg": 1}
     assert [(d.node, d.action, d.reason) for d in ctx.decisions] == [
         (n1.name, "keep", "neg-neg: no inner neg"), (n2.name, "remove", "neg-neg: neg(neg(y)) is y")]
+
+
+def test_rewrite_a_raised_refusal_is_logged_with_its_counter_and_gain():
+    """A matcher may raise a Refusal from deep inside: the driver logs it as keep with its own
+    counter and gain instead of letting it escape, and the graph is unchanged."""
+    from fxopt.passes.rewrite import Refusal
+
+    def deep(node, facts, ctx):
+        raise Refusal("too deep to fuse", counter="kept_deep", gain=2e-6)
+
+    gm = fx.GraphModule(nn.Module(), _relu_graph())
+    ctx = PassContext()
+    stats = apply_rules(gm, ctx, [Rule("deep", (aten.relu.default,), deep)])
+    assert stats == {"kept_deep": 1} and _calls(gm) == [aten.relu.default]
+    assert [(d.action, d.reason, d.est_gain_s) for d in ctx.decisions] == [("keep", "deep: too deep to fuse", 2e-6)]
+
+
+def test_rewrite_a_builder_refusing_after_it_built_leaves_the_graph_as_it_was():
+    """A builder emits a node, then returns a Refusal (a cost known only once built): what it
+    emitted is removed and the refusal is logged; the graph keeps its one relu."""
+    from fxopt.passes.rewrite import Refusal
+
+    def build(emit):
+        emit(Call(aten.neg.default, (x,)))
+        return Refusal("not worth it")
+
+    g = _relu_graph()
+    x = next(iter(g.nodes))
+    gm = fx.GraphModule(nn.Module(), g)
+    ctx = PassContext()
+    stats = apply_rules(gm, ctx, [Rule("b", (aten.relu.default,), lambda n, f, c: Rewrite(build, "never"))])
+    assert stats == {"kept_b": 1} and _calls(gm) == [aten.relu.default]
+    assert [(d.action, d.reason) for d in ctx.decisions] == [("keep", "b: not worth it")]
+
+
+def _relu_graph() -> fx.Graph:
+    g = fx.Graph()
+    g.output(_node(g, aten.relu.default, (_x(g),)))
+    return g
+
+
+def test_rewrite_calls_rewrites_and_rules_are_immutable_values():
+    """A rule's Call/Rewrite (and the Rule itself) may be shared; none can be changed after the fact."""
+    call = Call(aten.relu.default, ())
+    for obj, attr in ((call, "name"), (Rewrite(call, "r"), "reason"), (Rule("r", (), _abs_of_neg), "name")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, attr, "changed")
