@@ -350,5 +350,30 @@ def test_transpose_dims_out_of_range_are_not_wrapped():
     x = g.placeholder("x")
     x.meta["val"] = FakeTensorMode().from_tensor(torch.empty(3, 5))
     perms = [_perm_of_transpose(g.call_function(torch.ops.aten.transpose.int, (x, a, b)))
-             for a, b in ((0, 3), (2, 1), (-3, 0), (-1, 0), (1, 1))]
-    assert perms == [None, None, None, [1, 0], [0, 1]]
+             for a, b in ((0, 3), (2, 1), (-3, 0), (0, 2), (-1, 0), (1, 1))]
+    assert perms == [None, None, None, None, [1, 0], [0, 1]]
+
+
+def test_noop_view_of_a_storage_written_in_place_is_kept():
+    """A view to the shape it already has is forwarded to its source, unless that storage is written
+    in place (a hand-built graph; export functionalizes user code): the write must stay visible
+    through the name it was made on."""
+    from torch import fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fxopt.passes.normalize import _noop_view
+    from fxopt.passes.rewrite import GraphFacts
+
+    A = torch.ops.aten
+    mode = FakeTensorMode()
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = mode.from_tensor(torch.empty(3, 5))
+    v = g.call_function(A.view.default, (x, [3, 5]))
+    w = g.call_function(A.view.default, (x, [3, 5]))
+    for n in (v, w):
+        n.meta["val"] = mode.from_tensor(torch.empty(3, 5))
+    g.output((g.call_function(A.mul.Tensor, (w, 2)),))
+    assert _noop_view(v, GraphFacts(g), None).replacement is x            # nothing written: forwarded
+    g.call_function(A.add_.Tensor, (v, 1))
+    assert _noop_view(v, GraphFacts(g), None) is None                     # v's storage written: kept
