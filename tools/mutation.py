@@ -52,10 +52,11 @@ SHARDS: dict[str, list[str]] = {
                           "'test_dce_ or test_rewrite_ or div or transpose or vector or dropout or noop or normalize'"],
     "passes/fold_bn.py": ["tests/test_fold_bn.py -k 'golden or not_folded or functional_frozen or frozen_in_training "
                           "or tiny_layers or load_state'"],
-    "passes/channels_last.py": ["tests/test_mutation_passes.py tests/test_references_passes.py tests/test_channels_last.py "
+    "passes/channels_last.py": ["tests/test_mutation_cl.py",
+                                "tests/test_mutation_passes.py tests/test_references_passes.py tests/test_channels_last.py "
                                 "-k 'test_channels_last_ or stack_converts or depthwise or pointwise_and_tiny or "
                                 "forced_golden or written_in_place or costs_are or transposed or bad_input or training_keeps'"],
-    "passes/mixed_precision.py": ["tests/test_mutation_passes.py -k mixed_precision",
+    "passes/mixed_precision.py": ["tests/test_mutation_mp.py", "tests/test_mutation_passes.py -k mixed_precision",
                                   "tests/test_references_passes.py -k 'policy or threshold or reduc or follow or pow or keep_fp32 or outputs_keep'",
                                   "tests/test_mixed_precision.py -k 'not models_verify and not each_weight and not gpt2'"],
     "passes/sdpa.py": ["tests/test_mutation_passes.py -k sdpa", "tests/test_sdpa.py -k 'form_golden or refusals or not_attention or refusal_after or canonicalize "
