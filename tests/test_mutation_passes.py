@@ -1117,3 +1117,23 @@ def test_base_check_order_ignores_constraints_on_absent_passes():
     check_order(["fold-bn", "mixed-precision", "channels-last"])
     with pytest.raises(PipelineError, match="must run after 'mixed-precision'"):
         check_order(["channels-last", "mixed-precision"])
+
+
+def test_fuse_fused_time_counts_the_backward_kernel():
+    """A fused relu over a [4, 8] fp32 activation, by hand: forward reads and writes 128 B each
+    (256 B); in training the backward kernel reads the output gradient and the saved output and
+    writes the input gradient (384 B more) and is one more launch, so it adds at least the memory
+    latency of one kernel to the predicted time."""
+    import fxopt
+    from fxopt.codegen import classify, lower
+    from fxopt.cost_models.hardware import load_hardware
+    from fxopt.passes.fuse import _fused_time
+
+    gm = fxopt.capture(nn.Sequential(nn.Linear(8, 8), nn.ReLU()).train(), (torch.randn(4, 8),)).graph_module
+    nodes = [n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default]
+    low = lower(nodes, classify(nodes[0])[1])
+    hw = load_hardware("h100")
+    (b_inf, t_inf), (b_train, t_train) = _fused_time(low, False, hw), _fused_time(low, True, hw)
+    assert (b_inf, b_train) == (256, 256 + 384)
+    assert t_inf >= hw.kernel_param("memory")["latency_s"]
+    assert t_train - t_inf >= hw.kernel_param("memory")["latency_s"]
