@@ -63,7 +63,8 @@ SHARDS: dict[str, list[str]] = {
                        "or fuse_dropout or bad_option or min_gain or estimate_by_hand'"],
     "passes/epilogue.py": ["tests/test_mutation_passes.py -k epilogue", "tests/test_epilogue.py -k 'bias_forms or activation_forms or refusals or options or "
                            "costed_decisions or cpu_addmm or no_derivative or training_fuses or gelu_fusion'"],
-    "passes/fuse.py": ["tests/test_mutation_passes.py tests/test_fuse.py -k 'test_fuse_ or golden or strides or reused "
+    "passes/fuse.py": ["tests/test_mutation_fuse.py",
+                       "tests/test_mutation_passes.py tests/test_fuse.py -k 'test_fuse_ or golden or strides or reused "
                        "or options_bound or costed or without_triton or not_changed'"],
     "passes/manager.py": ["tests/test_mutation_passes.py -k manager", "tests/test_passes.py"],
     # split out of the manager / rewrite.py this session
