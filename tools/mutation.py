@@ -59,9 +59,9 @@ SHARDS: dict[str, list[str]] = {
     "passes/mixed_precision.py": ["tests/test_mutation_mp.py", "tests/test_mutation_passes.py -k mixed_precision",
                                   "tests/test_references_passes.py -k 'policy or threshold or reduc or follow or pow or keep_fp32 or outputs_keep'",
                                   "tests/test_mixed_precision.py -k 'not models_verify and not each_weight and not gpt2'"],
-    "passes/sdpa.py": ["tests/test_mutation_passes.py -k sdpa", "tests/test_sdpa.py -k 'form_golden or refusals or not_attention or refusal_after or canonicalize "
+    "passes/sdpa.py": ["tests/test_mutation_sdpa.py", "tests/test_mutation_passes.py -k sdpa", "tests/test_sdpa.py -k 'form_golden or refusals or not_attention or refusal_after or canonicalize "
                        "or fuse_dropout or bad_option or min_gain or estimate_by_hand'"],
-    "passes/epilogue.py": ["tests/test_mutation_passes.py -k epilogue", "tests/test_epilogue.py -k 'bias_forms or activation_forms or refusals or options or "
+    "passes/epilogue.py": ["tests/test_mutation_epilogue.py", "tests/test_mutation_passes.py -k epilogue", "tests/test_epilogue.py -k 'bias_forms or activation_forms or refusals or options or "
                            "costed_decisions or cpu_addmm or no_derivative or training_fuses or gelu_fusion'"],
     "passes/fuse.py": ["tests/test_mutation_fuse.py",
                        "tests/test_mutation_passes.py tests/test_fuse.py -k 'test_fuse_ or golden or strides or reused "
