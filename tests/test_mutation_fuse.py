@@ -1,6 +1,7 @@
 """``fuse`` behaviours that surviving mutants showed unchecked: two convex regions whose contraction
 closes a cycle (the smaller one is dropped), the default ``max_ops``/``max_inputs`` bounds on a long
-chain, a region refused before lowering moving no fused bytes, and the MB figures of a decision.
+chain, a region refused before lowering moving no fused bytes, the MB figures of a decision, and the
+one kernel that sums a broadcast input's gradient.
 
 Every expectation is derived by hand (region sizes, input counts, bytes) or against float64.
 Runs on the CPU with ``fallback=reference`` (the same programs as ATen ops).
@@ -8,8 +9,10 @@ Runs on the CPU with ``fallback=reference`` (the same programs as ATen ops).
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import torch
+from torch import nn
 
 import fxopt
 from fxopt.passes import PassManager
@@ -127,3 +130,42 @@ def test_fuse_decision_gives_the_megabytes_before_and_after():
         assert (region.bytes_before, region.bytes_after) == (int(float(before) * 1e6), 2_000_000)
         (fused,) = [d for d in record.decisions if d.action == "fuse"]
         assert fused.node == "exp" and fused.reason.startswith(f"region r0 (tanh exp): {before} -> 2.00 MB, ")
+
+
+class _RowBias(nn.Module):
+    """linear -> + a per-row bias b[4, 1] (a parameter) -> relu: the region {add, relu} reads a
+    broadcast input that needs a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8, bias=False)
+        self.b = nn.Parameter(torch.zeros(4, 1))
+
+    def forward(self, x):
+        return torch.relu(self.fc(x) + self.b)
+
+
+def test_fuse_fused_time_sums_a_broadcast_gradient_in_one_kernel(monkeypatch):
+    """The region {add, relu} over [4, 8] fp32, in training, by hand: forward reads linear (128 B)
+    and b (16 B) and writes the output (128 B): 272 B. Backward reads the saved output and the
+    output gradient and writes one [4, 8] fp32 gradient that serves both inputs: 384 B. b's
+    gradient is that full-shape one summed down to [4, 1]: one more kernel reading 128 B and
+    writing 16 B. Three kernels, one launch each (the cost model is replaced by a recorder whose
+    time is the launch count)."""
+    import fxopt.cost_models.roofline as roofline
+    from fxopt.codegen import classify, lower
+    from fxopt.cost_models.hardware import load_hardware
+    from fxopt.passes.fuse import _fused_time
+
+    calls = []
+
+    def record(kind, dtype, flops, nbytes, launches, hw, **kw):
+        calls.append((kind, nbytes, launches))
+        return SimpleNamespace(total_s=float(launches))
+
+    gm = fxopt.capture(_RowBias().train(), (torch.randn(4, 8),)).graph_module
+    nodes = [n for n in gm.graph.nodes if n.target in (torch.ops.aten.add.Tensor, torch.ops.aten.relu.default)]
+    low = lower(nodes, classify(nodes[0])[1])
+    monkeypatch.setattr(roofline, "call_time", record)
+    assert _fused_time(low, True, load_hardware("h100")) == (272 + 384 + 144, 3.0)
+    assert calls == [("fused", 272, 1), ("fused", 384, 1), ("reduction", 144, 1)]
