@@ -103,3 +103,49 @@ def test_epilogue_linear_activation_with_a_symbolic_non_batch_dim_is_kept():
     w, b = model.l.weight.detach().double(), model.l.bias.detach().double()
     want = torch.relu(x7.double() @ w.T + b)[None]
     torch.testing.assert_close(gm(x7).double(), want, rtol=1e-5, atol=1e-5)
+
+
+class PlusBatchSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return x @ self.w + x.shape[0]
+
+
+def test_epilogue_matmul_plus_a_symbolic_size_is_not_a_bias():
+    """With a dynamic batch, ``x @ w + x.shape[0]`` adds a SymInt node, not a tensor: no bias to
+    fuse, the graph is kept and still adds the batch size it is run with."""
+    model = PlusBatchSize().eval()
+    captured = fxopt.capture(model, (torch.randn(4, 8),), dynamic_batch=True)
+    (add,) = _calls(captured.graph_module, aten.add.Tensor)
+    assert add.args[1].target is aten.sym_size.int
+    gm, r = _epilogue(captured)
+    assert r.modified is False and r.stats == {"kept_matmul-bias": 1}, r.decisions
+    (keep,) = r.decisions
+    assert keep.action == "keep" and keep.reason == "matmul-bias: the addend is not a tensor", keep.reason
+    x6 = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(gm(x6).double(), x6.double() @ model.w.detach().double() + 6, rtol=1e-5, atol=1e-5)
+
+
+class ConvLeakyRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.leaky_relu(self.c(x), 0.2)
+
+
+def test_epilogue_leaky_relu_with_a_positional_slope_after_a_conv_says_conv():
+    """``leaky_relu(conv(x), 0.2)``: the activation's input is its first argument (the conv), not its
+    last (the slope), so the decision names the conv rule."""
+    captured = fxopt.capture(ConvLeakyRelu().eval(), (torch.randn(1, 3, 8, 8),))
+    (act,) = _calls(captured.graph_module, aten.leaky_relu.default)
+    assert act.args[1] == 0.2
+    gm, r = _epilogue(captured)
+    assert r.modified is False and r.stats == {"kept_gemm-activation": 1}, r.decisions
+    (keep,) = r.decisions
+    assert keep.node == "leaky_relu" and "leaky_relu after a conv stays" in keep.reason, keep.reason
