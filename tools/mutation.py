@@ -50,7 +50,7 @@ SHARDS: dict[str, list[str]] = {
     "passes/rewrite.py": ["tests/test_mutation_rewrite.py",
                           "tests/test_mutation_passes.py tests/test_references_passes.py tests/test_passes.py -k "
                           "'test_dce_ or test_rewrite_ or div or transpose or vector or dropout or noop or normalize'"],
-    "passes/fold_bn.py": ["tests/test_fold_bn.py -k 'golden or not_folded or functional_frozen or frozen_in_training "
+    "passes/fold_bn.py": ["tests/test_mutation_fold_bn.py", "tests/test_fold_bn.py -k 'golden or not_folded or functional_frozen or frozen_in_training "
                           "or tiny_layers or load_state'"],
     "passes/channels_last.py": ["tests/test_mutation_cl.py",
                                 "tests/test_mutation_passes.py tests/test_references_passes.py tests/test_channels_last.py "
