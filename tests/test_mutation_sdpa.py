@@ -21,10 +21,10 @@ L, D = 8, 16
 SCALE = D ** -0.5
 
 
-def _sdpa(captured):
+def _sdpa(captured, pipeline="sdpa"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        gm, (r,) = PassManager("sdpa", cost=False).run(captured)
+        gm, (r,) = PassManager(pipeline, cost=False).run(captured)
     return gm, r
 
 
@@ -117,3 +117,96 @@ def test_sdpa_estimate_by_hand_with_a_float_additive_mask():
                + t("pointwise", n, 2 * n * es + mask))     # + mask
     fused = t("attention", 4 * B * H * l * l * d, 4 * qkv + mask + B * H * l * 4)
     assert estimate_gain(att, "h100", training=False) == pytest.approx(unfused - fused, rel=1e-9)
+
+
+class Spelled(nn.Module):
+    """q @ k^T * c, an optional boolean mask written as masked_fill(not(m), -inf), an optional
+    dropout switched off by its train flag."""
+
+    def __init__(self, scale=SCALE, mask=False, dropout=False):
+        super().__init__()
+        self.scale, self.mask, self.dropout = scale, mask, dropout
+
+    def forward(self, q, k, v, m):
+        s = q @ k.permute(0, 1, 3, 2) * self.scale  # canonical already: runs with canonicalize=false
+        if self.mask:
+            s = s.masked_fill(torch.logical_not(m), float("-inf"))
+        p = torch.softmax(s, -1)
+        if self.dropout:
+            p = torch.nn.functional.dropout(p, 0.1, training=False)
+        return p @ v
+
+
+def _keep():
+    keep = torch.rand(2, 1, L, L, generator=torch.Generator().manual_seed(5)) < 0.7
+    keep[..., 0] = True              # no row is masked entirely
+    return keep
+
+
+@pytest.mark.parametrize("scale", [0.0, float("inf")])
+def test_sdpa_a_zero_or_infinite_scale_is_kept_and_says_why(scale):
+    """SDPA's scale must be a finite non-zero number: scores * 0 or * inf stay unfused."""
+    q, k, v, _ = _inputs()
+    gm, r = _sdpa(fxopt.capture(Spelled(scale).eval(), (q, k, v, _keep())))
+    assert r.stats.get("fused") is None and r.stats.get("kept") == 1, r.decisions
+    assert f"mul: scale {scale!r} is not a finite non-zero number" in r.decisions[-1].reason, r.decisions[-1].reason
+    assert not any(n.target is SDPA for n in gm.graph.nodes)
+
+
+def test_sdpa_masked_fill_by_not_of_a_bool_mask_passes_the_mask_itself():
+    """masked_fill(logical_not(keep), -inf) with a bool ``keep``: SDPA's keep mask is ``keep``
+    itself, no logical_not left in the graph."""
+    q, k, v, _ = _inputs()
+    keep = _keep()
+    gm, r = _sdpa(fxopt.capture(Spelled(mask=True).eval(), (q, k, v, keep)))
+    assert r.stats.get("fused") == 1, r.decisions
+    (sdpa,) = [n for n in gm.graph.nodes if n.target is SDPA]
+    assert sdpa.args[3].op == "placeholder" and sdpa.args[3].target == "m"
+    assert not any(n.target in (aten.logical_not.default, aten.bitwise_not.default) for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(q, k, v, keep).double(), _reference(q, k, v, ~keep), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_masked_fill_by_not_of_a_float_mask_keeps_a_boolean_mask():
+    """logical_not of a float 0/1 mask is a bool mask; passing the float mask on unchanged would make
+    SDPA add it to the scores. The fused graph still masks exactly the zero entries."""
+    q, k, v, _ = _inputs()
+    keep = _keep().float()
+    gm, r = _sdpa(fxopt.capture(Spelled(mask=True).eval(), (q, k, v, keep)))
+    assert r.stats.get("fused") == 1, r.decisions
+    (sdpa,) = [n for n in gm.graph.nodes if n.target is SDPA]
+    assert sdpa.args[3].meta["val"].dtype == torch.bool
+    torch.testing.assert_close(gm(q, k, v, keep).double(), _reference(q, k, v, keep == 0), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_dropout_with_train_false_is_no_dropout():
+    """``F.dropout(p, 0.1, training=False)`` is captured as dropout(p, 0.1, False): an identity, so
+    SDPA gets dropout_p=0 and the result is deterministic softmax attention. canonicalize=false keeps
+    normalize from dropping that dropout first: the pass itself must read its train flag."""
+    q, k, v, _ = _inputs()
+    captured = fxopt.capture(Spelled(dropout=True).train(), (q, k, v, _keep()))
+    (drop,) = [n for n in captured.graph_module.graph.nodes if n.target is aten.dropout.default]
+    assert drop.args[1:] == (0.1, False)
+    gm, r = _sdpa(captured, "sdpa{canonicalize=false}")
+    assert r.stats == {"fused": 1} and "-> dropout(0.1) ->" in r.decisions[-1].reason, r.decisions
+    (sdpa,) = [n for n in gm.graph.nodes if n.target is SDPA]
+    assert sdpa.args[4] == 0.0
+    nothing = torch.zeros(2, 1, L, L, dtype=torch.bool)
+    torch.testing.assert_close(gm(q, k, v, _keep()).double(), _reference(q, k, v, nothing), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_dropout_with_a_graph_valued_train_flag_is_kept():
+    """A dropout whose train flag is a graph value (here a SymBool-like ``sym_size(q, 0) > 1`` node
+    spliced into the captured graph) is not a constant: refused, whatever the probability."""
+    import operator
+    q, k, v, _ = _inputs()
+    captured = fxopt.capture(Spelled(dropout=True).train(), (q, k, v, _keep()))
+    g = captured.graph_module.graph
+    (drop,) = [n for n in g.nodes if n.target is aten.dropout.default]
+    qn = next(n for n in g.nodes if n.op == "placeholder" and n.target == "q")
+    with g.inserting_before(drop):
+        flag = g.call_function(operator.gt, (g.call_function(aten.sym_size.int, (qn, 0)), 1))
+    drop.args = (drop.args[0], 0.1, flag)
+    captured.graph_module.recompile()
+    gm, r = _sdpa(captured, "sdpa{canonicalize=false}")
+    assert r.stats == {"kept": 1}, r.decisions
+    assert "dropout probability or train flag is not a constant" in r.decisions[-1].reason, r.decisions[-1].reason
