@@ -64,3 +64,30 @@ def test_fold_bn_cost_counts_one_kernel_per_weight_op_doubled_in_training(monkey
     assert fold_bn._weight_ops_time([a, v], None, None, training=True) == (2.0, 1)
     calls.clear()
     assert fold_bn._bias_grad_time(conv, None, None) == 1.0 and calls == [("reduction", 1)]
+
+
+def test_fold_bn_bias_free_conv_folds_and_gets_a_bias():
+    """export drops a bias-free conv's trailing defaults (conv2d(x, w)): the fold reads the absent
+    bias as None and gives the conv the folded bias -mean * scale + beta; float64 reference."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 6, 6)
+    gm, (record,) = PassManager("fold-bn", cost=False).run(fxopt.capture(model, (x,)))
+    assert not record.rolled_back and record.modified and record.stats == {"folded": 1}, record.stats
+    got = gm(x)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    torch.testing.assert_close(got.double(), copy.deepcopy(model).double()(x.double()), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_bn_refuses_a_bf16_conv_with_fp32_statistics():
+    """Two dtypes among the conv and BN tensors (bf16 conv feeding an fp32 BN) refuse the fold: the
+    folded weight would be computed in one of them; the reason lists each tensor's dtype."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3).to(torch.bfloat16), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 6, 6, dtype=torch.bfloat16)
+    gm, (record,) = PassManager("fold-bn", cost=False).run(fxopt.capture(model, (x,)))
+    (d,) = [d for d in record.decisions if "mixed dtypes" in d.reason]
+    assert not record.modified and "input bfloat16" in d.reason and "running_mean float32" in d.reason, d.reason
