@@ -63,6 +63,8 @@ def _differs(a, b, rtol: float, any_dtype: bool = False) -> tuple[bool, float | 
                 return True, d
             worst = max(worst, d or 0.0)
         return False, worst
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):  # a sequence against a single value
+        return True, None
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.shape != b.shape or (a.dtype != b.dtype and not (
                 any_dtype and a.is_floating_point() and b.is_floating_point())):

@@ -1030,6 +1030,7 @@ def test_verification_differs_by_hand():
     assert _differs([t([1.0]), t([2.0])], [t([1.0]), t([2.0])], 1e-4) == (False, 0.0)
     assert _differs([t([1.0]), t([2.0])], [t([1.0]), t([3.0])], 1e-4) == (True, 1.0)
     assert _differs([t([1.0])], [t([1.0]), t([1.0])], 1e-4) == (True, None)
+    assert _differs([t([1.0, 2.0])], t([[1.0, 2.0]]), 1e-4) == (True, None)   # a list is not a tensor
     assert _differs(3, 3, 1e-4)[0] is False and _differs(3, 4, 1e-4) == (True, 1.0)
     assert _differs(None, None, 1e-4) == (False, None)
     div = Divergence("add", 1.0)
