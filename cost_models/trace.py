@@ -118,6 +118,12 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
     A learnable mask (a relative position bias passed as ``attn_mask``) needs a gradient, which the
     CPU flash op refuses: that is the GPU's memory-efficient kernel, whose backward returns it.
     """
+    if q.dim() != 4:  # [..., L, E] without a head dim (SDPA takes any batch dims): the kernels take [B, H, L, E]
+        lead, (L, S) = q.shape[:-2], (q.shape[-2], k.shape[-2])
+        q4, k4, v4 = (t.expand(*lead, *t.shape[-2:]).reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v))
+        m4 = attn_mask.expand(*lead, L, S).reshape(-1, 1, L, S) if isinstance(attn_mask, torch.Tensor) else attn_mask
+        out = _fused_sdpa(q4, k4, v4, m4, dropout_p, is_causal, scale, enable_gqa)
+        return out.reshape(*lead, L, out.shape[-1])
     if isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad:
         bias = attn_mask.expand(*q.shape[:-1], k.shape[-2])  # as SDPA hands it to the kernel
         return torch.ops.aten._scaled_dot_product_efficient_attention(

@@ -943,6 +943,38 @@ def test_trace_sdpa_with_a_learnable_mask_is_the_memory_efficient_kernel():
         ("fwd", "_scaled_dot_product_efficient_attention", 4 * 2 * 5 * 5 * 8, 960 + 100, 320 + 256 + 16)
     assert (bp, bwd.op, bwd.bytes_written) == ("bwd", "_scaled_dot_product_efficient_attention_backward", 960 + 200)
 
+    class Attn3d(Attn):   # [B, L, E] inputs (no head dim): the mask is expanded to [B, L, S], S = k.shape[-2]
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(2, 5, 3, 8).permute(2, 0, 1, 3)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias[0, 0])
+
+    recs = [r.cost for r in trace_step(_captured(Attn3d(), torch.randn(2, 5, 8)), optimizer=None).records
+            if r.cost.op_class == "attention"]
+    assert [(c.op, c.flops) for c in recs][:1] == [("_scaled_dot_product_efficient_attention", 4 * 2 * 5 * 5 * 8)]
+    assert [c.op for c in recs][1:] == ["_scaled_dot_product_efficient_attention_backward"]
+
+
+def test_trace_sdpa_without_a_head_dim_is_costed_as_one_head():
+    """SDPA takes [..., L, E] inputs with any batch dims; the fused kernels take [B, H, L, E]: a 3-D
+    call is costed as B x 1 head, 4 B L S E = 4 x 2 x 5 x 5 x 8 FLOPs forward, output [2, 5, 8]."""
+    import torch.nn.functional as F
+
+    from fxopt.cost_models.trace import trace_step
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).reshape(2, 5, 3, 8).permute(2, 0, 1, 3)
+            return F.scaled_dot_product_attention(q, k, v)
+
+    recs = [r.cost for r in trace_step(_captured(Attn(), torch.randn(2, 5, 8)), optimizer=None).records
+            if r.cost.op_class == "attention"]
+    assert [(c.op, c.flops) for c in recs][:1] == [("_scaled_dot_product_flash_attention_for_cpu", 1600)]
+    assert len(recs) == 2 and "backward" in recs[1].op
+
 
 def test_trace_meta_built_channels_last_net_keeps_its_layout():
     """Meta kernels return contiguous conv outputs whatever the input's memory format; the trace runs
