@@ -1138,3 +1138,46 @@ def test_fuse_fused_time_counts_the_backward_kernel():
     assert (b_inf, b_train) == (256, 256 + 384)
     assert t_inf >= hw.kernel_param("memory")["latency_s"]
     assert t_train - t_inf >= hw.kernel_param("memory")["latency_s"]
+
+
+def test_manager_a_raising_pass_is_rolled_back_and_dumped(tmp_path):
+    """A pass that raises is rolled back, the pipeline goes on, and the dump keeps the note and the
+    whole error text (every line)."""
+    import fxopt
+    from fxopt.passes import PassManager
+    from fxopt.passes.base import Pass, PassError
+
+    class Broken(Pass):
+        name = "broken-test"
+
+        def run(self, gm, ctx):
+            raise PassError("cannot do this\nsecond line of the reason")
+
+    captured = fxopt.capture(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), (torch.randn(2, 3),))
+    gm, (rec, dce) = PassManager([Broken(), "dce"], cost=False, dump_dir=tmp_path).run(captured)
+    assert rec.rolled_back and rec.error.endswith("PassError: cannot do this\nsecond line of the reason")
+    assert rec.note == "raised, rolled back: " + rec.error.splitlines()[0] and dce.name == "dce"
+    (dump,) = tmp_path.glob("*broken-test*.rolled_back.txt")
+    assert dump.read_text() == rec.note + "\n" + rec.error + "\n"
+
+
+def test_manager_next_pass_gets_the_costed_node_times():
+    """In a costed pipeline each pass after a kept one still sees per-node times, so its forwards are
+    priced (the removed node's time), not left without an estimate."""
+    import fxopt
+    from fxopt.passes import PassManager
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = nn.Linear(8, 8), nn.Dropout(0.0)
+
+        def forward(self, x):
+            return self.drop(self.lin(x).clone())
+
+    captured = fxopt.capture(M(), (torch.randn(4, 8),))
+    pipeline = "normalize{rules=noop-copy;},normalize{rules=identity-dropout;}"
+    gm, (a, b) = PassManager(pipeline, cost=True).run(captured)
+    assert a.modified and not a.rolled_back
+    gains = [d.est_gain_s for d in b.decisions if d.action == "remove"]
+    assert gains and all(isinstance(g, float) for g in gains), b.decisions  # priced (0 s here), not unknown
