@@ -786,6 +786,8 @@ def test_ops_one_pass_row_limits_are_inclusive():
     assert sm(12289, 0).extra_bytes == 0                          # not along the row: one pass
     smb = lambda cols: _fake_call(A._softmax_backward_data.default, (6, cols), (6, cols), -1, torch.float32)
     assert smb(12288).extra_bytes == 0 and smb(12289).extra_bytes == 2 * 6 * 12289 * 4
+    # multi-pass rows re-read x inside one kernel: the launch count stays one either way
+    assert [f(c).kernels for f in (ln, sm, smb) for c in (4096, 12289)] == [1] * 6
 
 
 def test_ops_eval_batch_norm_is_one_pass_and_backward_rereads():
@@ -1031,3 +1033,13 @@ def test_fit_nelder_mead_shrinks_towards_the_best_vertex():
 
     _nelder_mead(f, [1.0, 1.0], [1.0, 1.0], 2)
     assert seen[:8] == [(1.0, 1.0), (2.0, 1.0), (1.0, 2.0), (2.0, 0.0), (1.25, 1.5), (1.5, 1.0), (1.0, 1.5), (1.5, 0.5)]
+
+
+def test_ops_strided_softmax_backward_input_is_one_copy_kernel_more():
+    """A short-row softmax backward is one pass; a strided output gradient is first copied to
+    contiguous: one extra kernel (2 in all) reading and writing its 48 fp32 (2 x 192 B)."""
+    with FakeTensorMode():
+        g, y = torch.empty(8, 6).t(), torch.empty(6, 8)
+        out = A._softmax_backward_data.default(g, y, -1, torch.float32)
+        c = cost_call(A._softmax_backward_data.default, (g, y, -1, torch.float32), {}, out)
+    assert (c.kernels, c.extra_bytes) == (2, 2 * 48 * 4)
