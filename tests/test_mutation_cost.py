@@ -1043,3 +1043,28 @@ def test_ops_strided_softmax_backward_input_is_one_copy_kernel_more():
         out = A._softmax_backward_data.default(g, y, -1, torch.float32)
         c = cost_call(A._softmax_backward_data.default, (g, y, -1, torch.float32), {}, out)
     assert (c.kernels, c.extra_bytes) == (2, 2 * 48 * 4)
+
+
+def test_trace_reads_attributes_a_pass_added_later_in_the_graph():
+    """export puts every parameter's get_attr first, but a rewrite may read attributes further down:
+    a second name of an existing parameter (one shared fake) and a new buffer after it. The trace
+    costs the graph with both (the final add reads the [3] buffer: 2 x 3 fp32 + 3 fp32 in, 24 B out)."""
+    import copy
+
+    from fxopt.cost_models.trace import trace_step
+
+    gm = copy.deepcopy(_captured(torch.nn.Linear(4, 3), torch.randn(2, 4)))
+    gm.w_alias = gm.weight                      # the same Parameter under a second name
+    gm.register_buffer("shift", torch.ones(3))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    last = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    with gm.graph.inserting_before(out):
+        alias = gm.graph.get_attr("w_alias")
+        s = gm.graph.call_function(torch.ops.aten.sum.default, (alias,))
+        y = gm.graph.call_function(torch.ops.aten.add.Tensor, (last, s))
+        z = gm.graph.call_function(torch.ops.aten.add.Tensor, (y, gm.graph.get_attr("shift")))
+    out.args = ((z,),) if isinstance(out.args[0], (tuple, list)) else (z,)
+    gm.recompile()
+    fwd = [r.cost for r in trace_step(gm, training=False, optimizer=None).records if r.phase == "fwd"]
+    adds = [c for c in fwd if c.op == "add"]
+    assert len(adds) == 2 and (adds[1].bytes_read, adds[1].bytes_written) == (2 * 3 * 4 + 3 * 4, 2 * 3 * 4)
