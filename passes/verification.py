@@ -72,7 +72,7 @@ def _differs(a, b, rtol: float, any_dtype: bool = False) -> tuple[bool, float | 
         if not a.is_floating_point() and not a.is_complex():
             d = float((a.long() - b.long()).abs().max()) if a.numel() else 0.0  # exact, as integers
             return d > 0, d
-        a64, b64 = a.double(), b.double()
+        a64, b64 = (t.to(torch.complex128) if t.is_complex() else t.double() for t in (a, b))
         d = float((a64 - b64).abs().max()) if a.numel() else 0.0
         scale = float(a64.abs().max()) if a.numel() else 0.0
         return not (d <= rtol * max(scale, 1e-6)), d

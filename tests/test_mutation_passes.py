@@ -1031,6 +1031,8 @@ def test_verification_differs_by_hand():
     assert _differs([t([1.0]), t([2.0])], [t([1.0]), t([3.0])], 1e-4) == (True, 1.0)
     assert _differs([t([1.0])], [t([1.0]), t([1.0])], 1e-4) == (True, None)
     assert _differs([t([1.0, 2.0])], t([[1.0, 2.0]]), 1e-4) == (True, None)   # a list is not a tensor
+    c = torch.tensor([1 + 1j, 2 - 1j])
+    assert _differs(c, c.clone(), 1e-4) == (False, 0.0) and _differs(c, c + 1j, 1e-4) == (True, 1.0)  # imaginary part
     assert _differs(3, 3, 1e-4)[0] is False and _differs(3, 4, 1e-4) == (True, 1.0)
     assert _differs(None, None, 1e-4) == (False, None)
     div = Divergence("add", 1.0)
@@ -1181,3 +1183,23 @@ def test_manager_next_pass_gets_the_costed_node_times():
     assert a.modified and not a.rolled_back
     gains = [d.est_gain_s for d in b.decisions if d.action == "remove"]
     assert gains and all(isinstance(g, float) for g in gains), b.decisions  # priced (0 s here), not unknown
+
+
+def test_verification_divergence_dtype_change_counts_only_without_a_declared_precision():
+    """A node computed in another dtype with the same values is a divergence for an fp32 pass
+    (reported as "different shape/dtype"), and none for a pass that declares a 16-bit precision."""
+    from fxopt.passes.verification import find_divergence
+
+    def graph(dtype):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        y = g.call_function(torch.ops.aten.mul.Tensor, (x, 2.0), name="twice")
+        if dtype is not None:
+            y = g.call_function(torch.ops.prims.convert_element_type.default, (y, dtype), name="cast")
+        g.output(g.call_function(torch.ops.aten.add.Tensor, (y, 1.0), name="out"))
+        return torch.fx.GraphModule(nn.Module(), g)
+
+    x = torch.tensor([0.5, -1.0])
+    div = find_divergence(graph(None), graph(torch.bfloat16), (x,), {})
+    assert div is not None and div.node == "out" and div.max_abs_diff is None
+    assert find_divergence(graph(None), graph(torch.bfloat16), (x,), {}, precision=torch.bfloat16) is None
