@@ -65,6 +65,8 @@ def _differs(a, b, rtol: float, any_dtype: bool = False) -> tuple[bool, float | 
         return False, worst
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):  # a sequence against a single value
         return True, None
+    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):  # a tensor against anything else
+        return True, None
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         if a.shape != b.shape or (a.dtype != b.dtype and not (
                 any_dtype and a.is_floating_point() and b.is_floating_point())):

@@ -1035,6 +1035,9 @@ def test_verification_differs_by_hand():
     assert _differs(c, c.clone(), 1e-4) == (False, 0.0) and _differs(c, c + 1j, 1e-4) == (True, 1.0)  # imaginary part
     assert _differs(3, 3, 1e-4)[0] is False and _differs(3, 4, 1e-4) == (True, 1.0)
     assert _differs(None, None, 1e-4) == (False, None)
+    assert _differs(t([1.0]), None, 1e-4) == (True, None) and _differs(None, t([1.0]), 1e-4) == (True, None)
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert _differs(empty, empty, 1e-4) == (False, 0.0)
     div = Divergence("add", 1.0)
     with pytest.raises(FrozenInstanceError):  # a finding is a value: it is reported, never edited
         div.node = "mul"
@@ -1203,3 +1206,34 @@ def test_verification_divergence_dtype_change_counts_only_without_a_declared_pre
     div = find_divergence(graph(None), graph(torch.bfloat16), (x,), {})
     assert div is not None and div.node == "out" and div.max_abs_diff is None
     assert find_divergence(graph(None), graph(torch.bfloat16), (x,), {}, precision=torch.bfloat16) is None
+
+
+def test_verification_divergence_walks_past_new_nodes_and_uses_eight_bf16_units():
+    """Nodes a pass created are skipped, not the end of the walk: the first old node after one that
+    differs is reported with the new node as its input. A declared bf16 precision allows 8 units of
+    bf16 rounding (8 x 2^-7 = 0.0625 relative): 0.065 is a divergence, 0.06 is not."""
+    from fxopt.passes.verification import failure_text, find_divergence
+
+    def graph(factor, extra=False):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        y = g.call_function(torch.ops.aten.mul.Tensor, (x, 1.0), name="a")
+        if extra:
+            y = g.call_function(torch.ops.aten.mul.Tensor, (y, factor), name="new")
+        z = g.call_function(torch.ops.aten.add.Tensor, (y, 0.0), name="b")
+        g.output(g.call_function(torch.ops.aten.mul.Tensor, (z, 1.0), name="out"))
+        return torch.fx.GraphModule(nn.Module(), g)
+
+    x = torch.tensor([1.0, -1.0])
+    div = find_divergence(graph(1.0), graph(2.0, extra=True), (x,), {})
+    assert (div.node, div.max_abs_diff, div.new_inputs) == ("b", 1.0, ("new",))
+    bf = torch.bfloat16
+    assert find_divergence(graph(1.0), graph(1.065, extra=True), (x,), {}, precision=bf).node == "b"
+    assert find_divergence(graph(1.0), graph(1.06, extra=True), (x,), {}, precision=bf) is None
+    assert failure_text("a plain failure") == "a plain failure"
+
+    class Check:
+        name, note, cand_error, allowed = "w.grad", "", 0.5, 0.25
+    assert failure_text(Check()) == "w.grad: error 0.5 > allowed 0.25"
+    Check.note = "missing in the candidate"
+    assert failure_text(Check()) == "w.grad: missing in the candidate"
