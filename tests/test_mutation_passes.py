@@ -1237,3 +1237,6 @@ def test_verification_divergence_walks_past_new_nodes_and_uses_eight_bf16_units(
     assert failure_text(Check()) == "w.grad: error 0.5 > allowed 0.25"
     Check.note = "missing in the candidate"
     assert failure_text(Check()) == "w.grad: missing in the candidate"
+    from fxopt.passes.verification import Divergence
+    assert str(Divergence("b", 1.0, ("new",))) == "b (max abs diff 1; fed by new node(s) new)"
+    assert str(Divergence("b", None)) == "b (different shape/dtype)"
