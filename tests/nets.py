@@ -34,3 +34,14 @@ class Scaled(nn.Module):
 
     def forward(self, x):
         return torch.relu(self.fc(x)) / 4.0
+
+
+def add_dtype_check(captured, node, dtype=torch.float32):
+    """Insert ``_assert_tensor_metadata(node, None, dtype=dtype)`` after ``node`` in a captured graph
+    (the size given positionally, as a user may write it; export itself passes keywords only)."""
+    g = captured.graph_module.graph
+    with g.inserting_after(node):
+        check = g.call_function(torch.ops.aten._assert_tensor_metadata.default, (node, None), {"dtype": dtype})
+    check.meta["val"] = None
+    captured.graph_module.recompile()
+    return check

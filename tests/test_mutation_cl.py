@@ -19,7 +19,7 @@ from torch import fx, nn
 import fxopt
 import fxopt.passes.channels_last as cl
 from fxopt.passes import PassManager
-from nets import Fn  # noqa: E402  (tests/nets.py)
+from nets import add_dtype_check, Fn  # noqa: E402  (tests/nets.py)
 
 aten = torch.ops.aten
 
@@ -103,10 +103,7 @@ def test_channels_last_a_size_check_needs_no_copy_back():
                              (_x(2, 4, 6, 6),))
     g = captured.graph_module.graph
     (relu,) = [n for n in g.nodes if n.target is aten.relu.default]
-    with g.inserting_after(relu):
-        check = g.call_function(aten._assert_tensor_metadata.default, (relu, None), {"dtype": torch.float32})
-    check.meta["val"] = None
-    captured.graph_module.recompile()
+    add_dtype_check(captured, relu)
     gm, r = _run(captured)
     assert "conversions_to_nchw" not in r.stats and r.stats["conversions_to_nhwc"] == 1
     (check,) = [n for n in gm.graph.nodes if n.target is aten._assert_tensor_metadata.default]

@@ -14,7 +14,7 @@ from torch import nn
 
 import fxopt
 from fxopt.passes import PassManager
-from nets import Fn  # noqa: E402  (tests/nets.py)
+from nets import add_dtype_check, Fn  # noqa: E402  (tests/nets.py)
 
 aten = torch.ops.aten
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -126,10 +126,7 @@ def test_mixed_precision_a_dtype_check_with_a_positional_size_states_the_new_dty
     captured = fxopt.capture(Fn(lambda m, x: m.mods[0](x) * 2, nn.Conv2d(4, 4, 1)), (_x(2, 4, 3, 3),))
     g = captured.graph_module.graph
     (conv,) = [n for n in g.nodes if n.target is aten.conv2d.default]
-    with g.inserting_after(conv):
-        check = g.call_function(aten._assert_tensor_metadata.default, (conv, None), {"dtype": torch.float32})
-    check.meta["val"] = None
-    captured.graph_module.recompile()
+    add_dtype_check(captured, conv)
     gm, _ = _run(captured)
     (check,) = [n for n in gm.graph.nodes if n.target is aten._assert_tensor_metadata.default]
     assert check.args == (check.args[0], None) and check.args[0].target is aten.conv2d.default
