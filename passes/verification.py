@@ -63,11 +63,10 @@ def _differs(a, b, rtol: float, any_dtype: bool = False) -> tuple[bool, float | 
                 return True, d
             worst = max(worst, d or 0.0)
         return False, worst
-    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):  # a sequence against a single value
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)) or \
+            isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):  # a sequence or tensor against another kind
         return True, None
-    if isinstance(a, torch.Tensor) != isinstance(b, torch.Tensor):  # a tensor against anything else
-        return True, None
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+    if isinstance(a, torch.Tensor):  # (and so is b)
         if a.shape != b.shape or (a.dtype != b.dtype and not (
                 any_dtype and a.is_floating_point() and b.is_floating_point())):
             return True, None
@@ -79,7 +78,7 @@ def _differs(a, b, rtol: float, any_dtype: bool = False) -> tuple[bool, float | 
         scale = float(a64.abs().max()) if a.numel() else 0.0
         return not (d <= rtol * max(scale, 1e-6)), d
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):  # sizes, scalars: as 0-d values
-        return _differs(torch.tensor(a), torch.tensor(b), rtol, any_dtype=True)
+        return _differs(torch.tensor(a), torch.tensor(b), rtol)
     return False, None
 
 

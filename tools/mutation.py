@@ -50,7 +50,8 @@ SHARDS: dict[str, list[str]] = {
     "passes/rewrite.py": ["tests/test_mutation_rewrite.py",
                           "tests/test_mutation_passes.py tests/test_references_passes.py tests/test_passes.py -k "
                           "'test_dce_ or test_rewrite_ or div or transpose or vector or dropout or noop or normalize'"],
-    "passes/fold_bn.py": ["tests/test_mutation_fold_bn.py", "tests/test_fold_bn.py -k 'golden or not_folded or functional_frozen or frozen_in_training "
+    "passes/fold_bn.py": ["tests/test_mutation_fold_bn.py",
+                          "tests/test_fold_bn.py -k 'golden or not_folded or functional_frozen or frozen_in_training "
                           "or tiny_layers or load_state'"],
     "passes/channels_last.py": ["tests/test_mutation_cl.py",
                                 "tests/test_mutation_passes.py tests/test_references_passes.py tests/test_channels_last.py "
@@ -59,9 +60,11 @@ SHARDS: dict[str, list[str]] = {
     "passes/mixed_precision.py": ["tests/test_mutation_mp.py", "tests/test_mutation_passes.py -k mixed_precision",
                                   "tests/test_references_passes.py -k 'policy or threshold or reduc or follow or pow or keep_fp32 or outputs_keep'",
                                   "tests/test_mixed_precision.py -k 'not models_verify and not each_weight and not gpt2'"],
-    "passes/sdpa.py": ["tests/test_mutation_sdpa.py", "tests/test_mutation_passes.py -k sdpa", "tests/test_sdpa.py -k 'form_golden or refusals or not_attention or refusal_after or canonicalize "
+    "passes/sdpa.py": ["tests/test_mutation_sdpa.py", "tests/test_mutation_passes.py -k sdpa",
+                       "tests/test_sdpa.py -k 'form_golden or refusals or not_attention or refusal_after or canonicalize "
                        "or fuse_dropout or bad_option or min_gain or estimate_by_hand'"],
-    "passes/epilogue.py": ["tests/test_mutation_epilogue.py", "tests/test_mutation_passes.py -k epilogue", "tests/test_epilogue.py -k 'bias_forms or activation_forms or refusals or options or "
+    "passes/epilogue.py": ["tests/test_mutation_epilogue.py", "tests/test_mutation_passes.py -k epilogue",
+                           "tests/test_epilogue.py -k 'bias_forms or activation_forms or refusals or options or "
                            "costed_decisions or cpu_addmm or no_derivative or training_fuses or gelu_fusion'"],
     "passes/fuse.py": ["tests/test_mutation_fuse.py",
                        "tests/test_mutation_passes.py tests/test_fuse.py -k 'test_fuse_ or golden or strides or reused "
